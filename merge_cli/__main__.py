@@ -1,0 +1,3 @@
+from merge_cli.cli import main
+
+main()

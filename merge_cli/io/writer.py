@@ -1,0 +1,198 @@
+"""Sharded safetensors output, written straight to disk as tensors arrive.
+
+The plan fixes every shard's tensors, shapes and dtypes before the first weight is read, so each shard's
+header is written first and tensors stream into place: no shard is ever buffered in memory. Everything
+goes into a hidden temporary folder beside the target; a manifest (sha256 and size of every file) is
+written last, and the folder is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_cli.dtypes import TORCH_TO_ST
+from merge_cli.errors import OutputError
+
+MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
+
+
+def temp_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def check_output(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an existing output without overwrite, and any output inside (or containing) an input."""
+    out = out_dir.resolve()
+    for p in inputs:
+        p = p.resolve()
+        folder = p if p.is_dir() else p.parent
+        if out == folder or folder in out.parents:
+            raise OutputError(f"output {out_dir} is inside input model {p}; choose a folder outside every input")
+        if out in p.parents and out.exists():
+            raise OutputError(f"output {out_dir} contains input model {p}; choose another output folder")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a folder")
+
+
+def shard_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """safetensors header bytes (length prefix + JSON padded to 8 bytes) for (name, dtype, shape, nbytes) in order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _HashingFile:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")  # noqa: SIM115
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.sha.update(mv)
+        self.size += len(mv)
+
+    def close(self) -> tuple[str, int]:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.sha.hexdigest(), self.size
+
+
+class ShardedWriter:
+    """Writes planned shards in order. `shards` is a list of (filename, [(name, dtype, shape, nbytes), ...])."""
+
+    def __init__(self, out_dir: Path, shards: list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]]]):
+        self.out_dir = Path(out_dir)
+        self.tmp = temp_dir_for(self.out_dir)
+        self.shards = shards
+        self.digests: dict[str, tuple[str, int]] = {}
+        self._shard = -1
+        self._pos = 0
+        self._file: _HashingFile | None = None
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+
+    def _next_shard(self) -> None:
+        self._shard += 1
+        self._pos = 0
+        fname, entries = self.shards[self._shard]
+        self._file = _HashingFile(self.tmp / fname)
+        self._file.write(shard_header(entries, {"format": "pt"}))
+        if not entries:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._file is not None
+        self.digests[self.shards[self._shard][0]] = self._file.close()
+        self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor; names, shapes and dtypes must follow the plan exactly."""
+        if self._file is None:
+            self._next_shard()
+        fname, entries = self.shards[self._shard]
+        want_name, dtype, shape, nbytes = entries[self._pos]
+        got_dtype = TORCH_TO_ST.get(tensor.dtype)
+        if name != want_name or tuple(tensor.shape) != tuple(shape) or got_dtype != dtype:
+            raise RuntimeError(
+                f"writer expected {want_name} {dtype}{list(shape)} but got {name} {got_dtype}{list(tensor.shape)}"
+            )
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if t.numel():
+            self._file.write(t.view(torch.uint8).numpy())
+        self._pos += 1
+        if self._pos == len(entries):
+            self._close_shard()
+
+    def write_index(self, metadata: dict[str, Any]) -> None:
+        if len(self.shards) < 2:
+            return
+        weight_map = {name: fname for fname, entries in self.shards for name, *_ in entries}
+        total = sum(nb for _, entries in self.shards for *_, nb in entries)
+        self.write_json(INDEX, {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map})
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).write_text(text, encoding="utf-8")
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        shutil.copyfile(src, self.tmp / (name or src.name))
+
+    def finish(self, overwrite: bool) -> Path:
+        """Write the manifest last, then move the finished folder into place."""
+        if self._file is not None or self._shard != len(self.shards) - 1:
+            raise RuntimeError("finish() before every planned tensor was written")
+        files = {}
+        for p in sorted(self.tmp.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(self.tmp).as_posix()
+                files[rel] = self.digests.get(rel) or _digest(p)
+        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}}
+        self.write_json(MANIFEST, manifest)
+        _fsync_dir(self.tmp)
+        out = self.out_dir
+        old = None
+        if out.exists():
+            if not overwrite:
+                raise OutputError(f"output {out} appeared while merging; pass --overwrite to replace it")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(self.tmp, out)
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.f.close()
+            except OSError:
+                pass
+            self._file = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,78 @@
+"""One merge, end to end: plan -> output checks -> engine -> side files, report, card -> atomic rename."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge_cli.engine import EngineOptions, EngineResult, run_merge
+from merge_cli.io.writer import ShardedWriter, check_output
+from merge_cli.plan import MergePlan
+from merge_cli.report import build_report, model_card, report_markdown
+
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+@dataclass
+class MergeOutcome:
+    out_dir: Path
+    engine: EngineResult
+    report: dict
+
+
+def writer_for(plan: MergePlan, out_dir: Path) -> ShardedWriter:
+    shards = [
+        (s.filename, [(plan.jobs[i].name, plan.jobs[i].out_dtype, plan.jobs[i].shape, plan.jobs[i].nbytes) for i in s.jobs])
+        for s in plan.shards
+    ]
+    return ShardedWriter(out_dir, shards)
+
+
+def execute(plan: MergePlan, out_dir: Path, *, overwrite: bool = False, options: EngineOptions | None = None) -> MergeOutcome:
+    out_dir = Path(out_dir)
+    check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
+    writer = writer_for(plan, out_dir)
+    try:
+        result = run_merge(plan, writer, options)
+        writer.write_index({"merged_by": "merge-cli"})
+        donor = plan.models[plan.donor]
+        folder = donor.checkpoint.folder
+        if plan.config is not None:
+            writer.write_json("config.json", plan.config)
+        if folder is not None:
+            for name in SIDE_FILES:
+                if (folder / name).is_file():
+                    writer.copy_file(folder / name)
+        engine = {
+            "seconds": round(result.seconds, 3),
+            "device": result.device,
+            "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written,
+        }
+        report = build_report(plan, result.tensors, engine)
+        recipe_text = plan.recipe.path.read_text() if plan.recipe.path else ""
+        writer.write_text("recipe.yaml", recipe_text)
+        writer.write_text("merge_report.json", json.dumps(report, indent=1) + "\n")
+        writer.write_text("merge_report.md", report_markdown(report))
+        writer.write_text("README.md", model_card(plan, recipe_text, report))
+        final = writer.finish(overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeOutcome(final, result, report)

@@ -1,0 +1,19 @@
+"""The method registry: name in YAML == registry key == module name."""
+
+from __future__ import annotations
+
+from merge_cli.errors import RecipeError, did_you_mean
+from merge_cli.methods import linear, passthrough, task_arithmetic, ties
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+
+METHODS: dict[str, MethodSpec] = {m.SPEC.name: m.SPEC for m in (linear, task_arithmetic, ties, passthrough)}
+
+
+def get_method(name: str, where: str = "method") -> MethodSpec:
+    spec = METHODS.get(name)
+    if spec is None:
+        raise RecipeError(f"{where}: unknown merge method '{name}'{did_you_mean(name, METHODS)}; `merge-cli methods` lists them")
+    return spec
+
+
+__all__ = ["METHODS", "MethodParams", "MethodSpec", "ParamSet", "TensorCtx", "get_method", "per_model"]

@@ -1,0 +1,113 @@
+"""The method contract: a pure kernel over the tensors of one output tensor, with typed parameters.
+
+    kernel(base, tensors, weights, params, ctx) -> Tensor
+
+`params` is a ParamSet: global parameters as plain numbers, per-model parameters as tuples (one value per
+source model, in order). Parameters are resolved at plan time; a kernel never parses names or reads files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MethodParams(BaseModel):
+    """Base class of every method's parameter model (defaults, ranges, docs)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @classmethod
+    def per_model_fields(cls) -> set[str]:
+        return {n for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("per_model")}
+
+    @classmethod
+    def key_of(cls, field_name: str) -> str:
+        """The name recipes use (the alias, e.g. 'lambda' for lambda_)."""
+        f = cls.model_fields[field_name]
+        return f.alias or field_name
+
+    @classmethod
+    def field_of(cls, key: str) -> str | None:
+        for name, f in cls.model_fields.items():
+            if key in (name, f.alias):
+                return name
+        return None
+
+    @classmethod
+    def recipe_keys(cls) -> list[str]:
+        return [cls.key_of(n) for n in cls.model_fields]
+
+
+def per_model(default: Any, **kw) -> Any:
+    """A parameter given per source model (in `models[].parameters`); a top-level value is the default."""
+    return Field(default, json_schema_extra={"per_model": True}, **kw)
+
+
+class ParamSet:
+    """Resolved parameters of one tensor: globals as scalars, per-model parameters as tuples."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = dict(values)
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._values.items()}
+
+    def __repr__(self) -> str:
+        return f"ParamSet({self._values})"
+
+
+def seed_for(seed: int, name: str, model_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorCtx:
+    """What a kernel may know about the tensor it merges, and where it reports statistics."""
+
+    name: str
+    layer: int | None = None
+    group: str = "other"
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. whole-model statistics from a first pass
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded by (recipe seed, tensor name, model index): order- and device-independent."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed_for(self.seed, self.name, model_index))
+        return g
+
+    def uniform(self, model_index: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Uniform [0, 1) draws, made on the CPU (bitwise the same on every device) then moved to the device."""
+        u = torch.rand(tuple(shape), generator=self.generator(model_index), dtype=torch.float32)
+        return u.to(self.device)
+
+
+Kernel = Callable[[torch.Tensor | None, list[torch.Tensor], list[float], ParamSet, TensorCtx], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: its kernel, parameters and the metadata the card and report read."""
+
+    name: str
+    title: str
+    paper: str
+    params: type[MethodParams]
+    kernel: Kernel
+    needs_base: bool
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    summary: str = ""
+    # optional plan-time check of one tensor's resolved parameters: returns an error text or None
+    check: Callable[[ParamSet, int], str | None] | None = None
