@@ -1,0 +1,83 @@
+"""Shared test helpers: tiny HF checkpoints written with the safetensors library, recipes, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from merge_cli.cli import app
+from merge_cli.demo import TINY_CONFIG, fine_tune_like, llama_state_dict, save_hf
+
+__all__ = [
+    "TINY_CONFIG", "fine_tune_like", "llama_state_dict", "save_hf", "write_model", "write_recipe",
+    "run_cli", "run_cli_subprocess", "load_output", "tiny_family",
+]  # fmt: skip
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1) -> Path:
+    """An HF-layout folder holding exactly these tensors (in their own dtypes), single-file or sharded."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if shards <= 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = list(tensors)
+        per = -(-len(names) // shards)
+        wm = {}
+        for k in range(shards):
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: tensors[n] for n in names[k * per : (k + 1) * per]}
+            save_file(part, str(folder / fname), metadata={"format": "pt"})
+            wm.update(dict.fromkeys(part, fname))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_recipe(path: Path, recipe: dict | str) -> Path:
+    path = Path(path)
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str):
+    """Run the typer app in-process; returns the click Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_cli_subprocess(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "merge_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a written model, read back with the safetensors library (an independent reader)."""
+    out = {}
+    for f in sorted(Path(out_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def tiny_family(root: Path, n_experts: int = 3, dtype=torch.float32, cfg: dict | None = None) -> dict[str, Path]:
+    """A tiny Llama base plus n fine-tuned-like experts (the last one sharded), saved in `dtype`."""
+    cfg = dict(cfg or TINY_CONFIG)
+    cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    base = llama_state_dict(cfg, torch.Generator().manual_seed(7))
+    paths = {"base": root / "base"}
+    save_hf(paths["base"], base, cfg, dtype=dtype)
+    for k in range(n_experts):
+        name = f"expert{k}"
+        paths[name] = root / name
+        sd = fine_tune_like(base, torch.Generator().manual_seed(100 + k), scale=0.05)
+        save_hf(paths[name], sd, cfg, dtype=dtype, shards=2 if k == n_experts - 1 else 1)
+    return paths
