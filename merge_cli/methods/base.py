@@ -111,3 +111,6 @@ class MethodSpec:
     summary: str = ""
     # optional plan-time check of one tensor's resolved parameters: returns an error text or None
     check: Callable[[ParamSet, int], str | None] | None = None
+    # mergekit compatibility: the parameter values mergekit uses for this method when a mergekit-format
+    # recipe leaves them unset (where they differ from ours). None: mergekit has no such method.
+    mergekit_defaults: dict[str, Any] | None = None

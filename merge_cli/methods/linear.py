@@ -37,4 +37,5 @@ SPEC = MethodSpec(
     needs_base=False,
     summary="theta = sum_i w_i theta_i / sum_i w_i (no base needed)",
     check=_check,
+    mergekit_defaults={},
 )

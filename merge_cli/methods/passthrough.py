@@ -25,4 +25,5 @@ SPEC = MethodSpec(
     needs_base=False,
     max_models=1,
     summary="output tensor = the one source tensor (x scale); slices stack layer ranges of several models",
+    mergekit_defaults={},
 )

@@ -32,4 +32,5 @@ SPEC = MethodSpec(
     kernel=task_arithmetic,
     needs_base=True,
     summary="theta = theta0 + lambda * sum_i w_i (theta_i - theta0)",
+    mergekit_defaults={},
 )

@@ -79,4 +79,5 @@ SPEC = MethodSpec(
     kernel=ties,
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
+    mergekit_defaults={"density": 1.0, "weighted_election": True},
 )
