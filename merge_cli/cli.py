@@ -150,6 +150,15 @@ def run(
 
 @app.command()
 @handle_errors
+def convert(recipe: Path = typer.Argument(..., help="A mergekit recipe YAML file (several documents: multi-stage).")):
+    """Print the equivalent native merge-cli recipe of a mergekit recipe (checked, but no model is opened)."""
+    from merge_cli.mergekit_compat import convert_file
+
+    sys.stdout.write(convert_file(recipe))
+
+
+@app.command()
+@handle_errors
 def methods(name: Optional[str] = typer.Argument(None, help="A method to describe in full.")):
     """List the merge methods, or describe one: its parameters, defaults, ranges and paper."""
     from merge_cli.methods import METHODS, get_method

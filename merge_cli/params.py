@@ -30,10 +30,34 @@ def at_depth(value: Any, t: float) -> Any:
     return value[min(int(math.floor(s + 1e-9)), n - 1)]
 
 
-def first_given(key: str, *layers: dict | None) -> Any:
+def _is_filter_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(hasattr(e, "value") or (isinstance(e, dict) and "value" in e) for e in value)
+    )
+
+
+def pick(value: Any, name: str | None) -> Any:
+    """A filter list [{filter, value}] -> the value of the first entry whose filter is a substring of `name`
+    (no filter or '*' matches every name); _MISSING when none matches. Anything else is returned as is."""
+    if not _is_filter_list(value):
+        return value
+    for e in value:
+        f = e.get("filter") if isinstance(e, dict) else e.filter
+        v = e.get("value") if isinstance(e, dict) else e.value
+        if f is None or f == "*" or f in (name or ""):
+            return v
+    return _MISSING
+
+
+def first_given(key: str, *layers: dict | None, name: str | None = None) -> Any:
+    """The value of `key` in the first layer that gives it; a filter list that matches nothing falls through."""
     for layer in layers:
         if layer and key in layer:
-            return layer[key]
+            v = pick(layer[key], name)
+            if v is not _MISSING:
+                return v
     return _MISSING
 
 
@@ -65,25 +89,28 @@ class ParamResolver:
         t: float,
         global_layers: list[dict | None],
         model_layers: list[list[dict | None]],
+        input_names: list[str] | None = None,
     ) -> ParamSet:
         """global_layers: parameter dicts, highest precedence first (override, slice, top level).
         model_layers: per source model, its own dicts (highest first), consulted before global_layers
-        for per-model parameters."""
+        for per-model parameters. Filter lists of global parameters match the output tensor name
+        `tensor`; those of a per-model parameter match that model's input name (input_names[i])."""
         per_model = spec.params.per_model_fields()
         globals_: dict[str, Any] = {}
         for fname in spec.params.model_fields:
             if fname in per_model:
                 continue
             key = spec.params.key_of(fname)
-            v = first_given(key, *global_layers)
+            v = first_given(key, *global_layers, name=tensor)
             if v is not _MISSING:
                 globals_[key] = at_depth(v, t)
         instances = []
-        for layers in model_layers or [[]]:
+        for i, layers in enumerate(model_layers or [[]]):
             values = dict(globals_)
+            in_name = input_names[i] if input_names and i < len(input_names) else tensor
             for fname in per_model:
                 key = spec.params.key_of(fname)
-                v = first_given(key, *layers, *global_layers)
+                v = first_given(key, *layers, *global_layers, name=in_name)
                 if v is not _MISSING:
                     values[key] = at_depth(v, t)
             instances.append(self.validate(spec, values, tensor))

@@ -206,6 +206,7 @@ class _Builder:
         t: float,
         global_layers: list[dict | None],
         model_layers: list[list[dict | None]],
+        input_names: list[str] | None = None,
     ) -> None:
         info = self.ckpt(ref_model).info(ref_name)
         cls = classify(out_name)
@@ -216,7 +217,7 @@ class _Builder:
             raise PlanError(f"tensor '{out_name}': method '{spec.name}' needs a base model")
         inputs = [self.input_for(m, n, ref_model, ref_name) for m, n in sources]
         base_in = self.input_for(base, ref_name, ref_model, ref_name) if spec.needs_base else None
-        params = self.resolver.resolve(spec, out_name, t, global_layers, model_layers)
+        params = self.resolver.resolve(spec, out_name, t, global_layers, model_layers, input_names)
         if spec.check is not None:
             problem = spec.check(params, len(inputs))
             if problem:
@@ -327,30 +328,41 @@ class _Builder:
                 names = [nm for nm in self.ckpt(tmpl_slot).tensors if layer_of(nm) == l0]
                 if not names:
                     raise PlanError(f"slice {si}: model '{self.models[tmpl_slot].label}' has no tensors for layer {l0}")
-                t = j / (n - 1) if n > 1 else 0.0
+                t = j / (n - 1) if n > 1 else 1.0  # a one-layer slice sits at t = 1 (as in mergekit)
                 for name in names:
                     pairs = [(slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)]
-                    src_params = [src.parameters for src in s.sources]
-                    base_in = None
-                    if spec.needs_base:
-                        if base is None or base not in slots:
-                            raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
-                        k = slots.index(base)
-                        base_in, pairs, src_params = pairs[k], pairs[:k] + pairs[k + 1 :], src_params[:k] + src_params[k + 1 :]
-                    out_name = with_layer(name, l0, offset + j)
-                    ref_slot, ref_name = (base_in if base_in else pairs[0])
-                    self.add_job(
-                        out_name, ref_slot, ref_name, spec, base_in[0] if base_in else None, pairs, t,
-                        [s.parameters, r.parameters], [[p] for p in src_params],
-                    )  # fmt: skip
+                    self.add_slice_job(si, s, spec, base, slots, pairs, with_layer(name, l0, offset + j), t)
             offset += n
-        # tensors outside the layer stack (embeddings, final norm, head): from the reference model
+        # tensors outside the layer stack (embeddings, final norm, head): from the reference model, or
+        # (outer_tensors: slices) merged over the first slice's sources (embeddings) / the last slice's
         ref_ck = self.ckpt(ref)
         for name in ref_ck.tensors:
             if layer_of(name) is not None:
                 continue
+            if r.outer_tensors == "slices":
+                si = 0 if classify(name).group == "embed" else len(r.slices) - 1
+                s = r.slices[si]
+                slots = [self.slot(src.model) for src in s.sources]
+                spec = METHODS[s.method] if s.method else top
+                self.add_slice_job(si, s, spec, base, slots, [(slot, name) for slot in slots], name, 0.0)
+                continue
             self.add_job(name, ref, name, METHODS["passthrough"], None, [(ref, name)], 0.0, [], [[]])
         return ref, offset
+
+    def add_slice_job(self, si, s, spec, base, slots, pairs, out_name, t) -> None:
+        """One output tensor of slice `si`: pairs = (model slot, input name) per source, in source order."""
+        src_params = [src.parameters for src in s.sources]
+        base_in = None
+        if spec.needs_base:
+            if base is None or base not in slots:
+                raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
+            k = slots.index(base)
+            base_in, pairs, src_params = pairs[k], pairs[:k] + pairs[k + 1 :], src_params[:k] + src_params[k + 1 :]
+        ref_slot, ref_name = base_in if base_in else pairs[0]
+        self.add_job(
+            out_name, ref_slot, ref_name, spec, base_in[0] if base_in else None, pairs, t,
+            [s.parameters, self.r.parameters], [[p] for p in src_params], [nm for _, nm in pairs],
+        )  # fmt: skip
 
     def donor(self, ref: int) -> int:
         d = self.r.donor

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -21,11 +21,22 @@ from merge_cli.modules import GROUPS
 from merge_cli.yamlsrc import Loc, YamlSource, loc_str
 
 Scalar = Union[bool, int, float, str]
-ParamValue = Union[Scalar, list[Scalar]]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FilterEntry(_Strict):
+    """One entry of a filter list: used when `filter` is a substring of the tensor name (no filter or '*': always)."""
+
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+# a scalar, a gradient (numeric list across depth), or a filter list [{filter, value}] (first match wins;
+# no match falls through to the next precedence level)
+ParamValue = Union[Scalar, list[Scalar], list[FilterEntry]]
 
 
 class ModelEntry(_Strict):
@@ -76,9 +87,15 @@ class Recipe(_Strict):
     shard_size: int | str = "5GB"
     donor: str | None = Field(None, description="model that donates config.json and tokenizer files")
     chat_template: str | None = None
+    outer_tensors: Literal["reference", "slices"] = Field(
+        "reference",
+        description="slices recipes: tensors outside the layer stack copied from the reference model, or merged "
+        "(mergekit) from the first slice's sources (embeddings) and the last slice's (final norm, head) at t=0",
+    )
 
     _path: Path | None = PrivateAttr(None)
     _source: YamlSource | None = PrivateAttr(None)
+    _doc: int = PrivateAttr(0)  # which YAML document of the file (multi-stage recipes)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -97,7 +114,7 @@ class Recipe(_Strict):
         return self._path
 
     def where(self, loc: Loc) -> str:
-        return self._source.where(loc) if self._source else "recipe"
+        return self._source.where(loc, self._doc) if self._source else "recipe"
 
     def methods_used(self) -> list[str]:
         names = [self.method]
@@ -186,6 +203,10 @@ def _one_line(err: ValidationError, src: YamlSource, doc: int = 0) -> RecipeErro
 
 
 def _check_param_value(spec: MethodSpec, key: str, value: Any, where: str, what: str) -> None:
+    if isinstance(value, list) and value and all(isinstance(v, FilterEntry) for v in value):
+        for e in value:
+            _check_param_value(spec, key, e.value, where, what)
+        return
     values = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
         raise RecipeError(f"{where}: {what}: an empty list is not a value")
@@ -330,17 +351,17 @@ def match_tensor(patterns: list[str], name: str, group: str) -> bool:
 def parse_recipe(data: Any, source: YamlSource, path: Path | None = None, doc: int = 0) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source.name}: a recipe must be a YAML mapping of keys (got {type(data).__name__})")
-    if "merge_method" in data and "method" not in data:
-        raise RecipeError(
-            f"{source.where(('merge_method',), doc)}: this looks like a mergekit recipe; mergekit recipes are not yet "
-            "supported, write `method:` (see docs/recipes.md)"
-        )
+    from merge_cli import mergekit_compat
+
+    if mergekit_compat.is_mergekit(data):
+        data = mergekit_compat.translate(data, source, doc)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise _one_line(err, source, doc) from None
     recipe._path = path
     recipe._source = source
+    recipe._doc = doc
     _semantic_checks(recipe)
     return recipe
 
