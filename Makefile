@@ -34,5 +34,9 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# merge-cli vs mergekit 0.1.5 on the same recipes (installs mergekit into .venv-mergekit/); not part of `test`
+parity: install
+	$(BIN)/python benchmarks/parity.py $(PARITY_ARGS)
+
 clean:
 	rm -rf $(VENV) examples .pytest_cache .ruff_cache

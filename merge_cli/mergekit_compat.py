@@ -169,6 +169,8 @@ class _Tr:
         params = self.params(d.get("parameters"), ("parameters",))
         if "models" in d:
             self.check_appended_base(out, params)
+            if len(out["models"]) == 1:
+                params = {**params, **self.lift_globals(out["models"][0])}
         params = self.with_defaults(params)
         if params:
             out["parameters"] = params
@@ -260,10 +262,24 @@ class _Tr:
                 sources.append(e)
             sl: dict[str, Any] = {"sources": sources}
             ps = self.params(s.get("parameters"), ("slices", i, "parameters"))
+            if len(sources) == 1:
+                ps = {**ps, **self.lift_globals(sources[0])}
             if ps:
                 sl["parameters"] = ps
             out.append(sl)
         return out
+
+    def lift_globals(self, entry: dict) -> dict:
+        """A lone model's parameters that merge-cli's method takes as global (passthrough `scale`, per model in
+        mergekit) move up one level: with one model, per-model and global are the same thing."""
+        ps = entry.get("parameters", {})
+        per = self.spec.params.per_model_fields()
+        lifted = {k: v for k, v in ps.items() if self.spec.params.field_of(k) not in (None, *per)}
+        if lifted:
+            entry["parameters"] = {k: v for k, v in ps.items() if k not in lifted}
+            if not entry["parameters"]:
+                del entry["parameters"]
+        return lifted
 
     def with_defaults(self, params: dict) -> dict:
         """mergekit's defaults for this method as the lowest-precedence (top-level) values."""

@@ -16,8 +16,8 @@ class TaskArithmeticParams(MethodParams):
 
 def task_arithmetic(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     delta = torch.zeros_like(base)
-    for w, t in zip(weights, tensors):
-        delta.add_(t - base, alpha=w)
+    for w, t in zip(weights, tensors, strict=True):
+        delta += (t - base) * w  # round w * tau_i before summing (not a fused add): mergekit's order, bitwise
     if p.normalize:
         s = sum(weights)
         delta.div_(s if abs(s) >= 1e-8 else 1.0)
