@@ -1,7 +1,7 @@
 """Parity of merge-cli with mergekit 0.1.5 on the same mergekit recipes (`make parity`; not part of `make test`).
 
 Generates a small Llama family (base + 3 fine-tune-like experts, ~2.7M parameters each, one expert sharded)
-in fp32 and in bf16, writes each case's mergekit recipe once, runs it through `mergekit-yaml` (a black box
+in fp32 and in bf16 (recipes then say `dtype: bfloat16`), writes each case's mergekit recipe once, runs it through `mergekit-yaml` (a black box
 in its own virtual environment, `.venv-mergekit/`, see mergekit_env.py) and through `merge-cli run`
 (which reads the very same mergekit-format file), then compares every output tensor:
 
@@ -13,7 +13,7 @@ in its own virtual environment, `.venv-mergekit/`, see mergekit_env.py) and thro
 
 Writes .parity/<dtype>/... and prints a markdown table (also saved to .parity/parity.md and .json).
 
-    python benchmarks/parity.py [--dtypes float32,bfloat16] [--cases ties,linear] [--keep]
+    python benchmarks/parity.py [--dtypes float32,bfloat16,bfloat16-asis] [--cases ties,linear]
 """
 
 from __future__ import annotations
@@ -397,7 +397,7 @@ def tail(log: Path) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def run_case(case, paths: dict, work: Path, mk_exe: Path) -> dict:
+def run_case(case, paths: dict, work: Path, mk_exe: Path, dtype_key: str | None = None) -> dict:
     cid, method, rnd, text = case
     row = {"case": cid, "method": method, "random": rnd}
     if method not in METHODS:
@@ -405,6 +405,8 @@ def run_case(case, paths: dict, work: Path, mk_exe: Path) -> dict:
     recipe = text
     for k, p in paths.items():
         recipe = recipe.replace("{" + k + "}", str(p))
+    if dtype_key and "\ndtype:" not in recipe:
+        recipe = recipe.rstrip() + f"\ndtype: {dtype_key}\n"
     d = work / cid
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -460,9 +462,14 @@ def main() -> int:
     cases = [c for c in CASES if not wanted or c[0] in wanted]
     rows = []
     for dname in args.dtypes.split(","):
-        paths = generate(args.work / "models" / dname, DTYPES[dname])
+        # bfloat16: the recipes say `dtype: bfloat16`, so both tools compute in bf16 (mergekit computes in
+        # `dtype`, and in the inputs' dtype when it is unset; merge-cli then computes in fp32):
+        # bfloat16-asis runs the recipes without a dtype to show that difference
+        inputs = dname.split("-")[0]
+        key = inputs if inputs != "float32" and not dname.endswith("-asis") else None
+        paths = generate(args.work / "models" / inputs, DTYPES[inputs])
         for case in cases:
-            row = {"dtype": dname, **run_case(case, paths, args.work / dname, mk_exe)}
+            row = {"dtype": dname, **run_case(case, paths, args.work / dname, mk_exe, key)}
             print(f"{dname:9s} {row['case']:18s} {row['status']}", flush=True)
             rows.append(row)
     md = table(rows)

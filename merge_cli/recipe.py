@@ -355,6 +355,11 @@ def parse_recipe(data: Any, source: YamlSource, path: Path | None = None, doc: i
 
     if mergekit_compat.is_mergekit(data):
         data = mergekit_compat.translate(data, source, doc)
+    elif "method" not in data:
+        for key in data:  # a misspelt merge_method: say so rather than "missing key 'method'"
+            hint = did_you_mean(key, ["merge_method"])
+            if hint:
+                raise RecipeError(f"{source.where((key,), doc)}: unknown key '{key}'{hint}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
