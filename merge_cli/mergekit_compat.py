@@ -36,6 +36,7 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 REF_KEYS = ("model", "lora", "override_architecture")
 FILTER_KEYS = ("filter", "value")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+UNSUPPORTED = ("modules", "residual_weight")  # accepted keys, never suggested
 DROPPED = ("int8_mask",)  # only changes the dtype of mergekit's sign mask: no effect on the numbers
 # methods whose base_model is a base (subtracted or interpolated from), not one more model to merge,
 # although merge-cli may not require one
@@ -64,7 +65,7 @@ class _Tr:
             if k not in allowed:
                 raise self.err(
                     (*loc, k),
-                    f"unknown key '{loc_str((*loc, k))}' in a mergekit recipe{did_you_mean(k, allowed)}",
+                    f"unknown key '{loc_str((*loc, k))}' in a mergekit recipe{did_you_mean(k, [a for a in allowed if a not in UNSUPPORTED])}",
                 )
         return d
 
