@@ -89,6 +89,12 @@ def _size(value: Optional[str]) -> Optional[int]:
 @handle_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe without opening any model: keys, methods, parameter names and ranges."""
+    from merge_cli.stages import is_multi_stage, load_stages
+
+    if is_multi_stage(recipe):
+        _, stages, _ = load_stages(recipe)
+        print(f"ok: {recipe} is a valid multi-stage recipe: {', '.join(s.name or 'final' for s in stages)}")
+        return
     r = _load(recipe)
     n = len(r.models) or sum(len(s.sources) for s in r.slices)
     print(f"ok: {recipe} is a valid {r.method} recipe over {n} model reference(s)")
@@ -128,12 +134,26 @@ def run(
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, help="Multi-stage recipes: folder of the named stages' outputs (default: OUT_DIR.intermediate beside it)."
+    ),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
+    from merge_cli.stages import is_multi_stage, run_stages
+
+    if is_multi_stage(recipe):
+        done = run_stages(
+            recipe, out_dir, intermediate_dir=intermediate_dir, overwrite=overwrite,
+            options=EngineOptions(device=device, threads=threads),
+            plan_kwargs={"allow_arch_mismatch": allow_arch_mismatch, "shard_size": _size(shard_size)},
+            overrides={"seed": seed} if seed is not None else None, log=lambda m: print(m, flush=True),
+        )  # fmt: skip
+        print(f"ran {len(done)} stage(s) ({sum(d == 'reused' for _, d in done)} reused); final model in {out_dir}")
+        return
 
     p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
     try:

@@ -379,7 +379,10 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if not docs:
         raise RecipeError(f"{path}: the recipe is empty")
     if len(docs) > 1:
-        raise RecipeError(f"{path}: holds {len(docs)} YAML documents; multi-stage recipes are not supported yet")
+        raise RecipeError(
+            f"{path}: holds {len(docs)} YAML documents (a multi-stage recipe): `merge-cli run`, `validate` and "
+            "`convert` take it; plan one stage at a time"
+        )
     data = dict(docs[0]) if isinstance(docs[0], dict) else docs[0]
     if overrides and isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})

@@ -56,7 +56,11 @@ def test_models_recipe_gradients_filters_precedence_and_mergekit_defaults(tmp_pa
     plan, jobs = plan_jobs(ties_recipe(tmp_path, family))
     assert [m["label"] for m in plan.to_json()["models"]][0] == "base"
     up1 = jobs["model.layers.1.mlp.up_proj.weight"]
-    assert [i["model"] for i in up1["inputs"]] == ["expert0", "expert1", "expert2"]  # the base is not a source
+    assert [i["model"] for i in up1["inputs"]] == [
+        "expert0",
+        "expert1",
+        "expert2",
+    ]  # the base is not a source
     assert up1["t"] == pytest.approx(1 / 3)
     # expert0: its own mlp filter; expert1: top-level catch-all; expert2: its own scalar
     assert up1["params"]["weight"] == approx([0.7, 0.1, 0.25])
@@ -143,7 +147,9 @@ def test_base_model_handling(tmp_path, family):
     j = jobs["model.layers.0.mlp.up_proj.weight"]
     assert [i["model"] for i in j["inputs"]] == ["expert0", "expert1", "base"]
     assert j["params"]["weight"] == approx([2.0, 0.5, 0.5]) and j["base"] is None
-    no_w = write_recipe(tmp_path / "no_w.yaml", f"merge_method: linear\nbase_model: {b}\nmodels:\n  - model: {e0}\n")
+    no_w = write_recipe(
+        tmp_path / "no_w.yaml", f"merge_method: linear\nbase_model: {b}\nmodels:\n  - model: {e0}\n"
+    )
     with pytest.raises(RecipeError, match=r"no_w.yaml:2: .*base_model.*weight"):
         load_recipe(no_w)
     listed = write_recipe(
