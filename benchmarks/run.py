@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({"method": label, "tool": tool, "repeat": r, "ok": ok, **res.as_dict()})
         note = "" if ok else f"  FAILED (rc={res.returncode}, see {log})"
         print(
-            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB{note}"
+            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB{note}",
+            flush=True,
         )
         if not ok:
             failed.add((label, tool))
