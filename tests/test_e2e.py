@@ -28,8 +28,7 @@ def plain_ties(base, xs, densities, weights):
         trimmed[keep] = tau[keep]
         taus.append(trimmed)
     total = sum(taus)
-    majority = 1.0 if torch.sign(total).sum() >= 0 else -1.0
-    sign = torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, majority))
+    sign = torch.where(total >= 0, 1.0, -1.0)  # an exact zero sum counts as positive
     num = torch.zeros_like(total)
     den = torch.zeros_like(total)
     for w, t in zip(weights, taus):
