@@ -15,9 +15,10 @@ class TaskArithmeticParams(MethodParams):
 
 
 def task_arithmetic(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    delta = torch.zeros_like(base)
-    for w, t in zip(weights, tensors, strict=True):
-        delta += (t - base) * w  # round w * tau_i before summing (not a fused add): mergekit's order, bitwise
+    # mergekit's order, bitwise in every compute dtype: w_i (in the compute dtype) * tau_i rounded, then
+    # one sum over the models (torch accumulates bf16/fp16 sums in fp32 and rounds once)
+    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+    delta = (torch.stack([t - base for t in tensors]) * w).sum(dim=0)
     if p.normalize:
         s = sum(weights)
         delta.div_(s if abs(s) >= 1e-8 else 1.0)
