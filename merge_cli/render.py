@@ -116,7 +116,7 @@ def print_methods(methods: dict[str, MethodSpec], console: Console) -> None:
         n = f"{spec.min_models}+" if spec.max_models is None else (
             str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}"
         )  # fmt: skip
-        table.add_row(spec.name, spec.title, "needed" if spec.needs_base else "-", n)
+        table.add_row(spec.name, spec.title, "needed" if spec.needs_base else ("optional" if spec.optional_base else "-"), n)
     console.print(table)
     console.print("`merge-cli methods NAME` prints a method's parameters and paper.")
 
@@ -138,7 +138,9 @@ def print_method(spec: MethodSpec, console: Console) -> None:
     console.print(f"paper: {spec.paper}", highlight=False)
     if spec.summary:
         console.print(f"math: {spec.summary}", highlight=False)
-    needs = "needs base_model" if spec.needs_base else "no base model needed"
+    needs = "needs base_model" if spec.needs_base else (
+        "base_model optional (used when given)" if spec.optional_base else "no base model needed"
+    )
     most = "any number of" if spec.max_models is None else f"at most {spec.max_models}"
     console.print(f"{needs}; at least {spec.min_models}, {most} source model(s)" + ("; random (seeded)" if spec.random else ""))
     table = Table(show_edge=False)
