@@ -129,3 +129,12 @@ def test_breadcrumbs_is_a_weighted_sum():
         + 2.0 * torch.tensor(_plain_band(b.tolist(), 0.5, 0.125))
     )
     assert torch.equal(out, want)
+
+
+def test_consensus_uses_the_sign_of_the_weighted_delta():
+    # a negative weight flips a model's vote and its contribution (mergekit: mask = sign(w tau) == gamma)
+    base = torch.zeros(2)
+    a, b = t([1.0, 2.0]), t([3.0, -1.0])
+    out, _ = run_kernel("breadcrumbs_ties", base, [a, b], per_model={"weight": [1.0, -1.0]}, density=1.0)
+    # weighted: a = [1, 2], -b = [-3, 1] -> sums [-2, 3] -> gamma [-, +] -> [-3, 3]
+    assert out.tolist() == [-3.0, 3.0]

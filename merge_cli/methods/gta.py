@@ -72,8 +72,10 @@ def combine(
     wb = w.reshape(-1, *([1] * (sparse.dim() - 1)))
     nz = sparse != 0
     if consensus:
+        # agreement is judged on sign(w_i tau~_i) as in mergekit: pass sign(w_i) tau~_i with weights |w_i|
+        # (identical for positive weights; a negative weight counts |w_i| in the disjoint mean's divisor)
         gamma = elect_sign(sparse * wb)
-        mixed = disjoint_merge(sparse, w, gamma, "mean" if normalize else "sum")
+        mixed = disjoint_merge(sparse * torch.sign(wb), w.abs(), gamma, "mean" if normalize else "sum")
         signs = torch.sign(sparse)
         conflict = ((signs > 0).any(dim=0) & (signs < 0).any(dim=0)).sum()
         ctx.stats["sign_conflict_rate"] = float(conflict) / max(int(nz.any(dim=0).sum()), 1)
