@@ -32,6 +32,7 @@ def test_methods_command_prints_the_paper(name):
     assert res.exit_code == 0
     text = " ".join(res.stdout.split())
     assert " ".join(spec.paper.split()) in text
+    assert " ".join(spec.summary.split()) in text  # printed verbatim (brackets are not rich markup)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
