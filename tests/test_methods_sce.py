@@ -65,3 +65,10 @@ def test_invariants():
     torch.testing.assert_close(a, b)
     out, stats = run_kernel("sce", base, [base, base])  # zero task vectors: uniform weights, base
     assert torch.equal(out, base) and stats["weights"] == [0.5, 0.5]
+
+
+def test_model_weights_are_ignored():
+    xs = [t([3.0, -1.0]), t([1.0, 1.0])]
+    a, _ = run_kernel("sce", torch.zeros(2), xs)
+    b, _ = run_kernel("sce", torch.zeros(2), xs, per_model={"weight": [0.1, 5.0]})
+    assert torch.equal(a, b)

@@ -7,7 +7,7 @@
     Erase: elect the sign of sum_i tau^_i (TIES), M_i = [sign(tau^_i) = gamma]
     theta = theta0 + sum_i w_i M_i tau^_i / max(sum_i w_i M_i, 1e-6)
 
-Per-model `weight`s are not used (as in mergekit). With select_topk < 1 and identical models v = 0, k = 0
+Per-model `weight`s are accepted and not used (as in mergekit). With select_topk < 1 and identical models v = 0, k = 0
 and the result is the base (documented behaviour of the method, kept).
 """
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.selection import topk_mask
 from merge_cli.methods.ties import disjoint_merge, elect_sign
 
 
 class SceParams(MethodParams):
+    weight: float = per_model(1.0, description="accepted for mergekit recipes; SCE computes its own weights")
     select_topk: float = Field(
         1.0,
         ge=0.0,
