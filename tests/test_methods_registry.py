@@ -104,3 +104,35 @@ def test_slerp_needs_exactly_one_other_model(family, tmp_path):
 
 def test_helpers_tensor_builder():
     assert t([1.0, 2.0]).shape == (2,)
+
+
+NEW = [
+    "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp",
+    "nuslerp", "multislerp", "karcher", "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_every_new_method_runs_end_to_end(name, family, tmp_path):
+    spec = METHODS[name]
+    n = max(spec.min_models, min(spec.max_models or 3, 3))
+    experts = [f"expert{i}" for i in range(n)]
+    params = {"t": 0.01} if name == "nearswap" else {}
+    recipe = {"models": [{"model": str(family[m])} for m in experts], "method": name, "parameters": params,
+              "out_dtype": "bfloat16"}  # fmt: skip
+    if spec.needs_base or spec.optional_base:
+        recipe["base_model"] = str(family["base"])
+    res = run_cli(
+        "run", write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out", "--quiet", "--device", "cpu"
+    )
+    assert res.exit_code == 0, res.stderr
+    out = load_output(tmp_path / "out")
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(family["base"]).glob("*.safetensors"))), "pt") as f:
+        for key in f.keys():
+            assert (
+                out[key].shape == f.get_slice(key).get_shape()
+                or list(out[key].shape) == f.get_slice(key).get_shape()
+            )
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in out.values())
