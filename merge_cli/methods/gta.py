@@ -61,7 +61,6 @@ def combine(
     normalize: bool,
     lambda_: float,
     ctx: TensorCtx,
-    kept: list[float] | None = None,
     trim_density: float = 1.0,
 ) -> torch.Tensor:
     """sparse: [N, ...] sparsified task vectors. Optional TIES magnitude trim (trim_density < 1), then merge."""
@@ -84,7 +83,5 @@ def combine(
         if normalize:
             s = float(w.sum())
             mixed = mixed / (s if abs(s) >= 1e-8 else 1.0)
-    if kept is None or trim_density < 1.0:
-        kept = [float(x) for x in nz.reshape(n, -1).float().mean(dim=1)]
-    ctx.stats["kept_fraction"] = kept
+    ctx.stats["kept_fraction"] = [float(x) for x in nz.reshape(n, -1).float().mean(dim=1)]
     return base + lambda_ * mixed
