@@ -94,7 +94,7 @@ def test_breadcrumbs_ties_hand_computed():
     base = t([1.0, 1.0, 1.0, 1.0])
     a = t([4.0, -1.0, 2.0, -3.0])  # band density 0.5, gamma 0.25 -> drop 4, keep -3, 2
     b = t([-2.0, 5.0, 1.0, 3.0])  # drop 5, keep 3, -2
-    # kept a = [0, 0, 2, -3], b = [-2, 0, 0, 3]; weighted (1, 2) sum = [-4, 0, 2, 3] -> gamma [-, +(majority), +, +]
+    # kept a = [0, 0, 2, -3], b = [-2, 0, 0, 3]; weighted (1, 2) sum = [-4, 0, 2, 3] -> gamma [-, + (zero sum), +, +]
     out, stats = run_kernel(
         "breadcrumbs_ties",
         base,

@@ -22,11 +22,9 @@ def _plain_sce(base: list[float], xs: list[list[float]], topk: float) -> list[fl
     tot = sum(energy)
     w = [e / tot for e in energy] if tot >= 1e-6 else [1 / n] * n
     sums = [sum(tk[j] for tk in taus) for j in range(m)]
-    signs = [(s > 0) - (s < 0) for s in sums]
-    major = 1 if sum(signs) >= 0 else -1
     out = []
     for j in range(m):
-        g = signs[j] or major
+        g = 1 if sums[j] >= 0 else -1
         num = sum(w[i] * taus[i][j] for i in range(n) if (taus[i][j] > 0) - (taus[i][j] < 0) == g)
         den = sum(w[i] for i in range(n) if (taus[i][j] > 0) - (taus[i][j] < 0) == g)
         out.append(base[j] + num / max(den, 1e-6))
@@ -34,7 +32,7 @@ def _plain_sce(base: list[float], xs: list[list[float]], topk: float) -> list[fl
 
 
 def test_hand_computed():
-    # energies 5 and 1 -> w = 5/6, 1/6 ; signs of sums [4, 0] -> [+, majority +]
+    # energies 5 and 1 -> w = 5/6, 1/6 ; signs of sums [4, 0] -> [+, + (a zero sum counts as +)]
     out, stats = run_kernel("sce", torch.zeros(2), [t([3.0, -1.0]), t([1.0, 1.0])])
     torch.testing.assert_close(out, t([8 / 3, 1.0]))
     assert stats["weights"] == pytest.approx([5 / 6, 1 / 6])

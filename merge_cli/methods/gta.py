@@ -7,7 +7,7 @@
     mixed /= divisor if normalize                    (sum_i w_i, or sum_i w_i [agree] per element; 0 -> 1)
     theta  = theta0 + lambda * mixed
 
-Sign election and the disjoint merge are ties.py's. The sparsifiers' rescale rules live here too, so DARE
+Sign election (an exact zero sum counts as +) and the disjoint merge are ties.py's. The sparsifiers' rescale rules live here too, so DARE
 and DELLA share them: "inv_p" divides each kept entry by its keep probability (the papers, so E[tau~] = tau);
 "l1" multiplies the tensor by ||tau||_1 / ||m * tau||_1 (mergekit since a2dda31; skipped when either norm
 is below 1e-7); "none" keeps the surviving entries as they are.
@@ -69,19 +69,21 @@ def combine(
     n = sparse.shape[0]
     w = torch.tensor(weights, dtype=sparse.dtype, device=sparse.device)
     wb = w.reshape(-1, *([1] * (sparse.dim() - 1)))
-    nz = sparse != 0
     if consensus:
         # agreement is judged on sign(w_i tau~_i) as in mergekit: pass sign(w_i) tau~_i with weights |w_i|
         # (identical for positive weights; a negative weight counts |w_i| in the disjoint mean's divisor)
-        gamma = elect_sign(sparse * wb)
-        mixed = disjoint_merge(sparse * torch.sign(wb), w.abs(), gamma, "mean" if normalize else "sum")
-        signs = torch.sign(sparse)
-        conflict = ((signs > 0).any(dim=0) & (signs < 0).any(dim=0)).sum()
-        ctx.stats["sign_conflict_rate"] = float(conflict) / max(int(nz.any(dim=0).sum()), 1)
+        positive = elect_sign(sparse * wb) > 0
+        signed = list(sparse * torch.sign(wb))
+        stats = {"kept": [0] * n, "touched": 0, "conflict": 0}
+        mixed = disjoint_merge(
+            signed, [abs(x) for x in weights], positive, "mean" if normalize else "sum", stats
+        )
+        ctx.stats["sign_conflict_rate"] = stats["conflict"] / max(stats["touched"], 1)
     else:
         mixed = (sparse * wb).sum(dim=0)
         if normalize:
             s = float(w.sum())
             mixed = mixed / (s if abs(s) >= 1e-8 else 1.0)
-    ctx.stats["kept_fraction"] = [float(x) for x in nz.reshape(n, -1).float().mean(dim=1)]
+    nz = sparse.reshape(n, -1) != 0
+    ctx.stats["kept_fraction"] = [float(x) for x in nz.float().mean(dim=1)]
     return base + lambda_ * mixed

@@ -4,7 +4,7 @@
     Select (select_topk < 1): v = population variance over models per element; keep in every model only
         the k = int(count_nonzero(v) * select_topk) highest-variance positions (exact top-k, lowest index on ties)
     Calculate: w_i = mean(tau^_i^2) / sum_j mean(tau^_j^2)   (uniform when that sum is < 1e-6)
-    Erase: elect the sign of sum_i tau^_i (TIES), M_i = [sign(tau^_i) = gamma]
+    Erase: elect the sign of sum_i tau^_i (TIES; a zero sum counts as +), M_i = [sign(tau^_i) = gamma]
     theta = theta0 + sum_i w_i M_i tau^_i / max(sum_i w_i M_i, 1e-6)
 
 Per-model `weight`s are accepted and not used (as in mergekit). With select_topk < 1 and identical models v = 0, k = 0
@@ -42,9 +42,9 @@ def sce(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     energy = stacked.reshape(n, -1).pow(2).mean(dim=1)
     total = float(energy.sum())
     w = energy / total if total >= 1e-6 else torch.full_like(energy, 1.0 / n)
-    gamma = elect_sign(stacked)
-    num = disjoint_merge(stacked, w, gamma, "sum")
-    agree = (torch.sign(stacked) == gamma.unsqueeze(0)).to(stacked.dtype)
+    positive = elect_sign(stacked) > 0
+    num = disjoint_merge(list(stacked), [float(x) for x in w], positive, "sum")
+    agree = torch.where(positive, stacked > 0, stacked < 0).to(stacked.dtype)
     den = (w.reshape(-1, *([1] * (stacked.dim() - 1))) * agree).sum(dim=0).clamp_min(1e-6)
     ctx.stats["weights"] = [float(x) for x in w]
     ctx.stats["kept_fraction"] = [float(x) for x in (stacked != 0).reshape(n, -1).float().mean(dim=1)]
