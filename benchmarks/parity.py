@@ -413,7 +413,9 @@ def tail(log: Path) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def run_case(case, paths: dict, work: Path, mk_exe: Path, dtype_key: str | None = None) -> dict:
+def run_case(
+    case, paths: dict, work: Path, mk_exe: Path, dtype_key: str | None = None, reuse: bool = False
+) -> dict:
     cid, method, rnd, text = case
     row = {"case": cid, "method": method, "random": rnd}
     if method not in METHODS:
@@ -424,10 +426,13 @@ def run_case(case, paths: dict, work: Path, mk_exe: Path, dtype_key: str | None 
     if dtype_key and "\ndtype:" not in recipe:
         recipe = recipe.rstrip() + f"\ndtype: {dtype_key}\n"
     d = work / cid
+    mk_out, mc_out = d / "mergekit", d / "merge-cli"
+    same = (d / "recipe.yaml").is_file() and (d / "recipe.yaml").read_text() == recipe.lstrip()
+    if reuse and same and (mk_out / "config.json").is_file() and (mc_out / "manifest.json").is_file():
+        return {**row, **compare(row, mk_out, mc_out, paths, text)}
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     (d / "recipe.yaml").write_text(recipe.lstrip())
-    mk_out, mc_out = d / "mergekit", d / "merge-cli"
     rc, row["mergekit_s"] = run([str(mk_exe), str(d / "recipe.yaml"), str(mk_out), "--no-copy-tokenizer",
                                  "--no-write-model-card", "--random-seed", "0"], d / "mergekit.log")  # fmt: skip
     if rc != 0:
@@ -437,10 +442,16 @@ def run_case(case, paths: dict, work: Path, mk_exe: Path, dtype_key: str | None 
     rc, row["merge_cli_s"] = run(cli, d / "merge-cli.log")
     if rc != 0:
         return {**row, "status": f"merge-cli failed: {tail(d / 'merge-cli.log')}"}
+    return {**row, **compare(row, mk_out, mc_out, paths, text)}
+
+
+def compare(row: dict, mk_out: Path, mc_out: Path, paths: dict, text: str) -> dict:
+    rnd = row["random"]
+    row = {}
     a, b = load_dir(mk_out), load_dir(mc_out)
     if set(a) != set(b):
         only = sorted(set(a) ^ set(b))
-        return {**row, "status": f"tensor names differ ({len(only)}, e.g. {only[0]})"}
+        return {"status": f"tensor names differ ({len(only)}, e.g. {only[0]})"}
     used = [load_dir(p) for k, p in paths.items() if "{" + k + "}" in text]
     row.update(compare_random(a, b, load_dir(paths["B"])) if rnd else compare_exact(a, b, used))
     if not row.get("pass"):
@@ -475,6 +486,9 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--cases", default="", help="comma-separated case ids (default: all)")
     ap.add_argument("--work", type=Path, default=REPO / ".parity")
+    ap.add_argument(
+        "--reuse", action="store_true", help="compare existing outputs of unchanged recipes again"
+    )
     args = ap.parse_args()
     from mergekit_env import mergekit_yaml
 
@@ -490,7 +504,7 @@ def main() -> int:
         key = inputs if inputs != "float32" and not dname.endswith("-asis") else None
         paths = generate(args.work / "models" / inputs, DTYPES[inputs])
         for case in cases:
-            row = {"dtype": dname, **run_case(case, paths, args.work / dname, mk_exe, key)}
+            row = {"dtype": dname, **run_case(case, paths, args.work / dname, mk_exe, key, args.reuse)}
             print(f"{dname:9s} {row['case']:18s} {row['status']}", flush=True)
             rows.append(row)
     md = table(rows)
