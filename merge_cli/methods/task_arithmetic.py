@@ -14,11 +14,18 @@ class TaskArithmeticParams(MethodParams):
     normalize: bool = Field(False, description="divide the sum by the sum of weights")
 
 
+def weighted_sum(terms, weights, like: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * term_i rounded like mergekit's torch.sum over the stacked products, without stacking: each
+    product in the compute dtype (w_i rounded to it), accumulated in fp32 for half dtypes, rounded once."""
+    acc_dtype = torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+    acc = torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
+    for w, term in zip(weights, terms, strict=True):
+        acc += (term * torch.tensor(w, dtype=like.dtype, device=like.device)).to(acc_dtype)
+    return acc.to(like.dtype)
+
+
 def task_arithmetic(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    # mergekit's order, bitwise in every compute dtype: w_i (in the compute dtype) * tau_i rounded, then
-    # one sum over the models (torch accumulates bf16/fp16 sums in fp32 and rounds once)
-    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
-    delta = (torch.stack([t - base for t in tensors]) * w).sum(dim=0)
+    delta = weighted_sum((t - base for t in tensors), list(weights), base)  # bitwise mergekit's order
     if p.normalize:
         s = sum(weights)
         delta.div_(s if abs(s) >= 1e-8 else 1.0)
