@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import run_cli, write_recipe
 
 from merge_cli.errors import PlanError, RecipeError
+from merge_cli.methods.task_arithmetic import weighted_sum
 from merge_cli.plan import build_plan
 from merge_cli.recipe import load_recipe
 
@@ -239,3 +241,12 @@ def test_plan_json_cli_reads_mergekit_recipes(tmp_path, family):
     assert res.exit_code == 0, res.stderr
     jobs = {j["name"]: j for j in json.loads(res.stdout)["jobs"]}
     assert jobs["model.layers.0.mlp.up_proj.weight"]["params"]["weight"] == approx([0.7, 0.1, 0.25])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_sum_rounds_like_a_stacked_torch_sum(dtype):
+    g = torch.Generator().manual_seed(0)
+    terms = [torch.randn(64, 33, generator=g).to(dtype) * 10**k for k in range(-2, 2)]
+    weights = [0.3, -1.7, 0.123456789, 2.0]
+    stacked = (torch.stack(terms) * torch.tensor(weights, dtype=dtype).reshape(-1, 1, 1)).sum(dim=0)
+    assert torch.equal(weighted_sum(terms, weights, terms[0]), stacked)

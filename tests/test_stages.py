@@ -111,3 +111,13 @@ def test_multi_stage_errors(tmp_path, text, expect):
         load_stages(path)
     res = run_cli("validate", path)
     assert res.exit_code == 2 and "Traceback" not in res.stderr
+
+
+def test_convert_multi_stage(tmp_path, family):
+    recipe = write_recipe(tmp_path / "multi.yaml", recipe_text(family))
+    res = run_cli("convert", recipe)
+    assert res.exit_code == 0, res.stderr
+    native = write_recipe(tmp_path / "native.yaml", res.stdout)
+    assert res.stdout.count("---") == 1 and "merge_method" not in res.stdout
+    _, stages, _ = load_stages(native)
+    assert [s.name for s in stages] == ["soup", None]
