@@ -250,3 +250,16 @@ def test_weighted_sum_rounds_like_a_stacked_torch_sum(dtype):
     weights = [0.3, -1.7, 0.123456789, 2.0]
     stacked = (torch.stack(terms) * torch.tensor(weights, dtype=dtype).reshape(-1, 1, 1)).sum(dim=0)
     assert torch.equal(weighted_sum(terms, weights, terms[0]), stacked)
+
+
+def test_slerp_in_bf16_near_parallel_is_finite_and_matches_fp32():
+    from merge_cli.methods.slerp import slerp_vectors
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4096, generator=g)
+    b = a + 1e-3 * torch.randn(4096, generator=g)  # cos ~ 0.9999995: rounds to 1.0 in bf16
+    out = slerp_vectors(0.6, a.bfloat16(), b.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # near-parallel -> lerp, computed in fp32 and rounded once
+    expect = (0.4 * a.bfloat16().float() + 0.6 * b.bfloat16().float()).bfloat16()
+    assert torch.equal(out, expect)

@@ -23,7 +23,10 @@ EPS = 1e-8
 
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Slerp of the whole tensors (dim None) or of every vector along `dim`."""
-    shape = v0.shape
+    shape, dtype = v0.shape, v0.dtype
+    # always fp32 (as mergekit): in bf16 the 0.9995 threshold itself rounds to 1.0, so a dot that rounds to
+    # 1.0 takes the slerp branch with sin(omega) = 0 and the whole tensor becomes NaN
+    v0, v1 = v0.float(), v1.float()
     if dim is None or v0.dim() <= 1:
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     else:
@@ -38,7 +41,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None 
     so = torch.where(lerp, torch.ones_like(omega), torch.sin(omega))
     c0 = torch.where(lerp, torch.full_like(dot, 1.0 - t), torch.sin((1.0 - t) * omega) / so)
     c1 = torch.where(lerp, torch.full_like(dot, t), torch.sin(t * omega) / so)
-    out = c0 * a + c1 * b
+    out = (c0 * a + c1 * b).to(dtype)
     if dim is None or v0.dim() <= 1:
         return out.reshape(shape)
     return out.movedim(-1, dim)
