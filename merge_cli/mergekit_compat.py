@@ -208,7 +208,11 @@ class _Tr:
             out.append(e)
         spec = self.spec
         if base is not None and base not in [e["model"] for e in out]:
-            if not spec.needs_base and not getattr(spec, "optional_base", False) and spec.name not in OPTIONAL_BASE:
+            if (
+                not spec.needs_base
+                and not getattr(spec, "optional_base", False)
+                and spec.name not in OPTIONAL_BASE
+            ):
                 out.append({"model": base})  # mergekit merges the base like any other model here
         _unique_names(out)
         return out
