@@ -7,7 +7,7 @@ No peft import: the adapter folder (adapter_config.json + adapter_model.safetens
 PEFT key naming (the adapter name is stripped on save):
   base_model.model.<module>.lora_A.weight / lora_B.weight        linear/conv-1x1 LoRA on <module>.weight
   base_model.model.<module>.lora_embedding_A / lora_embedding_B  embedding LoRA (delta = (B @ A)^T)
-  base_model.model.<module>.base_layer.weight                    a whole replacement (saved embeddings)
+  base_model.model.<module>.base_layer.weight                    replaces W (saved embeddings); LoRA adds on top
   base_model.model.<name>                                         modules_to_save, taken whole
 scale = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha honour rank_pattern / alpha_pattern.
 """
@@ -136,11 +136,7 @@ class LoraCheckpoint(Checkpoint):
             target = module + ".weight"
             if target not in self.base.tensors:
                 raise self._fail(f"module '{module}' is adapted but the base model has no tensor '{target}'")
-            if target in self.replaced:
-                raise self._fail(
-                    f"'{target}' is both replaced whole and LoRA-adapted; this adapter is ambiguous"
-                )
-            ia, ib, w = self.adapter.info(a), self.adapter.info(b), self.base.info(target)
+            ia, ib, w = self.adapter.info(a), self.adapter.info(b), self.tensors[target]
             rank = ia.shape[0]
             if len(ia.shape) != 2 or len(ib.shape) != 2 or ib.shape[1] != rank:
                 raise self._fail(
@@ -164,9 +160,11 @@ class LoraCheckpoint(Checkpoint):
         return (b[start:stop] @ a) * u.scale
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        # a saved base layer (PEFT's `<module>.base_layer.weight`, e.g. resized embeddings) replaces W; LoRA adds on top
         if name in self.replaced:
-            return self.adapter.read_rows(self.replaced[name], start, stop)
-        w = self.base.read_rows(name, start, stop)
+            w = self.adapter.read_rows(self.replaced[name], start, stop)
+        else:
+            w = self.base.read_rows(name, start, stop)
         if name not in self.updates:
             return w
         delta = self._delta_rows(name, start, stop).reshape(w.shape)
