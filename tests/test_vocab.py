@@ -40,7 +40,10 @@ def test_default_is_an_error_naming_the_options(tmp_path):
 def test_crop_keeps_common_rows_and_updates_config(tmp_path):
     big = _model(tmp_path / "big", 12, 1)
     small = _model(tmp_path / "small", 10, 2)
-    r = _run(tmp_path, {"method": "linear", "vocab": "crop", "models": [str(tmp_path / "big"), str(tmp_path / "small")]})
+    r = _run(
+        tmp_path,
+        {"method": "linear", "vocab": "crop", "models": [str(tmp_path / "big"), str(tmp_path / "small")]},
+    )
     assert r.exit_code == 0, r.stderr
     out = load_output(tmp_path / "out")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
