@@ -109,6 +109,7 @@ def _load(path: str, dtype: str, device: str):
     tf = _transformers()
     import torch
 
+    tf.utils.logging.disable_progress_bar()
     kw: dict[str, Any] = {}
     if dtype != "auto":
         kw["dtype"] = getattr(torch, dtype)
@@ -121,6 +122,19 @@ def _load(path: str, dtype: str, device: str):
     return model.to(device).eval()
 
 
+def greedy(model, ids, n: int) -> list[int]:
+    """Greedy continuation of `ids` by `n` tokens: plain forwards, no generation config involved."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids, use_cache=False).logits[0, -1].float().argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+    return out
+
+
 def figures(model, tokenizer, label: str, device: str, max_new_tokens: int = 12) -> ModelFigures:
     import torch
 
@@ -131,12 +145,8 @@ def figures(model, tokenizer, label: str, device: str, max_new_tokens: int = 12)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     ppl = math.exp(float(loss)) if finite and math.isfinite(float(loss)) else math.inf
     gens, distinct = [], []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for prompt in PROMPTS:
-        p = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            out = model.generate(p, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        new = out[0, p.shape[1] :].tolist()
+        new = greedy(model, tokenizer(prompt, return_tensors="pt").input_ids.to(device), max_new_tokens)
         gens.append(tokenizer.decode(new, skip_special_tokens=True))
         distinct.append(len(set(new)) / max(1, len(new)))
     return ModelFigures(label, ppl, finite, gens, round(sum(distinct) / len(distinct), 4))
