@@ -145,11 +145,13 @@ def figures(model, tokenizer, label: str, device: str, max_new_tokens: int = 12)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     ppl = math.exp(float(loss)) if finite and math.isfinite(float(loss)) else math.inf
     gens, distinct = [], []
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if finite else ():  # a model with NaN logits has nothing to say
         new = greedy(model, tokenizer(prompt, return_tensors="pt").input_ids.to(device), max_new_tokens)
         gens.append(tokenizer.decode(new, skip_special_tokens=True))
         distinct.append(len(set(new)) / max(1, len(new)))
-    return ModelFigures(label, ppl, finite, gens, round(sum(distinct) / len(distinct), 4))
+    return ModelFigures(
+        label, ppl, finite, gens, round(sum(distinct) / len(distinct), 4) if distinct else 0.0
+    )
 
 
 def run_check(

@@ -7,13 +7,23 @@ import shutil
 import sys
 
 import pytest
+import torch
 from helpers import run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
 
-def test_sane_merge_passes_and_broken_merges_fail(family, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny forwards on a shared machine: one intra-op thread avoids spinning threads fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sane_merge_passes_and_broken_merges_fail(family, tmp_path, one_thread):
     sane = write_recipe(
         tmp_path / "sane.yaml", {"method": "linear", "models": [str(family["base"]), str(family["expert0"])]}
     )
