@@ -149,16 +149,16 @@ def run(
             outcome = execute(p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock")
     finally:
         p.close()
-    if lock is not None and lock.get("output"):
-        from merge_cli.lock import LOCK_NAME, load_lock as _reload
-
-        same = _reload(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
-        print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
     e = outcome.engine
     print(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
+    if lock is not None and lock.get("output"):
+        from merge_cli.lock import LOCK_NAME
+
+        same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
+        print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
 
 
 @app.command()

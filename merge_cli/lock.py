@@ -212,7 +212,7 @@ def load_lock(path: Path) -> dict[str, Any]:
 def _diff(a, b, where: str, out: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(dict.fromkeys([*a, *b])):
-            if k in ("label", "output"):
+            if k in ("label", "output", "recipe"):  # display-only keys; the recipe is compared by its sha256
                 continue
             if k not in a:
                 out.append(f"{where}{k}: not in the lock, now {b[k]!r}")
