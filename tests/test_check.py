@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from helpers import run_cli, write_recipe
+from hubcache import add_to_cache
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
@@ -23,7 +24,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_sane_merge_passes_and_broken_merges_fail(family, tmp_path, one_thread):
+def test_sane_merge_passes_and_broken_merges_fail(family, tmp_path, one_thread, monkeypatch):
     sane = write_recipe(
         tmp_path / "sane.yaml", {"method": "linear", "models": [str(family["base"]), str(family["expert0"])]}
     )
@@ -48,7 +49,11 @@ def test_sane_merge_passes_and_broken_merges_fail(family, tmp_path, one_thread):
         },
     )
     assert run_cli("run", broken, tmp_path / "broken", "-q").exit_code == 0
-    r = run_cli("check", tmp_path / "broken", "--against", family["base"])
+    # --against a hub id, resolved through an offline hub cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    add_to_cache(tmp_path / "cache", "org/base", family["base"])
+    r = run_cli("check", tmp_path / "broken", "--against", "org/base")
     assert r.exit_code == 3 and "x the reference's (limit 1.5)" in r.stderr
 
     shutil.copytree(tmp_path / "sane", tmp_path / "nan")

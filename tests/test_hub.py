@@ -207,3 +207,46 @@ def test_lock_without_download_uses_hub_hashes(fake_hub, tmp_path):
     assert fake_hub.commit["org/expert0"] in lock
     r = run_cli("run", recipe, tmp_path / "out", "-q", "--locked", tmp_path / "r.lock.yaml")
     assert r.exit_code == 0, r.stderr
+
+
+def test_hub_base_plus_hub_adapter_offline(offline_hub, family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.1.self_attn.q_proj"
+    a, b = torch.randn(2, 64), torch.randn(64, 2)
+    folder = tmp_path / "adapter_src"
+    folder.mkdir()
+    save_file(
+        {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b},
+        str(folder / "adapter_model.safetensors"),
+    )
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_rslora": True})
+    )
+    add_to_cache(offline_hub[0], "org/adapter", folder)
+    recipe = write_recipe(tmp_path / "r.yaml", {"method": "passthrough", "models": ["org/base+org/adapter"]})
+    r = run_cli("run", recipe, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    w = load_file(str(family["base"] / "model.safetensors"))[name + ".weight"]
+    want = w + (2 / 2**0.5) * b @ a  # rsLoRA: alpha / sqrt(r)
+    assert torch.allclose(load_output(tmp_path / "out")[name + ".weight"], want, atol=1e-5)
+    lock = (tmp_path / "out" / "recipe.lock.yaml").read_text()
+    assert "adapter_config.json" in lock and "repo: org/adapter" in lock
+
+
+def test_slices_download_only_the_shards_they_read(fake_hub, tmp_path):
+    # expert2 is sharded: shard 1 holds the embeddings and layers 0-1, shard 2 layers 2-3 and the head
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "method": "passthrough",
+            "base_model": "org/base",
+            "slices": [{"sources": [{"model": "org/expert2", "layers": [0, 2]}]}],
+        },
+    )
+    r = run_cli("run", recipe, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(fake_hub.weights_downloaded()) == [
+        "org/base/model.safetensors",
+        "org/expert2/model-00001-of-00002.safetensors",
+    ]
