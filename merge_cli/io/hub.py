@@ -101,7 +101,7 @@ def _hub_error(ref: HubRef, e: Exception, what: str = "") -> CheckpointError:
             "run once online or point HF_HUB_CACHE at a cache that has it"
         )
     else:
-        msg = f"could not be reached ({name}: {str(e).splitlines()[0] if str(e) else ''}); check the network or set HF_HUB_OFFLINE=1 to use the cache"
+        msg = f"could not be reached ({name}: {str(e).splitlines()[0] if str(e) else ''}); no local folder has that name either; check the path or the network, or set HF_HUB_OFFLINE=1 to use the cache"
     return CheckpointError(f"hub model '{ref}' {msg}")
 
 
