@@ -77,12 +77,12 @@ def _load(recipe: Path, seed: Optional[int] = None):
     return load_recipe(recipe, {"seed": seed} if seed is not None else None)
 
 
-def _size(value: Optional[str]) -> Optional[int]:
+def _size(value: Optional[str], option: str = "--shard-size") -> Optional[int]:
     if value is None:
         return None
     from merge_cli.recipe import parse_size
 
-    return parse_size(value, "--shard-size")
+    return parse_size(value, option)
 
 
 @app.command()
@@ -128,6 +128,9 @@ def run(
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
+    max_memory: Optional[str] = typer.Option(
+        None, help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB)."
+    ),
     locked: Optional[Path] = typer.Option(
         None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
     ),
@@ -145,7 +148,7 @@ def run(
         p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
     try:
         with progress_bar(p, disable=quiet) as advance:
-            opts = EngineOptions(device=device, threads=threads, progress=advance)
+            opts = EngineOptions(device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), progress=advance)
             outcome = execute(p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock")
     finally:
         p.close()
