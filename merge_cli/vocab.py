@@ -29,7 +29,6 @@ from merge_cli.modules import classify
 _EMBED_RE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$")
 _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 _NOT_VOCAB = re.compile(r"(wpe|position_embeddings|token_type_embeddings|embed_positions)")
-OPTIONS = "vocab: crop (keep the common rows), vocab: pad_from_base (take missing rows from the base)"
 
 
 class VocabView(Checkpoint):
@@ -171,8 +170,9 @@ def harmonize(models: list, ref: int, mode: str, notes: list[str]) -> int | None
         listing = ", ".join(f"'{models[i].label}' {n}" for i, n in rows.items())
         if mode == "error":
             raise PlanError(
-                f"vocabulary sizes differ ({emb}: {listing}); set `{OPTIONS.split(', ')[0]}` or "
-                f"`{OPTIONS.split(', ')[1]}` in the recipe, or merge models that share one tokenizer"
+                f"tensor '{emb}': vocabulary sizes differ ({listing}); add `vocab: crop` (keep the {sizes[0]} rows "
+                f"all models have) or `vocab: pad_from_base` (the base's {rows[ref]} rows, missing ones taken from the "
+                "base) to the recipe, or merge models that share one tokenizer vocabulary"
             )
         target = sizes[0] if mode == "crop" else rows[ref]
         for i, v in views.items():
