@@ -2,7 +2,8 @@
 special tokens, chat template, processor files; and the recipe's `chat_template:`.
 
 `chat_template:` may be a literal jinja template (it contains `{{` or `{%`), a built-in name
-(see BUILTIN_TEMPLATES), or the label / reference of a listed model whose template is taken. The chosen
+(see BUILTIN_TEMPLATES), `auto` (the template most models share), or the label / reference of a listed
+model whose template is taken. The chosen
 template is written to chat_template.jinja and into tokenizer_config.json's `chat_template`.
 Hub donors have their side files fetched (small files only) just before they are copied.
 """
@@ -97,6 +98,15 @@ def resolve_chat_template(plan) -> tuple[str, str] | None:
     where = plan.recipe.where(("chat_template",))
     if "{{" in spec or "{%" in spec:
         return spec, "the recipe"
+    if spec == "auto":  # the template most sources share (ties: the donor's, then the earlier model's)
+        found = [(m.label, _template_of(m.checkpoint)) for m in plan.models]
+        texts = [t for _, t in found if t]
+        if not texts:
+            raise RecipeError(f"{where}: chat_template 'auto': no model has a chat template")
+        donor_text = found[plan.donor][1]
+        best = max(dict.fromkeys(texts), key=lambda t: (texts.count(t), t == donor_text))
+        label = next(lbl for lbl, t in found if t == best)
+        return best, f"'auto' ({texts.count(best)} of {len(found)} models, first '{label}')"
     if spec in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[spec], f"built-in '{spec}'"
     for m in plan.models:

@@ -64,6 +64,13 @@ def test_chat_template_from_a_model_or_literal(models):
     assert json.loads((models / "o2" / "tokenizer_config.json").read_text())["chat_template"] == literal
 
 
+def test_auto_chat_template_takes_the_most_common(models):
+    for n, t in (("base", "A{{ x }}"), ("expert0", "B{{ x }}"), ("expert1", "B{{ x }}")):
+        (models / n / "chat_template.jinja").write_text(t)
+    assert run_cli("run", _recipe(models, chat_template="auto"), models / "out", "-q").exit_code == 0
+    assert (models / "out" / "chat_template.jinja").read_text() == "B{{ x }}"
+
+
 def test_unknown_chat_template_fails_before_merging(models):
     r = run_cli("run", _recipe(models, chat_template="chatm"), models / "out", "-q")
     assert r.exit_code == 2 and "did you mean 'chatml'" in r.stderr
