@@ -13,6 +13,9 @@ LFS sha256 is used: it is the sha256 of the same content.
 from __future__ import annotations
 
 import hashlib
+import re
+import os
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,50 @@ class LockError(MergeCliError):
     """A lock file is unreadable, or the run differs from it."""
 
 
+_BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("MERGE_CLI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "merge-cli"
+    )
+    return Path(root) / "sha256-cache.json"
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a file. A hub-cache blob is named by its sha256 (LFS files), so its name is the answer;
+    other files are hashed once and remembered by (real path, size, mtime_ns) in the user cache, so
+    repeated merges of the same checkpoints do not read every input twice."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _BLOB_RE.match(real.name):
+        return real.name
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(real, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:  # best effort: a read-only home simply means no cache
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[key] = digest
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return digest
 
 
 def _unwrap_view(ck: Checkpoint, names: list[str]) -> tuple[Checkpoint, list[str]]:

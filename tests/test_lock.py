@@ -90,3 +90,22 @@ def test_locked_hub_run_uses_locked_commit_after_branch_moves(family, tmp_path, 
     assert _shards(tmp_path / "out1") == _shards(tmp_path / "out2")
     a, b = load_output(tmp_path / "out1"), load_output(tmp_path / "out_main")
     assert not all(torch.equal(a[k], b[k]) for k in a)  # without the lock, main's new commit is used
+
+
+def test_sha256_cache_follows_content_and_trusts_hub_blob_names(tmp_path):
+    import hashlib
+    import os
+
+    from merge_cli.lock import sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    assert sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
+    assert sha256_file(f) == hashlib.sha256(b"abc").hexdigest()  # second time from the cache
+    f.write_bytes(b"abcd")
+    os.utime(f, ns=(1, 2))
+    assert sha256_file(f) == hashlib.sha256(b"abcd").hexdigest()
+    blob = tmp_path / "blobs" / ("a" * 64)
+    blob.parent.mkdir()
+    blob.write_bytes(b"whatever")
+    assert sha256_file(blob) == "a" * 64
