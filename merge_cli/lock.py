@@ -13,9 +13,9 @@ LFS sha256 is used: it is the sha256 of the same content.
 from __future__ import annotations
 
 import hashlib
-import re
-import os
 import json
+import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
