@@ -49,12 +49,13 @@ CASES = [
     ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True, "angle_mean": True}),
+    ("arcee_fusion", {}),
 ]
 
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_chunked_equals_whole(models, tmp_path, method, params):
-    experts = ["e0"] if method in ("nearswap", "slerp") else ["e0", "e1"]
+    experts = ["e0"] if method in ("nearswap", "slerp", "arcee_fusion") else ["e0", "e1"]
     recipe = write_recipe(
         tmp_path / "r.yaml",
         {"base_model": str(models["base"]), "models": [{"model": str(models[e])} for e in experts],
@@ -71,7 +72,7 @@ def test_chunked_equals_whole(models, tmp_path, method, params):
     a, b = outs["whole"][EMB], outs["chunked"][EMB]
     if method.startswith(("dare", "della", "breadcrumbs")):
         assert torch.equal(a != 0, b != 0)
-    if method in ("ram", "ramplus_tl", "nearswap", "breadcrumbs", "breadcrumbs_ties"):
+    if method in ("ram", "ramplus_tl", "nearswap", "breadcrumbs", "breadcrumbs_ties", "arcee_fusion"):
         assert torch.equal(a, b)
     else:  # float64 sums (L1 norms, dot products) differ in the last bits between one sum and chunk sums
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
