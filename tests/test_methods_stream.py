@@ -50,17 +50,20 @@ CASES = [
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True, "angle_mean": True}),
     ("arcee_fusion", {}),
+    ("karcher", {}),
+    ("multislerp", {}),
+    ("multislerp", {"normalize_weights": False}),
 ]
 
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_chunked_equals_whole(models, tmp_path, method, params):
     experts = ["e0"] if method in ("nearswap", "slerp", "arcee_fusion") else ["e0", "e1"]
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        {"base_model": str(models["base"]), "models": [{"model": str(models[e])} for e in experts],
-         "method": method, "parameters": params, "seed": 4, "out_dtype": "float32"},
-    )  # fmt: skip
+    r = {"models": [{"model": str(models[e])} for e in experts], "method": method, "parameters": params,
+         "seed": 4, "out_dtype": "float32"}  # fmt: skip
+    if method != "karcher":
+        r["base_model"] = str(models["base"])
+    recipe = write_recipe(tmp_path / "r.yaml", r)
     outs, reports = {}, {}
     for label, budget in (("whole", 1 << 30), ("chunked", 500_000)):
         plan = build_plan(load_recipe(recipe))

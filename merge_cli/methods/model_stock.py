@@ -28,10 +28,10 @@ class ModelStockParams(MethodParams):
     clamp_cos: bool = Field(True, description="clamp the mean cosine to [0, 1] (false: [-1, 1] as mergekit)")
 
 
-def gram(deltas: torch.Tensor) -> torch.Tensor:
-    """deltas [K, R, n] -> G [K, K, R]: the float64 dot products of every pair of task vectors, per row."""
-    k = deltas.shape[0]
-    g = torch.zeros(k, k, deltas.shape[1], dtype=torch.float64, device=deltas.device)
+def gram(deltas) -> torch.Tensor:
+    """deltas [K, R, n] (or a list of K [R, n]) -> G [K, K, R]: float64 dot products of every pair, per row."""
+    k = len(deltas)
+    g = torch.zeros(k, k, deltas[0].shape[0], dtype=torch.float64, device=deltas[0].device)
     for i in range(k):
         for j in range(i, k):
             g[i, j] = g[j, i] = (deltas[i].double() * deltas[j].double()).sum(dim=-1)
