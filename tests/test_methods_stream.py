@@ -51,6 +51,8 @@ CASES = [
     ("model_stock", {"filter_wise": True, "angle_mean": True}),
     ("arcee_fusion", {}),
     ("karcher", {}),
+    ("sce", {}),
+    ("sce", {"select_topk": 0.3}),
     ("multislerp", {}),
     ("multislerp", {"normalize_weights": False}),
 ]

@@ -133,7 +133,7 @@ def kernel(keep: Keep, consensus: bool):
     return run
 
 
-class _Sel:
+class Sel:
     """Exact top-k of a tensor seen in chunks: radix passes, then masks applied in flat order."""
 
     def __init__(self, k: int, n: int):
@@ -160,7 +160,7 @@ def stream(keep: Keep, consensus: bool, passes: int, band: Band | None = None) -
         for i in range(n):
             ks = band(i, p, tuple(ctx.shape)) if band else None
             if ks is not None:
-                st["band"][i] = (_Sel(ks[0], numel), _Sel(ks[1], numel))
+                st["band"][i] = (Sel(ks[0], numel), Sel(ks[1], numel))
         return st
 
     def tilde(st, i, tau, p, ctx):
@@ -206,7 +206,7 @@ def stream(keep: Keep, consensus: bool, passes: int, band: Band | None = None) -
         td = getattr(p, "trim_density", 1.0)
         if td < 1.0:
             numel = math.prod(ctx.shape)
-            st["trim"] = {i: _Sel(int(td * numel), numel) for i in range(n)}
+            st["trim"] = {i: Sel(int(td * numel), numel) for i in range(n)}
         return st
 
     def apply(st, base, xs, weights, p: ParamSet, ctx) -> torch.Tensor:
