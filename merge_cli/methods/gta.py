@@ -161,6 +161,9 @@ def stream(keep: Keep, consensus: bool, passes: int, band: Band | None = None) -
             ks = band(i, p, tuple(ctx.shape)) if band else None
             if ks is not None:
                 st["band"][i] = (Sel(ks[0], numel), Sel(ks[1], numel))
+        td = getattr(p, "trim_density", 1.0)
+        if td < 1.0:
+            st["trim"] = {i: Sel(int(td * numel), numel) for i in range(n)}
         return st
 
     def tilde(st, i, tau, p, ctx):
@@ -202,13 +205,6 @@ def stream(keep: Keep, consensus: bool, passes: int, band: Band | None = None) -
             elif s.radix and k == 2:
                 s.thr = s.radix.result()
 
-    def init_trim(p, ctx, n, st):
-        td = getattr(p, "trim_density", 1.0)
-        if td < 1.0:
-            numel = math.prod(ctx.shape)
-            st["trim"] = {i: Sel(int(td * numel), numel) for i in range(n)}
-        return st
-
     def apply(st, base, xs, weights, p: ParamSet, ctx) -> torch.Tensor:
         sparse = []
         for i, x in enumerate(xs):
@@ -227,7 +223,7 @@ def stream(keep: Keep, consensus: bool, passes: int, band: Band | None = None) -
         )
 
     return Streamed(
-        init=lambda p, ctx, n: init_trim(p, ctx, n, init(p, ctx, n)),
+        init=init,
         apply=apply,
         passes=passes,
         gather=gather,
