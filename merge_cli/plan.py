@@ -217,7 +217,8 @@ class _Builder:
         elif spec.needs_base and base is None:
             raise PlanError(f"tensor '{out_name}': method '{spec.name}' needs a base model")
         inputs = [self.input_for(m, n, ref_model, ref_name) for m, n in sources]
-        base_in = self.input_for(base, ref_name, ref_model, ref_name) if spec.needs_base else None
+        with_base = spec.needs_base or (spec.optional_base and base is not None)
+        base_in = self.input_for(base, ref_name, ref_model, ref_name) if with_base else None
         params = self.resolver.resolve(spec, out_name, t, global_layers, model_layers)
         if spec.check is not None:
             problem = spec.check(params, len(inputs))
@@ -335,7 +336,7 @@ class _Builder:
                     pairs = [(slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)]
                     src_params = [src.parameters for src in s.sources]
                     base_in = None
-                    if spec.needs_base:
+                    if spec.needs_base or (spec.optional_base and base is not None and base in slots):
                         if base is None or base not in slots:
                             raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
                         k = slots.index(base)

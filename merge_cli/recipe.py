@@ -326,7 +326,7 @@ def _semantic_checks(r: Recipe) -> None:
 
 def _sources_for(r: Recipe, spec: MethodSpec) -> list[ModelEntry]:
     """The source models a method merges: with a base, the base itself is not a source."""
-    if spec.needs_base:
+    if spec.needs_base or (spec.optional_base and r.base_model):
         return [m for m in r.models if m.model != r.base_model]
     return list(r.models)
 
