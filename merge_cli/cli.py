@@ -134,6 +134,9 @@ def run(
     locked: Optional[Path] = typer.Option(
         None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
     ),
+    fused: str = typer.Option(
+        "auto", help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off."
+    ),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
@@ -148,7 +151,9 @@ def run(
         p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
     try:
         with progress_bar(p, disable=quiet) as advance:
-            opts = EngineOptions(device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), progress=advance)
+            opts = EngineOptions(
+                device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), fused=fused, progress=advance
+            )
             outcome = execute(p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock")
     finally:
         p.close()
