@@ -25,6 +25,7 @@ from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
+from merge_cli.methods.selection import Threshold
 from merge_cli.plan import MergePlan, TensorJob, report_params
 
 _DONE = object()
@@ -35,6 +36,7 @@ class EngineOptions:
     device: str = "auto"
     threads: int | None = None
     max_memory: int | None = None  # bytes; default: default_max_memory()
+    fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
 
 
@@ -72,7 +74,7 @@ def _return_freed_memory() -> None:
     tensor-sized buffers go back to the OS when freed (RSS follows the live working set)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = 4 MiB (also disables the dynamic threshold)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB, glibc's ceiling (fixed, not dynamic)
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
@@ -112,9 +114,13 @@ def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
 
-def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def read_job(plan: MergePlan, job: TensorJob, pin: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A job's input tensors as read; with pin (CUDA), in page-locked memory so the host-to-device copy is
+    asynchronous (the pinning copy happens here, on the reader thread, overlapped with compute)."""
+
     def read(ref):
-        return plan.models[ref.model].checkpoint.read(ref.name)
+        t = plan.models[ref.model].checkpoint.read(ref.name)
+        return t.pin_memory() if pin else t
 
     base = read(job.base) if job.base else None
     return base, [read(i) for i in job.inputs]
@@ -138,12 +144,40 @@ def _bitwise_copy(spec: MethodSpec, job: TensorJob) -> bool:
 class _Compute:
     """Moves inputs to the device in the compute dtype and runs kernels; accumulates task-vector norms."""
 
-    def __init__(self, plan: MergePlan, device: torch.device):
+    def __init__(self, plan: MergePlan, device: torch.device, fused: bool = False):
         self.plan, self.device = plan, device
         self.dtype = ST_TO_TORCH[plan.compute_dtype]
+        self.cuda = device.type == "cuda"
+        self.fused = fused and self.dtype == torch.float32
+
+    def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+            return None
+        b = base.to(self.device, non_blocking=True) if base is not None else None
+        xs = [t.to(self.device, non_blocking=True) for t in inputs]
+        out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        if out is not None and b is not None:
+            bf = b.to(torch.float32)
+            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs]
+        return out
 
     def prep(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, non_blocking=True).to(self.dtype)
+
+    def to_host(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | tuple:
+        """The output in the output dtype on the CPU. On CUDA: an asynchronous copy into pinned memory and
+        the event that marks its end (the writer thread waits on it), so the copy overlaps the next job."""
+        out = out.to(dtype)
+        if not self.cuda:
+            return out
+        host = torch.empty(out.shape, dtype=dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def whole(self, job: TensorJob, base, inputs) -> tuple[torch.Tensor, dict[str, Any]]:
         spec = METHODS[job.method]
@@ -151,6 +185,9 @@ class _Compute:
         stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
         if _bitwise_copy(spec, job):
             return inputs[0].to(out_dtype), stats
+        out = self.try_fused(job, base, inputs, stats)
+        if out is not None:
+            return self.to_host(out, out_dtype), stats
         b = self.prep(base) if base is not None else None
         xs = [self.prep(t) for t in inputs]
         ctx = _ctx(self.plan, job, self.device)
@@ -160,17 +197,60 @@ class _Compute:
         if b is not None:
             stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
         stats.update(ctx.stats)
-        return out.to(out_dtype).to("cpu"), stats
+        return self.to_host(out, out_dtype), stats
 
-    def chunks(self, job: TensorJob, rows: int) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
-        """(flat offset, base chunk, input chunks) on the device, in row order."""
+    def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
+        """A per-chunk fused apply (offset, base, xs) -> out for linear / task_arithmetic / ties, or None."""
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+            return None
+        if job.method != "ties":
+            return lambda offset, b, xs: whole(job.method, b, xs, weights, params, out_dtype, {})
+        if params.merge_func not in ("mean", "sum"):
+            return None
+        numel = job.numel
+        keep_nothing = Threshold(math.inf, 0, 0, 0)
+
+        def threshold(i: int, d: float) -> Threshold | None:
+            k = int(d * numel)
+            if d >= 1.0 or k >= numel:
+                return None  # keep everything
+            return keep_nothing if k <= 0 else state["thresholds"][i]
+
+        def apply(offset, b, xs):
+            bf = b.to(torch.float32)
+            ts, cuts = [], []
+            for i, (x, d) in enumerate(zip(xs, params.density)):
+                t = threshold(i, d)
+                a = None if t is None or t.keep_all_equal else (x.to(torch.float32) - bf).abs()
+                cuts.append(cutoff(t, a, state["seen"][i], offset, b.numel()))
+                if a is not None:
+                    state["seen"][i] += int((a == t.value).sum())
+                ts.append(t)
+            out, kept, touched, conflict = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            st = state["stats"]
+            for i, k in enumerate(kept.tolist()):
+                st["kept"][i] += int(k)
+            st["touched"] += int(touched)
+            st["conflict"] += int(conflict)
+            return out
+
+        return apply
+
+    def chunks(
+        self, job: TensorJob, rows: int, raw: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(flat offset, base chunk, input chunks) on the device (in the compute dtype unless raw), in row order."""
         models = self.plan.models
         per_row = job.numel // job.shape[0]
         for r0 in range(0, job.shape[0], rows):
             r1 = min(r0 + rows, job.shape[0])
 
             def read(ref, r0=r0, r1=r1):
-                return self.prep(models[ref.model].checkpoint.read_rows(ref.name, r0, r1))
+                t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
+                return t.to(self.device, non_blocking=True) if raw else self.prep(t)
 
             yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
 
@@ -189,22 +269,42 @@ class _Compute:
                 st.gather(state, p, b, xs, params, ctx)
             st.end_pass(state, p)
         sq = [0.0] * len(job.inputs)
-        for offset, b, xs in self.chunks(job, rows):
+        fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
+        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None):
             ctx.offset = offset
-            if st:
+            if fused_apply is not None:
+                out = fused_apply(offset, b, xs)
+                b = b.to(self.dtype) if b is not None else None
+                xs = [x.to(self.dtype) for x in xs] if b is not None else xs
+            elif st:
                 out = st.apply(state, b, xs, weights, params, ctx)
             else:
                 out = spec.kernel(b, xs, weights, params, ctx)
             if b is not None:
                 for i, x in enumerate(xs):
                     sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
-            emit(out.to(out_dtype).to("cpu"))
+            emit(self.to_host(out, out_dtype))
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
         if st and st.finish:
             st.finish(state, ctx)
         stats.update(ctx.stats)
         return stats
+
+
+FUSED_AUTO_ELEMENTS = 50_000_000  # below this a merge does not repay compiling
+
+
+def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise MergeCliError(f"--fused {mode}: use auto, on or off")
+    if mode == "off" or device.type != "cpu":
+        return False
+    if mode == "on":
+        return True
+    from merge_cli.fused_methods import FUSED_METHODS
+
+    return sum(j.numel * len(j.inputs) for j in plan.jobs if j.method in FUSED_METHODS) >= FUSED_AUTO_ELEMENTS
 
 
 class _Gate:
@@ -250,7 +350,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     _return_freed_memory()
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
-    compute = _Compute(plan, device)
+    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
     big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
     start = time.perf_counter()
     stop = threading.Event()
@@ -275,7 +375,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 n = job_inputs_bytes(plan, job)
                 if not gate.acquire(n, stop):
                     return
-                item = (job, n, *read_job(plan, job))
+                item = (job, n, *read_job(plan, job, pin=compute.cuda))
             if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)
@@ -291,6 +391,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if item is _DONE:
                 return
             name, tensor = item
+            if isinstance(tensor, tuple):  # (pinned host tensor, CUDA event): wait for the copy to land
+                tensor, done = tensor
+                done.synchronize()
             writer.write(name, tensor)
             result.bytes_written += tensor.numel() * tensor.element_size()
 

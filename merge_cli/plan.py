@@ -21,6 +21,8 @@ from merge_cli.methods import METHODS, MethodSpec
 from merge_cli.modules import classify, layer_of, with_layer
 from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
+from merge_cli.vocab import harmonize as harmonize_vocab
+from merge_cli.vocab import patch_config as patch_vocab_config
 
 
 @dataclass
@@ -268,6 +270,7 @@ class _Builder:
             entry_slot[i] = self.slot(m.model, m.label)
         ref = base if base is not None else entry_slot[0]
         self.check_architectures()
+        self.vocab_size = harmonize_vocab(self.models, ref, r.vocab, self.notes)  # issue 7: merge_cli/vocab.py
         self.out_dtype = self.choose_out_dtype(ref)
         ref_ck = self.ckpt(ref)
         num_layers = ref_ck.num_layers()
@@ -438,6 +441,7 @@ def build_plan(recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size:
     compute = parse_dtype_name(recipe.dtype, recipe.where(("dtype",)))
     donor = b.donor(ref)
     cfg = _output_config(b.ckpt(donor), b.out_dtype, num_layers, bool(recipe.slices))
+    cfg = patch_vocab_config(cfg, getattr(b, "vocab_size", None))
     input_bytes = sum(
         b.ckpt(i.model).info(i.name).nbytes for j in b.jobs for i in ([j.base] if j.base else []) + j.inputs
     )

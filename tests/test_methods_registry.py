@@ -134,3 +134,9 @@ def test_every_new_method_runs_end_to_end(name, family, tmp_path):
         for key in f.keys():
             assert list(out[key].shape) == f.get_slice(key).get_shape()
     assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in out.values())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_can_merge_in_row_chunks(name):
+    spec = METHODS[name]
+    assert spec.elementwise or spec.streamed is not None

@@ -72,5 +72,5 @@ def test_arcee_fusion_matches_plain_reference():
 def test_exact_quantile_matches_torch_quantile():
     x = torch.randn(10_001, generator=torch.Generator().manual_seed(2))
     for q in (0.0, 0.25, 0.5, 0.75, 1.0, 0.33):
-        torch.testing.assert_close(quantile(x, q), torch.quantile(x, q), rtol=0, atol=1e-6)
-    assert float(quantile(t([1.0, 2.0, 3.0, 10.0]), 0.5)) == 2.5
+        assert abs(quantile(x, q) - float(torch.quantile(x, q))) < 1e-6
+    assert quantile(t([1.0, 2.0, 3.0, 10.0]), 0.5) == 2.5

@@ -16,14 +16,14 @@ entries unless `normalize`).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.gta import combine
-from merge_cli.methods.selection import topk_mask_2d
 
 PAPER = (
     "Davari, Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
@@ -47,39 +47,27 @@ class BreadcrumbsParams(MethodParams):
     int8_mask: bool = Field(False, description="accepted for mergekit recipes; no effect")
 
 
-def band_mask(scores: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Per row of a 2-D `scores`: the int(density*n) largest entries below the int(gamma*n) largest."""
-    n = scores.shape[1]
+def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(entries kept + removed outliers, removed outliers) for a row or tensor of n entries."""
     n_keep = int(density * n)
     n_top = min(int(gamma * n), n - n_keep)
-    return topk_mask_2d(scores, n_keep + n_top) & ~topk_mask_2d(scores, n_top)
+    return n_keep + n_top, n_top
 
 
-def breadcrumbs_sparsify(delta: torch.Tensor, density: float, gamma: float, granularity: str) -> torch.Tensor:
-    if density >= 1.0 or delta.numel() == 0:
-        return delta
-    if granularity == "row":
-        if delta.dim() == 0:
-            return delta
-        scores = delta.abs().reshape(-1, delta.shape[-1])
-    else:
-        scores = delta.abs().reshape(1, -1)
-    return delta * band_mask(scores, density, gamma).reshape(delta.shape)
+def breadcrumbs_keep(i: int, tau: torch.Tensor, p: ParamSet, ctx: TensorCtx):
+    """The band mask of model i, per row along the last dim or over the whole tensor."""
+    d, g = p.density[i], p.gamma[i]
+    if d >= 1.0 or tau.numel() == 0 or (p.granularity == "row" and tau.dim() == 0):
+        return None, None
+    scores = tau.abs().reshape(-1, tau.shape[-1]) if p.granularity == "row" else tau.abs().reshape(1, -1)
+    return gta.band_mask(scores, *band_counts(scores.shape[1], d, g)).reshape(tau.shape), None
 
 
-def _kernel(consensus: bool):
-    def kernel(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-        sparse = torch.stack(
-            [
-                breadcrumbs_sparsify(t - base, d, g, p.granularity)
-                for t, d, g in zip(tensors, p.density, p.gamma, strict=True)
-            ]
-        )
-        return combine(
-            base, sparse, weights, consensus=consensus, normalize=p.normalize, lambda_=p.lambda_, ctx=ctx
-        )
-
-    return kernel
+def breadcrumbs_band(i: int, p: ParamSet, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """When streamed in row chunks: the tensor-level band counts (granularity tensor, or a 1-D tensor)."""
+    if p.density[i] >= 1.0 or (p.granularity == "row" and len(shape) > 1):
+        return None
+    return band_counts(math.prod(shape), p.density[i], p.gamma[i])
 
 
 _MK = {"density": 1.0, "gamma": 0.01, "granularity": "tensor"}
@@ -89,7 +77,8 @@ BREADCRUMBS = MethodSpec(
     title="Model Breadcrumbs (drop outliers and small entries, sum)",
     paper=PAPER,
     params=BreadcrumbsParams,
-    kernel=_kernel(False),
+    kernel=gta.kernel(breadcrumbs_keep, False),
+    streamed=gta.stream(breadcrumbs_keep, False, passes=2, band=breadcrumbs_band),
     needs_base=True,
     summary="theta = theta0 + lambda * sum_i w_i band_i(tau_i),  band = top (density+gamma) minus top gamma by |tau|",
     mergekit_defaults=_MK,
@@ -100,7 +89,8 @@ BREADCRUMBS_TIES = MethodSpec(
     title="Model Breadcrumbs with TIES sign consensus",
     paper=PAPER,
     params=BreadcrumbsParams,
-    kernel=_kernel(True),
+    kernel=gta.kernel(breadcrumbs_keep, True),
+    streamed=gta.stream(breadcrumbs_keep, True, passes=2, band=breadcrumbs_band),
     needs_base=True,
     summary="theta = theta0 + lambda * sum_i w_i band_i(tau_i) [sign(band_i) = elected sign]",
     mergekit_defaults=_MK,

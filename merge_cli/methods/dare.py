@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.gta import Rescale, apply_mask, combine, rescale_bool
+from merge_cli.methods.gta import Rescale, rescale_bool
 
 PAPER = (
     "Yu, Yu, Yu, Huang, Li 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
@@ -48,30 +49,14 @@ class DareTiesParams(DareLinearParams):
     )
 
 
-def dare_drop(delta: torch.Tensor, density: float, how: str, ctx: TensorCtx, index: int) -> torch.Tensor:
-    """The DARE sparsifier for one task vector (model `index`)."""
-    if density >= 1.0:
-        return delta
-    if density <= 0.0:
-        return torch.zeros_like(delta)
-    keep = ctx.uniform(index, delta.shape) < density
-    return apply_mask(delta, keep, float(density), how)
-
-
-def _kernel(consensus: bool):
-    def kernel(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-        sparse = torch.stack(
-            [
-                dare_drop(t - base, d, p.rescale, ctx, i)
-                for i, (t, d) in enumerate(zip(tensors, p.density, strict=True))
-            ]
-        )
-        return combine(
-            base, sparse, weights, consensus=consensus, normalize=p.normalize, lambda_=p.lambda_, ctx=ctx,
-            trim_density=getattr(p, "trim_density", 1.0),
-        )  # fmt: skip
-
-    return kernel
+def dare_keep(i: int, tau: torch.Tensor, p: ParamSet, ctx: TensorCtx):
+    """The DARE keep mask of model i: u < density with u from ctx.uniform (seeded, offset-aware)."""
+    d = p.density[i]
+    if d >= 1.0:
+        return None, None
+    if d <= 0.0:
+        return torch.zeros_like(tau, dtype=torch.bool), 0.0
+    return ctx.uniform(i, tau.shape) < d, float(d)
 
 
 _MK = {"density": 1.0, "rescale": "l1", "normalize": False}
@@ -81,7 +66,8 @@ DARE_LINEAR = MethodSpec(
     title="DARE + task arithmetic (random drop, rescale, sum)",
     paper=PAPER,
     params=DareLinearParams,
-    kernel=_kernel(False),
+    kernel=gta.kernel(dare_keep, False),
+    streamed=gta.stream(dare_keep, False, passes=1),
     needs_base=True,
     random=True,
     summary="theta = theta0 + lambda * sum_i w_i (m_i * tau_i) / density,  m_i ~ Bernoulli(density)",
@@ -93,7 +79,8 @@ DARE_TIES = MethodSpec(
     title="DARE + TIES (random drop, rescale, trim, elect sign, disjoint merge)",
     paper=PAPER,
     params=DareTiesParams,
-    kernel=_kernel(True),
+    kernel=gta.kernel(dare_keep, True),
+    streamed=gta.stream(dare_keep, True, passes=3),
     needs_base=True,
     random=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(m_i * tau_i / density, trim_density)))",

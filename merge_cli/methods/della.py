@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.gta import Rescale, apply_mask, combine, rescale_bool
+from merge_cli.methods.gta import Rescale, rescale_bool
 
 PAPER = (
     "Deep, Bhardwaj, Poria 2024, DELLA-Merging: Reducing Interference in Model Merging through "
@@ -57,14 +58,13 @@ def keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> tor
     return ((density - epsilon) + 2 * epsilon * rho).reshape(delta.shape)
 
 
-def magprune(
-    delta: torch.Tensor, density: float, epsilon: float, how: str, ctx: TensorCtx, index: int
-) -> torch.Tensor:
-    if density >= 1.0 or delta.numel() == 0:
-        return delta
-    q = keep_probability(delta, density, epsilon)
-    keep = ctx.uniform(index, delta.shape) < q
-    return apply_mask(delta, keep, q, how)
+def della_keep(i: int, tau: torch.Tensor, p: ParamSet, ctx: TensorCtx):
+    """MagPrune's keep mask of model i: u < q, q from the magnitude rank within each row."""
+    d, e = p.density[i], p.epsilon[i]
+    if d >= 1.0 or tau.numel() == 0:
+        return None, None
+    q = keep_probability(tau, d, e)
+    return ctx.uniform(i, tau.shape) < q, q
 
 
 def _check(p: ParamSet, n: int) -> str | None:
@@ -77,21 +77,6 @@ def _check(p: ParamSet, n: int) -> str | None:
     return None
 
 
-def _kernel(consensus: bool):
-    def kernel(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-        sparse = torch.stack(
-            [
-                magprune(t - base, d, e, p.rescale, ctx, i)
-                for i, (t, d, e) in enumerate(zip(tensors, p.density, p.epsilon, strict=True))
-            ]
-        )
-        return combine(
-            base, sparse, weights, consensus=consensus, normalize=p.normalize, lambda_=p.lambda_, ctx=ctx
-        )
-
-    return kernel
-
-
 _MK = {"density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0}
 
 DELLA = MethodSpec(
@@ -99,7 +84,8 @@ DELLA = MethodSpec(
     title="DELLA (magnitude-ranked random drop, rescale, elect sign, disjoint mean)",
     paper=PAPER,
     params=DellaParams,
-    kernel=_kernel(True),
+    kernel=gta.kernel(della_keep, True),
+    streamed=gta.stream(della_keep, True, passes=1),
     needs_base=True,
     random=True,
     check=_check,
@@ -112,7 +98,8 @@ DELLA_LINEAR = MethodSpec(
     title="DELLA without sign election (magnitude-ranked random drop, rescale, sum)",
     paper=PAPER,
     params=DellaLinearParams,
-    kernel=_kernel(False),
+    kernel=gta.kernel(della_keep, False),
+    streamed=gta.stream(della_keep, False, passes=1),
     needs_base=True,
     random=True,
     check=_check,

@@ -6,8 +6,12 @@ iterates, at most max_iter times:
     c_i = clamp(<u, u_i>, -1, 1),  phi_i = arccos(c_i)    (phi_i < tol is skipped)
     T = sum_i a_i phi_i / sin(phi_i) (u_i - c_i u)          (log map; sin clamped >= 1e-6 near antipodes)
     stop if |T| < tol, else u <- cos|T| u + sin|T| T/|T|   (exp map), renormalised
-Output (sum_i a_i n_i) u with the original weights (zero-norm inputs included). fp32 torch on the device.
-Weights a_i are the per-model `weight`s normalised to sum 1 (mergekit: equal weights, the default).
+Output (sum_i a_i n_i) u with the original weights (zero-norm inputs included).
+
+Every iterate lies in the span of the u_i, so we iterate on its coefficients (u = sum_i b_i u_i) using the
+float64 Gram matrix of the inputs: exact, K-dimensional, and one pass over the tensor (huge tensors are
+merged in row chunks after one pass that sums the Gram matrix). Weights a_i are the per-model `weight`s
+normalised to sum 1 (mergekit: equal weights, the default).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import math
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.model_stock import gram
 
 
 class KarcherParams(MethodParams):
@@ -32,45 +37,81 @@ def _check(p: ParamSet, n: int) -> str | None:
     return None
 
 
-def karcher_mean(
-    xs: list[torch.Tensor], weights: list[float], max_iter: int, tol: float
-) -> tuple[torch.Tensor, int]:
+def flat_gram(xs: list[torch.Tensor]) -> torch.Tensor:
+    return gram([x.reshape(1, -1) for x in xs])[:, :, 0]
+
+
+def karcher_coefficients(
+    g: torch.Tensor, weights: list[float], max_iter: int, tol: float
+) -> tuple[list[float], int]:
+    """From the Gram matrix of the inputs: c_i with output = sum_i c_i theta_i, and the steps taken."""
     total = sum(weights)
     a = [w / total for w in weights]
-    flat = [x.reshape(-1) for x in xs]
-    norms = [float(torch.linalg.vector_norm(x)) for x in flat]
+    norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(len(a))]
     scale = sum(ai * ni for ai, ni in zip(a, norms, strict=True))
     valid = [i for i, n in enumerate(norms) if n > tol and a[i] > 0]
     if not valid:
-        return torch.zeros_like(xs[0]), 0
-    va = sum(a[i] for i in valid)
-    units = [flat[i] / norms[i] for i in valid]
-    av = [a[i] / va for i in valid]
-    u = sum(ai * ui for ai, ui in zip(av, units, strict=True))
-    un = float(torch.linalg.vector_norm(u))
-    u = units[0].clone() if un < tol else u / un
+        return [0.0] * len(a), 0
+    nv = torch.tensor([norms[i] for i in valid], dtype=torch.float64)
+    gu = g[valid][:, valid].cpu() / torch.outer(nv, nv)  # Gram matrix of the unit vectors
+    av = torch.tensor([a[i] for i in valid], dtype=torch.float64)
+    av = av / av.sum()
+
+    def norm(c: torch.Tensor) -> float:
+        return math.sqrt(max(float(c @ gu @ c), 0.0))
+
+    b = av.clone()
+    nb = norm(b)
+    b = torch.eye(len(valid), dtype=torch.float64)[0] if nb < tol else b / nb
     steps = 0
     for _ in range(max_iter):
         steps += 1
-        t = torch.zeros_like(u)
-        for ai, ui in zip(av, units, strict=True):
-            c = torch.clamp(u @ ui, -1.0, 1.0)
-            phi = torch.arccos(c)
-            if float(phi) < tol:
-                continue
-            t = t + ai * (phi / torch.sin(phi).clamp_min(1e-6)) * (ui - c * u)
-        tn = float(torch.linalg.vector_norm(t))
+        cos = (gu @ b).clamp(-1.0, 1.0)
+        phi = torch.arccos(cos)
+        f = torch.where(phi < tol, 0.0, av * phi / torch.sin(phi).clamp_min(1e-6))
+        t = f - (f * cos).sum() * b  # coefficients of T = sum_i f_i (u_i - c_i u)
+        tn = norm(t)
         if tn < tol:
             break
-        u = u * math.cos(tn) + t * (math.sin(tn) / tn)
-        u = u / torch.linalg.vector_norm(u)
-    return (scale * u).reshape(xs[0].shape), steps
+        b = b * math.cos(tn) + t * (math.sin(tn) / tn)
+        b = b / norm(b)
+    coef = [0.0] * len(a)
+    for j, i in enumerate(valid):
+        coef[i] = scale * float(b[j]) / norms[i]
+    return coef, steps
+
+
+def _combine(xs: list[torch.Tensor], coef: list[float]) -> torch.Tensor:
+    out = torch.zeros_like(xs[0])
+    for c, x in zip(coef, xs, strict=True):
+        if c:
+            out.add_(x, alpha=c)
+    return out
 
 
 def karcher(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    out, steps = karcher_mean(tensors, list(weights), p.max_iter, p.tol)
+    coef, steps = karcher_coefficients(flat_gram(tensors), list(weights), p.max_iter, p.tol)
     ctx.stats["iterations"] = steps
-    return out
+    return _combine(tensors, coef)
+
+
+def _gather(st, k, base, xs, p, ctx) -> None:
+    g = flat_gram(xs)
+    st["g"] = g if st["g"] is None else st["g"] + g
+
+
+def _end(st, k) -> None:
+    st["coef"], st["steps"] = karcher_coefficients(st["g"], st["w"], st["p"].max_iter, st["p"].tol)
+
+
+STREAM = Streamed(
+    init=lambda p, ctx, n: {"g": None, "w": list(p.weight), "p": p},
+    passes=1,
+    gather=_gather,
+    end_pass=_end,
+    apply=lambda st, b, xs, w, p, ctx: _combine(xs, st["coef"]),
+    finish=lambda st, ctx: ctx.stats.update(iterations=st["steps"]),
+)
 
 
 SPEC = MethodSpec(
@@ -82,6 +123,7 @@ SPEC = MethodSpec(
     ),
     params=KarcherParams,
     kernel=karcher,
+    streamed=STREAM,
     needs_base=False,
     min_models=2,
     check=_check,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx
 
 
 class NearswapParams(MethodParams):
@@ -21,11 +21,22 @@ class NearswapParams(MethodParams):
     )
 
 
-def nearswap(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    other = tensors[0]
-    w = (p.t / (base - other).abs().clamp_min(1e-6)).clamp(0.0, 1.0)
-    ctx.stats["swapped_fraction"] = float((w >= 1.0).float().mean())
+def _swap(base, other, t: float, st: dict) -> torch.Tensor:
+    w = (t / (base - other).abs().clamp_min(1e-6)).clamp(0.0, 1.0)
+    st["swapped"] += int((w >= 1.0).sum())
+    st["numel"] += base.numel()
     return w * other + (1 - w) * base
+
+
+def _record(st: dict, ctx: TensorCtx) -> None:
+    ctx.stats["swapped_fraction"] = st["swapped"] / max(st["numel"], 1)
+
+
+def nearswap(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    st = {"swapped": 0, "numel": 0}
+    out = _swap(base, tensors[0], p.t, st)
+    _record(st, ctx)
+    return out
 
 
 SPEC = MethodSpec(
@@ -37,6 +48,11 @@ SPEC = MethodSpec(
     ),
     params=NearswapParams,
     kernel=nearswap,
+    streamed=Streamed(
+        init=lambda p, ctx, n: {"swapped": 0, "numel": 0},
+        apply=lambda st, b, xs, w, p, ctx: _swap(b, xs[0], p.t, st),
+        finish=_record,
+    ),
     needs_base=True,
     min_models=1,
     max_models=1,

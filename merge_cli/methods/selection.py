@@ -84,9 +84,11 @@ def mask_from_threshold(scores: torch.Tensor, t: Threshold, equal_seen: int = 0)
     if t.keep_all_equal:
         return scores >= t.value
     keep = scores > t.value
-    eq = scores == t.value
-    rank = torch.cumsum(eq.reshape(-1).to(torch.int64), 0).reshape(eq.shape) + equal_seen
-    return keep | (eq & (rank <= t.take_equal))
+    quota = t.take_equal - equal_seen
+    if quota > 0:
+        equal_at = torch.nonzero(scores.reshape(-1) == t.value).squeeze(1)[:quota]
+        keep.view(-1)[equal_at] = True
+    return keep
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

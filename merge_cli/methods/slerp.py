@@ -8,6 +8,8 @@ on the unnormalised v0, v1, in fp32 torch on the compute device. slerp works on 
 nuslerp takes t = w2 / (w1 + w2) (0.5 when the sum is ~0) from the two models' weights; with a base it
 interpolates the task vectors (theta0 + slerp(t, tau_1, tau_2)); without `nuslerp_flatten` it does one
 slerp per vector along the last dim, or along dim 0 with `nuslerp_row_wise` (flatten wins over row_wise).
+Norms and dot products are summed in float64 and the two coefficients computed in float64; huge tensors
+are merged in row chunks after one pass that gathers those sums.
 """
 
 from __future__ import annotations
@@ -15,36 +17,43 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Slerp of the whole tensors (dim None) or of every vector along `dim`."""
-    shape, dtype = v0.shape, v0.dtype
-    # always fp32 (as mergekit): in bf16 the 0.9995 threshold itself rounds to 1.0, so a dot that rounds to
-    # 1.0 takes the slerp branch with sin(omega) = 0 and the whole tensor becomes NaN
-    v0, v1 = v0.float(), v1.float()
-    if dim is None or v0.dim() <= 1:
-        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    else:
-        a, b = v0.movedim(dim, -1), v1.movedim(dim, -1)
-    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True)
-    ua = torch.where(na > EPS, a / torch.where(na > EPS, na, 1.0), a)
-    ub = torch.where(nb > EPS, b / torch.where(nb > EPS, nb, 1.0), b)
-    dot = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+def _dims(x: torch.Tensor, mode: str) -> tuple[int, ...]:
+    """Reduction dims: 'flat' = the whole tensor, 'last' = each vector along the last dim, 'first' = along dim 0."""
+    if mode == "flat" or x.dim() <= 1:
+        return tuple(range(x.dim()))
+    return (x.dim() - 1,) if mode == "last" else (0,)
+
+
+def slerp_sums(a: torch.Tensor, b: torch.Tensor, mode: str = "flat") -> tuple[torch.Tensor, ...]:
+    """(|a|^2, |b|^2, <a, b>) in float64, reduced per `mode` (kept dims, so they broadcast back)."""
+    a64, b64 = a.double(), b.double()
+    dims = _dims(a, mode)
+    return tuple((x * y).sum(dim=dims, keepdim=True) for x, y in ((a64, a64), (b64, b64), (a64, b64)))
+
+
+def slerp_apply(t: float, a: torch.Tensor, b: torch.Tensor, aa, bb, ab) -> torch.Tensor:
+    """Slerp from the sums: coefficients in float64, combined in the inputs' dtype."""
+    na, nb = aa.sqrt(), bb.sqrt()
+    dot = (ab / (torch.where(na > EPS, na, 1.0) * torch.where(nb > EPS, nb, 1.0))).clamp(-1.0, 1.0)
     lerp = dot.abs() > DOT_THRESHOLD
     omega = torch.arccos(dot)
-    so = torch.where(lerp, torch.ones_like(omega), torch.sin(omega))
-    c0 = torch.where(lerp, torch.full_like(dot, 1.0 - t), torch.sin((1.0 - t) * omega) / so)
-    c1 = torch.where(lerp, torch.full_like(dot, t), torch.sin(t * omega) / so)
-    out = (c0 * a + c1 * b).to(dtype)
-    if dim is None or v0.dim() <= 1:
-        return out.reshape(shape)
-    return out.movedim(-1, dim)
+    so = torch.where(lerp, 1.0, torch.sin(omega))
+    # combined in fp32 at least (as mergekit): bf16/fp16 inputs are rounded once, at the end
+    work = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    c0 = torch.where(lerp, 1.0 - t, torch.sin((1.0 - t) * omega) / so).to(work)
+    c1 = torch.where(lerp, t, torch.sin(t * omega) / so).to(work)
+    return (c0 * a.to(work) + c1 * b.to(work)).to(a.dtype)
+
+
+def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str = "flat") -> torch.Tensor:
+    """Slerp of the whole tensors ('flat') or of every vector along the last dim / dim 0."""
+    return slerp_apply(t, v0, v1, *slerp_sums(v0, v1, mode))
 
 
 class SlerpParams(MethodParams):
@@ -57,6 +66,23 @@ def slerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     return slerp_vectors(p.t, base, tensors[0])
 
 
+def _accumulate(st: dict, a: torch.Tensor, b: torch.Tensor, mode: str) -> None:
+    sums = slerp_sums(a, b, mode)
+    st["sums"] = (
+        sums if st.get("sums") is None else tuple(x + y for x, y in zip(st["sums"], sums, strict=True))
+    )
+
+
+# row chunks: one pass gathers the norms and the dot product (per tensor, or per column for dim 0)
+SLERP_STREAM = Streamed(
+    init=lambda p, ctx, n: {"sums": None},
+    passes=1,
+    gather=lambda st, k, b, xs, p, ctx: _accumulate(st, b, xs[0], "flat"),
+    end_pass=lambda st, k: None,
+    apply=lambda st, b, xs, w, p, ctx: slerp_apply(p.t, b, xs[0], *st["sums"]),
+)
+
+
 class NuSlerpParams(MethodParams):
     weight: float = per_model(1.0, description="relative weight; t = w2 / (w1 + w2)")
     nuslerp_flatten: bool = Field(True, description="slerp the whole flattened tensor")
@@ -65,16 +91,44 @@ class NuSlerpParams(MethodParams):
     )
 
 
-def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+def _setup(base, tensors, weights, p: ParamSet):
+    """(t, mode, a, b): t from the weights, the vectors (task vectors when there is a base)."""
     w1, w2 = weights
     t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
+    mode = "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
     a, b = tensors
     if base is not None:
         a, b = a - base, b - base
-    dim = None if p.nuslerp_flatten else (0 if p.nuslerp_row_wise else -1)
-    out = slerp_vectors(t, a, b, dim)
+    return t, mode, a, b
+
+
+def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    t, mode, a, b = _setup(base, tensors, weights, p)
     ctx.stats["t"] = t
+    out = slerp_vectors(t, a, b, mode)
     return out if base is None else base + out
+
+
+def _nu_gather(st, k, base, xs, p, ctx) -> None:
+    t, mode, a, b = _setup(base, xs, st["weights"], p)
+    if mode != "last":
+        _accumulate(st, a, b, mode)
+
+
+def _nu_apply(st, base, xs, weights, p, ctx) -> torch.Tensor:
+    t, mode, a, b = _setup(base, xs, weights, p)
+    ctx.stats["t"] = t
+    out = slerp_apply(t, a, b, *(slerp_sums(a, b, mode) if mode == "last" else st["sums"]))
+    return out if base is None else base + out
+
+
+NUSLERP_STREAM = Streamed(
+    init=lambda p, ctx, n: {"sums": None, "weights": list(p.weight)},
+    passes=1,
+    gather=_nu_gather,
+    end_pass=lambda st, k: None,
+    apply=_nu_apply,
+)
 
 
 SLERP = MethodSpec(
@@ -83,6 +137,7 @@ SLERP = MethodSpec(
     paper="Shoemake 1985, Animating rotation with quaternion curves, SIGGRAPH 1985 (no arXiv); merging use: mergekit",
     params=SlerpParams,
     kernel=slerp,
+    streamed=SLERP_STREAM,
     needs_base=True,
     min_models=1,
     max_models=1,
@@ -96,6 +151,7 @@ NUSLERP = MethodSpec(
     paper="Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257",
     params=NuSlerpParams,
     kernel=nuslerp,
+    streamed=NUSLERP_STREAM,
     needs_base=False,
     optional_base=True,
     min_models=2,
