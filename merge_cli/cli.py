@@ -29,6 +29,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 out = Console(highlight=False)
+ALLOW_PICKLE_HELP = (
+    "Also load pickled pytorch_model.bin weights, with torch's weights-only loader (never arbitrary code)."
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -101,12 +104,15 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the whole plan, one entry per tensor, as JSON."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Plan a merge from safetensors headers alone (no weight is read) and print a summary."""
     from merge_cli.plan import build_plan
     from merge_cli.render import print_plan
 
-    p = build_plan(_load(recipe), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
+    p = build_plan(
+        _load(recipe), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
+    )
     try:
         if as_json:
             print(json.dumps(p.to_json(), indent=1))
@@ -128,24 +134,61 @@ def run(
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
+    allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
+    from merge_cli.io.writer import WriteError
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
+    from merge_cli.resume import already_complete, interrupt_on_sigterm, resume_hint
 
-    p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
+    if resume and already_complete(out_dir):
+        print(f"nothing to resume: {out_dir} is complete and matches its manifest")
+        return
+    interrupt_on_sigterm()
+    p = build_plan(
+        _load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
+    )
+    opts = EngineOptions(device=device, threads=threads, allow_nonfinite=allow_nonfinite)
     try:
         with progress_bar(p, disable=quiet) as advance:
-            outcome = execute(p, out_dir, overwrite=overwrite, options=EngineOptions(device=device, threads=threads, progress=advance))
+            opts.progress = advance
+            outcome = execute(p, out_dir, overwrite=overwrite, options=opts, resume=resume)
+    except KeyboardInterrupt as err:
+        kept = getattr(err, "partial_kept", None)
+        where = f"completed shards are kept in {kept}; " if kept else ""
+        print(f"interrupted: {out_dir} was not written; {where}{resume_hint(recipe, out_dir)}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except WriteError as err:
+        kept = getattr(err, "partial_kept", None)
+        where = f"; completed shards are kept in {kept}" if kept else ""
+        fail(f"{err}{where}; {out_dir} was not written; {resume_hint(recipe, out_dir)}")
     finally:
         p.close()
+    if outcome.note:
+        print(outcome.note, file=sys.stderr)
     e = outcome.engine
     print(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
+
+
+@app.command()
+@handle_errors
+def verify(
+    out_dir: Path = typer.Argument(..., help="A folder written by `merge-cli run`."),
+    no_finite: bool = typer.Option(False, "--no-finite", help="Skip reading every tensor to check for NaN/Inf."),
+):
+    """Check a merged model: manifest hashes and sizes, index against shards, shapes against config, finiteness."""
+    from merge_cli.verify import verify_output
+
+    summary = verify_output(out_dir, check_finite=not no_finite)
+    print(f"ok: {out_dir}: {summary}")
 
 
 @app.command()
@@ -166,12 +209,13 @@ def methods(name: Optional[str] = typer.Argument(None, help="A method to describ
 def inspect(
     model: str = typer.Argument(..., help="A model folder or .safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Describe a checkpoint from its headers: layers, module groups, dtypes, sizes, tied embeddings."""
     from merge_cli.io.checkpoint import open_checkpoint
     from merge_cli.render import describe_checkpoint, print_checkpoint
 
-    ck = open_checkpoint(model, Path.cwd())
+    ck = open_checkpoint(model, Path.cwd(), allow_pickle=allow_pickle)
     try:
         info = describe_checkpoint(ck)
         if as_json:

@@ -7,6 +7,7 @@ stays near (inputs + 2) x the largest tensor plus the queued jobs, never the mod
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ import torch
 
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
+from merge_cli.finite import check_finite_inputs
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, ParamSet, TensorCtx
 from merge_cli.plan import MergePlan, TensorJob, report_params
@@ -31,6 +33,14 @@ class EngineOptions:
     threads: int | None = None
     prefetch: int = 2  # jobs read ahead
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
+    # -- reliability (issue 6) --
+    allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
+    skip_shards: frozenset[int] = frozenset()  # shards completed by an interrupted run (--resume): not read
+    on_stats: Callable[[TensorJob, dict[str, Any]], None] | None = None  # each job's stats, before its write
+
+
+# Test hook (issue 6): seconds to sleep after each tensor, so kill-and-resume tests can stop a merge midway.
+TEST_DELAY_ENV = "MERGE_CLI_TEST_DELAY_PER_TENSOR"
 
 
 @dataclass
@@ -117,6 +127,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     if opts.threads:
         torch.set_num_threads(opts.threads)
     result = EngineResult(device=str(device))
+    delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     start = time.perf_counter()
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
@@ -124,6 +135,8 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
+            if writers.error is not None:  # the writer died (disk full...): nothing will drain its queue
+                return False
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -133,13 +146,22 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def reader():
         for job in plan.jobs:
+            if job.shard in opts.skip_shards:
+                continue
             if stop.is_set() or not put(read_q, (job, *read_job(plan, job))):
                 return
         put(read_q, _DONE)
 
     def write_loop():
         while True:
-            item = write_q.get()
+            try:
+                item = write_q.get(timeout=0.1)
+            except queue.Empty:
+                item = None
+            if stop.is_set():  # interrupted or failed: leave promptly, write nothing more
+                return
+            if item is None:
+                continue
             if item is _DONE:
                 return
             name, tensor = item
@@ -163,7 +185,13 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if item is _DONE:
                 break
             job, base, inputs = item
+            if not opts.allow_nonfinite:
+                check_finite_inputs(plan, job, base, inputs)
             out, stats = compute_job(plan, job, base, inputs, device)
+            if opts.on_stats:
+                opts.on_stats(job, stats)
+            if delay:
+                time.sleep(delay)
             nbytes = job_inputs_bytes(plan, job)
             result.bytes_read += nbytes
             result.tensors.append(stats)

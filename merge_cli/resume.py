@@ -1,0 +1,265 @@
+"""Resumable merges: a journal of completed shards in the temporary output folder.
+
+A merge writes into `.OUT.partial/` beside the output. The journal there (JOURNAL, one JSON object per
+line) starts with a fingerprint of the plan, then gets one line per shard once that shard is fsynced:
+its file name, sha256, size and the per-tensor statistics the report needs. A process killed at any
+moment (SIGKILL included) leaves at worst an unfinished shard and a torn last journal line; both are
+ignored. `merge-cli run RECIPE OUT --resume` checks the fingerprint, re-hashes every journaled shard,
+keeps those that match, and computes only the rest. Kernels are deterministic and random methods are
+seeded per tensor, so the resumed output is bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merge_cli import __version__
+from merge_cli.errors import MergeCliError, OutputError
+from merge_cli.io.writer import JOURNAL, ShardedWriter, WriteError, temp_dir_for, write_failed
+from merge_cli.plan import MergePlan, TensorJob
+
+JOURNAL_FORMAT = 1
+
+
+def resume_hint(recipe: Path | str | None, out_dir: Path | str) -> str:
+    return f"resume with: merge-cli run {recipe or 'RECIPE'} {out_dir} --resume"
+
+
+def plan_fingerprint(plan: MergePlan) -> str:
+    """sha256 over everything that decides the output bytes: tool version, recipe text, the resolved plan
+    (models, jobs, parameters, shards, dtypes, seed, config) and every input file's size and mtime."""
+    recipe_path = plan.recipe.path
+    try:
+        recipe_text = recipe_path.read_bytes() if recipe_path else b""
+    except OSError:
+        recipe_text = b""
+    inputs = []
+    for m in plan.models:
+        ck = m.checkpoint
+        files = sorted(str(f) for f in ck.files)
+        if ck.folder is not None and (ck.folder / "config.json").is_file():
+            files.append(str(ck.folder / "config.json"))
+        for f in files:
+            st = os.stat(f)
+            inputs.append([f, st.st_size, st.st_mtime_ns])
+    doc = {
+        "tool": __version__,
+        "journal": JOURNAL_FORMAT,
+        "recipe_sha256": hashlib.sha256(recipe_text).hexdigest(),
+        "seed": plan.recipe.seed,
+        "plan": plan.to_json(),
+        "config": plan.config,
+        "inputs": inputs,
+    }
+    raw = json.dumps(doc, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _read_journal(path: Path) -> tuple[dict | None, list[dict]]:
+    """(header, shard records) from a journal; a torn or garbled line ends it (what follows is ignored)."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return None, []
+    records = []
+    for raw in lines:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            break
+        if not isinstance(rec, dict):
+            break
+        records.append(rec)
+    if not records or "fingerprint" not in records[0]:
+        return None, []
+    return records[0], records[1:]
+
+
+@dataclass
+class ResumeState:
+    """What an earlier run left that can be reused."""
+
+    reuse: dict[str, tuple[str, int]] = field(default_factory=dict)  # shard file -> (sha256, size)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # tensor name -> report statistics
+    records: list[dict] = field(default_factory=list)
+    note: str = ""
+
+
+def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> ResumeState:
+    """Verify what an interrupted run left in the temporary folder and clear out everything else."""
+    tmp = temp_dir_for(out_dir)
+    if not tmp.is_dir():
+        return ResumeState(note=f"nothing to resume ({tmp} does not exist): merging from the start")
+    header, records = _read_journal(tmp / JOURNAL)
+    if header is None:
+        return ResumeState(note=f"nothing to resume ({tmp} holds no journal): merging from the start")
+    if header.get("fingerprint") != fingerprint:
+        raise OutputError(
+            f"{tmp} was left by a merge with a different recipe, inputs or merge-cli version; "
+            "run without --resume to start over"
+        )
+    shards = {s.filename: s for s in plan.shards}
+    names = {s.filename: [plan.jobs[i].name for i in s.jobs] for s in plan.shards}
+    state = ResumeState()
+    for rec in records:
+        fname = rec.get("shard")
+        stats = rec.get("tensors")
+        if fname not in shards or fname in state.reuse or not isinstance(stats, list):
+            continue
+        path = tmp / fname
+        if not path.is_file() or [t.get("name") for t in stats if isinstance(t, dict)] != names[fname]:
+            continue
+        if _sha256(path) != (rec.get("sha256"), rec.get("size")):
+            continue  # changed or damaged since: compute it again
+        state.reuse[fname] = (rec["sha256"], rec["size"])
+        state.stats.update({t["name"]: t for t in stats})
+        state.records.append(rec)
+    # anything else in the folder (an unfinished shard, side files, a manifest) is rebuilt
+    for p in tmp.iterdir():
+        if p.name != JOURNAL and p.name not in state.reuse:
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    state.note = f"resuming: {len(state.reuse)} of {len(plan.shards)} shard(s) already complete and verified"
+    return state
+
+
+class Journal:
+    """Appends one fsynced line per completed shard; collects job statistics until their shard is done."""
+
+    def __init__(self, path: Path, plan: MergePlan):
+        self.path = path
+        self.names = {s.filename: [plan.jobs[i].name for i in s.jobs] for s in plan.shards}
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.completed = 0
+
+    def start(self, fingerprint: str, records: list[dict]) -> None:
+        """Write the journal afresh (header + still-valid records) and make it durable."""
+        lines = [{"fingerprint": fingerprint, "format": JOURNAL_FORMAT}, *records]
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines)
+        part = self.path.with_name(self.path.name + ".new")
+        try:
+            with open(part, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, self.path)
+        except OSError as e:
+            raise write_failed(self.path, e) from None
+
+    def record_stats(self, job: TensorJob, stats: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending[job.name] = stats
+
+    def shard_done(self, fname: str, sha256: str, size: int) -> None:
+        with self._lock:
+            tensors = [self._pending.pop(n) for n in self.names[fname]]
+        rec = {"shard": fname, "sha256": sha256, "size": size, "tensors": tensors}
+        line = json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_failed(self.path, e) from None
+        self.completed += 1
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    return str(v)
+
+
+class ResumableRun:
+    """Glue between execute(), the writer and the engine: journal, skipped shards, merged statistics."""
+
+    def __init__(self, plan: MergePlan, out_dir: Path, resume: bool):
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self.fingerprint = plan_fingerprint(plan)
+        self.state = load_resume_state(plan, self.out_dir, self.fingerprint) if resume else ResumeState()
+        self.journal: Journal | None = None
+
+    def writer(self, shards) -> ShardedWriter:
+        reuse = self.state.reuse if self.state.reuse else None
+        w = ShardedWriter(self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done)
+        self.journal = Journal(w.tmp / JOURNAL, self.plan)
+        self.journal.start(self.fingerprint, self.state.records)
+        return w
+
+    def _shard_done(self, fname: str, sha256: str, size: int) -> None:
+        assert self.journal is not None
+        self.journal.shard_done(fname, sha256, size)
+
+    def engine_options(self, options):
+        skip = frozenset(i for i, s in enumerate(self.plan.shards) if s.filename in self.state.reuse)
+        assert self.journal is not None
+        return dataclasses.replace(options, skip_shards=skip, on_stats=self.journal.record_stats)
+
+    def all_stats(self, computed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per-tensor statistics in plan order: journaled ones for reused shards, the rest as computed."""
+        if not self.state.stats:
+            return computed
+        by_name = {t["name"]: t for t in computed}
+        by_name.update(self.state.stats)
+        return [by_name[j.name] for j in self.plan.jobs]
+
+    @property
+    def reused(self) -> int:
+        return len(self.state.reuse)
+
+    def abort(self, writer: ShardedWriter, error: BaseException) -> bool:
+        """Clean up after a failed run; returns True when the temporary folder is kept for --resume."""
+        resumable = isinstance(error, (KeyboardInterrupt, WriteError))
+        if isinstance(error, MergeCliError) and not isinstance(error, WriteError):
+            resumable = False
+        has_work = bool(self.state.reuse) or bool(self.journal and self.journal.completed)
+        keep = resumable and has_work
+        writer.abort(keep=keep)
+        return keep
+
+
+def already_complete(out_dir: Path) -> bool:
+    """True when out_dir is a finished merge (no temporary folder left, every file matches its manifest)."""
+    from merge_cli.verify import VerifyResult, check_manifest
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or temp_dir_for(out_dir).exists():
+        return False
+    result = VerifyResult()
+    check_manifest(out_dir, result)
+    return not result.problems
+
+
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a scheduler's stop) like Ctrl-C: stop promptly and keep completed shards."""
+    import signal
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
