@@ -140,7 +140,7 @@ def run(
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
-    from merge_cli.io.writer import WriteError
+    from merge_cli.io.writer import WriteError, check_output
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
@@ -155,6 +155,7 @@ def run(
     )
     opts = EngineOptions(device=device, threads=threads, allow_nonfinite=allow_nonfinite)
     try:
+        check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
         with progress_bar(p, disable=quiet) as advance:
             opts.progress = advance
             outcome = execute(p, out_dir, overwrite=overwrite, options=opts, resume=resume)

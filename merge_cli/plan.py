@@ -187,8 +187,9 @@ class _Builder:
             msg = f"tensor '{name}': shape {list(info.shape)} in model '{a}' but {list(ref_info.shape)} in '{b}'"
             if classify(name).group in ("embed", "lm_head") and info.shape[1:] == ref_info.shape[1:]:
                 msg += (
-                    f" (vocabulary sizes differ: {info.shape[0]} vs {ref_info.shape[0]}); "
-                    "merge models that share one tokenizer vocabulary"
+                    f" (vocabulary sizes differ: {info.shape[0]} vs {ref_info.shape[0]}, so the tokenizers differ); "
+                    "options: merge models that share one tokenizer, or first resize one model's embed_tokens and "
+                    f"lm_head to {ref_info.shape[0]} rows (transformers' resize_token_embeddings) and save it"
                 )
             else:
                 msg += "; these models cannot be merged tensor by tensor"
