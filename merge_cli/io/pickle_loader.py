@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +42,17 @@ def _load(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _reason(e: Exception) -> str:
+    """A short cause, without torch's advice to retry with weights_only=False."""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if m:
+        return f"{e.__class__.__name__}: it references {m.group(1)}, which is not plain tensor data"
+    first = (str(e).strip().splitlines() or [""])[0]
+    if "weights_only" in first or "Weights only" in first:
+        return e.__class__.__name__
+    return f"{e.__class__.__name__}: {first[:160]}"
+
+
 class PickleFile:
     """A state dict from one pickle file, with the interface of SafetensorsFile (tensors, read_rows, close)."""
 
@@ -56,10 +68,9 @@ class PickleFile:
                 f"{self.path}: cannot read ({e.strerror or e}); check the path and permissions"
             ) from None
         except Exception as e:  # the weights-only unpickler refused it, or the file is corrupt
-            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(
-                f"{self.path}: torch's weights-only loader refused the file ({e.__class__.__name__}: {first}); "
-                "it may be corrupt or carry code; convert it to safetensors with a tool you trust"
+                f"{self.path}: torch's weights-only loader refused the file ({_reason(e)}); it may be corrupt "
+                "or carry code, and merge-cli never runs it; convert it to safetensors with a tool you trust"
             ) from None
         if not isinstance(state, dict):
             raise CheckpointError(
