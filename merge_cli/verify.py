@@ -89,17 +89,22 @@ def _open_shards(out: Path, problems: list[str]) -> dict[str, TensorInfo]:
     index_path = out / INDEX
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     weight_map: dict | None = None
+    unreadable: set[str] = set()  # shards whose header is broken: their tensors are not checked again
+    held: dict[str, set[str]] = {}  # shard -> the tensors its header lists
     if index_path.is_file():
         data = _load_json(index_path, "index", problems)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             problems.append(f"{INDEX}: no weight_map object")
             return tensors
-        indexed = set(weight_map.values())
+        bad = sorted(n for n, f in weight_map.items() if not isinstance(f, str))
+        if bad:
+            problems.append(f"{INDEX}: weight_map maps '{bad[0]}' to something that is not a file name")
+        indexed = {f for f in weight_map.values() if isinstance(f, str)}
         for name in shards:
             if name not in indexed:
                 problems.append(f"{name}: a shard that the index never names")
-        shards = sorted(v for v in indexed if isinstance(v, str))
+        shards = sorted(indexed)
     elif len(shards) != 1:
         problems.append(f"{len(shards)} .safetensors files but no {INDEX}")
     for name in shards:
@@ -110,7 +115,9 @@ def _open_shards(out: Path, problems: list[str]) -> dict[str, TensorInfo]:
             st = SafetensorsFile(out / name)
         except CheckpointError as e:
             problems.append(str(e))
+            unreadable.add(name)
             continue
+        held[name] = set(st.tensors)
         for tname, info in st.tensors.items():
             if weight_map is not None and weight_map.get(tname) != name:
                 problems.append(f"{name}: tensor '{tname}' is not indexed to this shard")
@@ -118,9 +125,9 @@ def _open_shards(out: Path, problems: list[str]) -> dict[str, TensorInfo]:
                 problems.append(f"tensor '{tname}' appears in two shards")
             tensors[tname] = info
         st.close()
-    if weight_map is not None:
+    if weight_map is not None and not unreadable:
         for tname, fname in weight_map.items():
-            if tname not in tensors and isinstance(fname, str) and (out / fname).is_file():
+            if isinstance(fname, str) and fname in held and tname not in held[fname]:
                 problems.append(
                     f"{INDEX}: tensor '{tname}' is mapped to {fname} but that shard does not hold it"
                 )

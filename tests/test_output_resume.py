@@ -1,0 +1,332 @@
+"""Issue 6.3-6.4: atomic, verifiable output; write errors and interrupts keep completed work for --resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rel_helpers import FaultyFile, assert_same_output, small_family
+from helpers import run_cli, write_recipe
+from safetensors.torch import save_file
+
+import merge_cli.engine as engine
+from merge_cli.io import writer as writer_mod
+from merge_cli.io.writer import JOURNAL, temp_dir_for
+from merge_cli.verify import verify_folder
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return small_family(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def reference(fam, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    res = run_cli("run", fam["recipe"], out, "-q")
+    assert res.exit_code == 0, res.stderr
+    return out
+
+
+def n_shards(out) -> int:
+    return len(list(out.glob("*.safetensors")))
+
+
+def journaled(tmp) -> list[str]:
+    return [json.loads(x)["shard"] for x in (tmp / JOURNAL).read_text().splitlines()[1:]]
+
+
+def interrupt_after(monkeypatch, n: int) -> None:
+    """Ctrl-C arrives while the engine computes job n+1."""
+    real, calls = engine.compute_job, [0]
+
+    def compute(*a, **k):
+        calls[0] += 1
+        if calls[0] > n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "compute_job", compute)
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def test_verify_accepts_a_finished_merge(reference):
+    res = run_cli("verify", reference)
+    files = len([p for p in reference.iterdir() if p.name != "manifest.json"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.strip() == (
+        f"ok: {reference}: {files} file(s) match the manifest; 30 tensor(s) agree with the index and config"
+    )
+
+
+def rewrite_manifest(out) -> None:
+    """What a writer would have recorded for the folder as it is now (to test the checks after the manifest)."""
+    files = {}
+    for p in sorted(out.iterdir()):
+        if p.name != "manifest.json":
+            files[p.name] = dict(zip(("sha256", "size"), writer_mod._digest(p), strict=True))
+    (out / "manifest.json").write_text(json.dumps({"files": files}))
+
+
+def copy_of(reference, tmp_path):
+    import shutil
+
+    return shutil.copytree(reference, tmp_path / "copy")
+
+
+def verify_error(out) -> str:
+    res = run_cli("verify", out)
+    assert res.exit_code == 2, res.stdout
+    return res.stderr.strip()
+
+
+def test_verify_detects_a_changed_shard(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    f = out / "model-00003-of-00025.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: model-00003-of-00025.safetensors: sha256 differs from the manifest "
+        "(the file changed or is damaged)"
+    )
+
+
+def test_verify_detects_missing_extra_and_truncated_files(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    (out / "README.md").unlink()
+    (out / "stray.txt").write_text("x")
+    with open(out / "model-00002-of-00025.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: README.md: listed in the manifest but missing (and 3 more problem(s))"
+    )
+    assert verify_folder(out).problems == [
+        "README.md: listed in the manifest but missing",
+        "model-00002-of-00025.safetensors: size 100 but the manifest says 200",
+        "stray.txt: present but not in the manifest",
+        f"{out}/model-00002-of-00025.safetensors: truncated: header length 128 runs past the end of the 100-byte "
+        "file; re-download or re-save the file",
+    ]
+
+
+def test_verify_without_manifest(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    (out / "manifest.json").unlink()
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: manifest.json is missing: the folder was not completed by merge-cli"
+    )
+
+
+def test_verify_index_against_shards(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    wm = index["weight_map"]
+    shared = next(n for n, f in wm.items() if list(wm.values()).count(f) > 1)  # a tensor whose shard holds others
+    right, wrong = wm[shared], next(f for f in wm.values() if f != wm[shared])
+    wm[shared] = wrong
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    rewrite_manifest(out)
+    assert verify_folder(out).problems == [
+        f"{right}: tensor '{shared}' is not indexed to this shard",
+        f"model.safetensors.index.json: tensor '{shared}' is mapped to {wrong} but that shard does not hold it",
+    ]
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: {right}: tensor '{shared}' is not indexed to this shard "
+        "(and 1 more problem(s))"
+    )
+
+
+def test_verify_shapes_against_config(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(vocab_size=33, num_hidden_layers=4)
+    (out / "config.json").write_text(json.dumps(cfg))
+    rewrite_manifest(out)
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: config.json: num_hidden_layers is 4 but the shards hold layers 0..2 (3) "
+        "(and 2 more problem(s))"
+    )
+
+
+def test_verify_finds_nonfinite_tensors(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    save_file({"w": torch.tensor([1.0, float("nan"), float("inf")])}, str(out / "model.safetensors"))
+    rewrite_manifest(out)
+    assert verify_error(out) == (
+        f"error: {out}: verification failed: tensor 'w' (model.safetensors) holds 1 NaN and 1 Inf value(s) out of 3"
+    )
+    assert run_cli("verify", out, "--no-finite").exit_code == 0
+
+
+# -- write errors ------------------------------------------------------------------------------
+
+
+def fill_disk_after(monkeypatch, nbytes: int) -> None:
+    budget = [nbytes]
+    real_init = writer_mod._HashingFile.__init__
+
+    def init(self, path):
+        real_init(self, path)
+        self.f = FaultyFile(self.f, budget)
+
+    monkeypatch.setattr(writer_mod._HashingFile, "__init__", init)
+
+
+def test_disk_full_midway_keeps_completed_shards_then_resumes(fam, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+    fill_disk_after(monkeypatch, 9000)  # a few shards fit, then the disk is "full"
+    res = run_cli("run", fam["recipe"], out, "-q")
+    done = journaled(tmp)
+    assert res.exit_code == 2 and 0 < len(done) < 25
+    failing = f"model-{len(done) + 1:05d}-of-00025.safetensors"
+    assert res.stderr.strip() == (
+        f"error: cannot write {tmp}/{failing}: No space left on device (errno 28); free space or fix the disk; "
+        f"completed shards are kept in {tmp}; {out} was not written; "
+        f"resume with: merge-cli run {fam['recipe']} {out} --resume"
+    )
+    assert not out.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([JOURNAL, *done])  # the unfinished shard is gone
+    monkeypatch.undo()
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    assert res.exit_code == 0, res.stderr
+    assert f"resuming: {len(done)} of 25 shard(s) already complete and verified" in res.stderr
+    assert not tmp.exists()
+    assert_same_output(reference, out)
+    assert json.loads((out / "merge_report.json").read_text())["engine"]["shards_reused"] == len(done)
+
+
+def test_disk_full_before_any_shard_leaves_nothing(fam, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fill_disk_after(monkeypatch, 10)
+    res = run_cli("run", fam["recipe"], out, "-q")
+    tmp = temp_dir_for(out)
+    assert res.stderr.strip() == (
+        f"error: cannot write {tmp}/model-00001-of-00025.safetensors: No space left on device (errno 28); "
+        f"free space or fix the disk; {out} was not written; resume with: merge-cli run {fam['recipe']} {out} --resume"
+    )
+    assert not out.exists() and not tmp.exists()
+
+
+def test_write_error_in_side_files(fam, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+
+    def no_space(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tmp), "write_text", no_space)
+    res = run_cli("run", fam["recipe"], out, "-q")
+    assert res.exit_code == 2
+    assert res.stderr.startswith(f"error: cannot write {tmp}/")
+    assert not out.exists() and len(journaled(tmp)) == 25
+    monkeypatch.undo()
+    assert run_cli("run", fam["recipe"], out, "-q", "--resume").exit_code == 0
+    assert_same_output(reference, out)
+
+
+# -- interrupts and resume ---------------------------------------------------------------------
+
+
+def test_ctrl_c_keeps_work_and_says_how_to_resume(fam, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+    interrupt_after(monkeypatch, 12)
+    res = run_cli("run", fam["recipe"], out, "-q")
+    assert res.exit_code == 130
+    assert res.stderr.strip() == (
+        f"interrupted: {out} was not written; completed shards are kept in {tmp}; "
+        f"resume with: merge-cli run {fam['recipe']} {out} --resume"
+    )
+    assert not out.exists() and 0 < len(journaled(tmp)) <= 12
+    monkeypatch.undo()
+    assert run_cli("run", fam["recipe"], out, "-q", "--resume").exit_code == 0
+    assert_same_output(reference, out)
+
+
+def test_resume_recomputes_damaged_shards_and_ignores_a_torn_journal_line(fam, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+    interrupt_after(monkeypatch, 15)
+    run_cli("run", fam["recipe"], out, "-q")
+    monkeypatch.undo()
+    done = journaled(tmp)
+    victim = tmp / done[1]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0x40
+    victim.write_bytes(bytes(data))
+    with open(tmp / JOURNAL, "a") as f:
+        f.write('{"shard": "model-000')  # a kill in the middle of an append
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    assert res.exit_code == 0, res.stderr
+    assert f"resuming: {len(done) - 1} of 25 shard(s) already complete and verified" in res.stderr
+    assert_same_output(reference, out)
+
+
+def test_resume_refuses_a_different_plan(fam, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, 5)
+    run_cli("run", fam["recipe"], out, "-q")
+    monkeypatch.undo()
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume", "--seed", "9")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (
+        f"error: {temp_dir_for(out)} was left by a merge with a different recipe, inputs or merge-cli version; "
+        "run without --resume to start over"
+    )
+    assert run_cli("run", fam["recipe"], out, "-q", "--seed", "9").exit_code == 0  # a fresh run starts over
+
+
+def test_resume_with_nothing_to_resume_and_after_completion(fam, reference, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    assert res.exit_code == 0
+    assert f"nothing to resume ({temp_dir_for(out)} does not exist): merging from the start" in res.stderr
+    assert_same_output(reference, out)
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    assert res.exit_code == 0 and res.stdout.strip() == f"nothing to resume: {out} is complete and matches its manifest"
+
+
+def test_real_sigint_stops_a_subprocess_and_resume_finishes(fam, reference, tmp_path):
+    """A real Ctrl-C (SIGINT) to `python -m merge_cli run`: exit 130, the resume hint, completed shards kept."""
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+    env = {**__import__("os").environ, engine.TEST_DELAY_ENV: "0.2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "merge_cli", "run", str(fam["recipe"]), str(out), "-q"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ((tmp / JOURNAL).exists() and journaled(tmp)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: {out} was not written; completed shards are kept in {tmp}; "
+        f"resume with: merge-cli run {fam['recipe']} {out} --resume"
+    )
+    assert "Traceback" not in err
+    assert run_cli("run", fam["recipe"], out, "-q", "--resume").exit_code == 0
+    assert_same_output(reference, out)
+
+
+def test_recipe_written_with_relative_models_resumes(fam, tmp_path, monkeypatch):
+    """The fingerprint does not depend on the working directory."""
+    recipe = write_recipe(tmp_path / "r.yaml", fam["recipe"].read_text())
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, 8)
+    run_cli("run", recipe, out, "-q")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("run", "r.yaml", "out", "-q", "--resume")
+    assert res.exit_code == 0 and "resuming: " in res.stderr
