@@ -34,8 +34,13 @@ ALLOW_PICKLE_HELP = (
 )
 
 
+def one_line(text: str) -> str:
+    """Control characters (a newline in a hostile tensor name or YAML key) shown escaped: errors stay one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 

@@ -131,7 +131,8 @@ def _open_shards(out: Path, problems: list[str]) -> dict[str, TensorInfo]:
                 problems.append(
                     f"{INDEX}: tensor '{tname}' is mapped to {fname} but that shard does not hold it"
                 )
-        total = (data.get("metadata") or {}).get("total_size") if isinstance(data, dict) else None
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        total = meta.get("total_size") if isinstance(meta, dict) else None
         have = sum(t.nbytes for t in tensors.values())
         if isinstance(total, int) and total != have:
             problems.append(f"{INDEX}: total_size {total} but the shards hold {have} bytes of tensors")

@@ -169,3 +169,8 @@ def test_output_already_exists(tmp_path, family):
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         f"output {tmp_path}/out already exists; pass --overwrite to replace it"
     )
+
+
+def test_control_characters_in_a_message_stay_on_one_line(tmp_path):
+    r = write_recipe(tmp_path / "r.yaml", 'method: linear\nmodels: [a, b]\n"bad\\nkey\\r": 1\n')
+    assert one_error(run_cli("validate", r)) == f"{r}:3: unknown key 'bad\\nkey\\r'"

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from rel_helpers import FaultyFile, assert_same_output, small_family
 from helpers import run_cli, write_recipe
+from rel_helpers import FaultyFile, assert_same_output, small_family
 from safetensors.torch import save_file
 
 import merge_cli.engine as engine
