@@ -45,7 +45,10 @@ def small_family(root: Path) -> dict[str, Path]:
         root / "ties.yaml",
         {
             "base_model": str(paths["base"]),
-            "models": [{"model": str(paths["e0"])}, {"model": str(paths["e1"]), "parameters": {"weight": 0.7}}],
+            "models": [
+                {"model": str(paths["e0"])},
+                {"model": str(paths["e1"]), "parameters": {"weight": 0.7}},
+            ],
             "method": "ties",
             "parameters": {"density": 0.5},
             "shard_size": SHARD,

@@ -26,7 +26,9 @@ def sd() -> dict[str, torch.Tensor]:
 
 def test_yaml_syntax_names_line_and_column(tmp_path):
     r = write_recipe(tmp_path / "r.yaml", "method: linear\nmodels: [a, b\nparameters: {}\n")
-    assert one_error(run_cli("validate", r)) == f"{r}:3:11: YAML syntax error: expected ',' or ']', but got ':'"
+    assert (
+        one_error(run_cli("validate", r)) == f"{r}:3:11: YAML syntax error: expected ',' or ']', but got ':'"
+    )
 
 
 def test_unknown_key_did_you_mean(tmp_path):
@@ -42,7 +44,9 @@ def test_unknown_method_did_you_mean(tmp_path):
 
 
 def test_out_of_range_parameter(tmp_path):
-    r = write_recipe(tmp_path / "r.yaml", "method: ties\nbase_model: a\nmodels: [a, b]\nparameters: {density: 1.5}\n")
+    r = write_recipe(
+        tmp_path / "r.yaml", "method: ties\nbase_model: a\nmodels: [a, b]\nparameters: {density: 1.5}\n"
+    )
     assert one_error(run_cli("validate", r)) == (
         f"{r}:4: parameters.density=1.5 is invalid for ties: Input should be less than or equal to 1"
     )
@@ -77,7 +81,9 @@ def test_not_a_safetensors_file(tmp_path, family):
 def test_architecture_mismatch_and_override(tmp_path, family, sd):
     cfg = dict(TINY_CONFIG, architectures=["MistralForCausalLM"])
     write_model(tmp_path / "mis", sd, cfg)
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "mis")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "mis")]}
+    )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         "models have different architectures: 'base' is LlamaForCausalLM but 'mis' is MistralForCausalLM; "
         "pass --allow-arch-mismatch if the tensors really line up"
@@ -90,7 +96,9 @@ def test_architecture_mismatch_and_override(tmp_path, family, sd):
 def test_tensor_missing_from_a_source(tmp_path, family, sd):
     part = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     write_model(tmp_path / "miss", part, TINY_CONFIG)
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "miss")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "miss")]}
+    )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         f"tensor 'model.layers.1.mlp.up_proj.weight' is missing from model 'miss' ({tmp_path}/miss); "
         "all models must share the base's tensor names"
@@ -98,8 +106,12 @@ def test_tensor_missing_from_a_source(tmp_path, family, sd):
 
 
 def test_shape_mismatch(tmp_path, family, sd):
-    write_model(tmp_path / "shape", {**sd, "model.layers.0.mlp.up_proj.weight": torch.zeros(64, 64)}, TINY_CONFIG)
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "shape")]})
+    write_model(
+        tmp_path / "shape", {**sd, "model.layers.0.mlp.up_proj.weight": torch.zeros(64, 64)}, TINY_CONFIG
+    )
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "shape")]}
+    )
     assert one_error(run_cli("plan", r)) == (
         "tensor 'model.layers.0.mlp.up_proj.weight': shape [64, 64] in model 'shape' but [128, 64] in 'base'; "
         "these models cannot be merged tensor by tensor"
@@ -108,7 +120,9 @@ def test_shape_mismatch(tmp_path, family, sd):
 
 def test_vocabulary_mismatch_explains_options(tmp_path, family, sd):
     write_model(tmp_path / "vocab", {**sd, "model.embed_tokens.weight": torch.zeros(130, 64)}, TINY_CONFIG)
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "vocab")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "vocab")]}
+    )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         "tensor 'model.embed_tokens.weight': shape [130, 64] in model 'vocab' but [128, 64] in 'base' "
         "(vocabulary sizes differ: 130 vs 128, so the tokenizers differ); options: merge models that share one "
@@ -124,7 +138,9 @@ def test_nonfinite_source_tensor_and_override(tmp_path, family, sd, bad):
     t[0, 0] = float(bad)
     t[1, 1] = -float(bad)
     write_model(tmp_path / "nan", {**sd, name: t}, TINY_CONFIG)
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "nan")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "nan")]}
+    )
     what = "2 NaN" if bad == "nan" else "2 Inf"
     assert one_error(run_cli("run", r, tmp_path / "out", "-q")) == (
         f"model 'nan': tensor '{name}' holds {what} value(s) out of 2048; the file may be corrupt; "
@@ -139,14 +155,19 @@ def test_nonfinite_source_tensor_and_override(tmp_path, family, sd, bad):
 def test_empty_model(tmp_path, family):
     (tmp_path / "empty").mkdir()
     save_file({}, str(tmp_path / "empty" / "model.safetensors"))
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "empty")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "empty")]}
+    )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         f"model '{tmp_path}/empty': {tmp_path}/empty holds no tensors; is it the right path?"
     )
 
 
 def test_recipe_file_missing(tmp_path):
-    assert one_error(run_cli("validate", tmp_path / "none.yaml")) == f"{tmp_path}/none.yaml: recipe file not found"
+    assert (
+        one_error(run_cli("validate", tmp_path / "none.yaml"))
+        == f"{tmp_path}/none.yaml: recipe file not found"
+    )
 
 
 def test_empty_recipe(tmp_path):
@@ -156,7 +177,9 @@ def test_empty_recipe(tmp_path):
 
 def test_model_folder_without_weights(tmp_path, family):
     (tmp_path / "nothing").mkdir()
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "nothing")]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "nothing")]}
+    )
     assert one_error(run_cli("plan", r)) == (
         f"model '{tmp_path}/nothing': {tmp_path}/nothing has no model.safetensors or "
         "model.safetensors.index.json; is it an HF model folder?"
@@ -165,7 +188,9 @@ def test_model_folder_without_weights(tmp_path, family):
 
 def test_output_already_exists(tmp_path, family):
     (tmp_path / "out").mkdir()
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(family["expert0"])]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(family["expert0"])]}
+    )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
         f"output {tmp_path}/out already exists; pass --overwrite to replace it"
     )

@@ -131,7 +131,11 @@ def mutated_file(draw) -> bytes:
             b[i] = draw(st.integers(0, 255))
         return bytes(b)
     if kind == "length":
-        value = draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(len(raw) - 16, len(raw) + 16).filter(lambda x: x >= 0)))
+        value = draw(
+            st.one_of(
+                st.integers(0, 2**64 - 1), st.integers(len(raw) - 16, len(raw) + 16).filter(lambda x: x >= 0)
+            )
+        )
         return struct.pack("<Q", value) + blob[8:]
     if kind == "truncate":
         return blob[: draw(st.integers(0, len(blob)))]
@@ -235,7 +239,10 @@ SCALARS = st.one_of(
 )  # fmt: skip
 TREE = st.recursive(
     SCALARS,
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=3)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), kids, max_size=4)
+    ),
     max_leaves=25,
 )
 
@@ -286,7 +293,15 @@ def test_fuzz_recipes_through_the_cli(tmp_path_factory):
 
 
 @settings(FUZZ, max_examples=500)
-@given(edits=st.lists(st.tuples(st.integers(0, 400), st.sampled_from(list(":-[]{}&*!|>'\"%@`#, \n\t?")) | st.text(max_size=3)), min_size=1, max_size=6))
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 400), st.sampled_from(list(":-[]{}&*!|>'\"%@`#, \n\t?")) | st.text(max_size=3)
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_fuzz_recipe_text(edits):
     count("recipe text")
     text = (

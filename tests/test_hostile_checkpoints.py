@@ -126,20 +126,31 @@ def ck_error(folder: Path) -> str:
 
 def test_index_dotdot(sharded):
     idx = set_index(sharded, lambda wm: wm.update({"model.norm.weight": "../evil.safetensors"}))
-    assert ck_error(sharded) == f"{idx}: weight_map names file '../evil.safetensors' outside the model folder; refusing it"
+    assert (
+        ck_error(sharded)
+        == f"{idx}: weight_map names file '../evil.safetensors' outside the model folder; refusing it"
+    )
 
 
 def test_index_absolute_path(sharded):
     idx = set_index(sharded, lambda wm: wm.update({"model.norm.weight": "/etc/passwd"}))
-    assert ck_error(sharded) == f"{idx}: weight_map names file '/etc/passwd' outside the model folder; refusing it"
+    assert (
+        ck_error(sharded)
+        == f"{idx}: weight_map names file '/etc/passwd' outside the model folder; refusing it"
+    )
 
 
 def test_index_symlink_escape(sharded, tmp_path):
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((sharded / "model-00002-of-00002.safetensors").read_bytes())
     (sharded / "link.safetensors").symlink_to(outside)
-    idx = set_index(sharded, lambda wm: wm.update({k: "link.safetensors" for k, v in wm.items() if "00002" in v}))
-    assert ck_error(sharded) == f"{idx}: shard 'link.safetensors' is a link that escapes the model folder; refusing it"
+    idx = set_index(
+        sharded, lambda wm: wm.update({k: "link.safetensors" for k, v in wm.items() if "00002" in v})
+    )
+    assert (
+        ck_error(sharded)
+        == f"{idx}: shard 'link.safetensors' is a link that escapes the model folder; refusing it"
+    )
 
 
 def test_index_missing_shard(sharded):
@@ -167,7 +178,10 @@ def test_index_without_weight_map(sharded):
 
 def test_index_non_string_file(sharded):
     idx = set_index(sharded, lambda wm: wm.update({"model.norm.weight": ["a"]}))
-    assert ck_error(sharded) == f"{idx}: weight_map maps 'model.norm.weight' to ['a'], not a file name; re-download the model"
+    assert (
+        ck_error(sharded)
+        == f"{idx}: weight_map maps 'model.norm.weight' to ['a'], not a file name; re-download the model"
+    )
 
 
 def test_index_names_tensor_its_shard_lacks(sharded):
@@ -185,7 +199,9 @@ def pickled(tmp_path_factory):
     """The same tiny model twice: safetensors and pytorch_model.bin (sharded with an index)."""
     root = tmp_path_factory.mktemp("pickled")
     sd = llama_state_dict(TINY_CONFIG, torch.Generator().manual_seed(5))
-    base = write_model(root / "base", llama_state_dict(TINY_CONFIG, torch.Generator().manual_seed(6)), TINY_CONFIG)
+    base = write_model(
+        root / "base", llama_state_dict(TINY_CONFIG, torch.Generator().manual_seed(6)), TINY_CONFIG
+    )
     st = write_model(root / "st", sd, TINY_CONFIG)
     pk = root / "pk"
     pk.mkdir()
@@ -204,7 +220,9 @@ def pickled(tmp_path_factory):
 
 
 def test_pickle_needs_the_flag(tmp_path, pickled):
-    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(pickled["base"]), str(pickled["single"])]})
+    r = write_recipe(
+        tmp_path / "r.yaml", {"method": "linear", "models": [str(pickled["base"]), str(pickled["single"])]}
+    )
     res = run_cli("run", r, tmp_path / "out")
     assert res.exit_code == 2 and res.stderr.strip() == (
         f"error: model '{pickled['single']}': {pickled['single']} has only pickled PyTorch weights; convert them to "
@@ -216,7 +234,10 @@ def test_pickle_needs_the_flag(tmp_path, pickled):
 def test_pickle_with_flag_merges_like_safetensors(tmp_path, pickled, which):
     outs = {}
     for src in ("st", which):
-        r = write_recipe(tmp_path / f"{src}.yaml", {"method": "linear", "models": [str(pickled["base"]), str(pickled[src])]})
+        r = write_recipe(
+            tmp_path / f"{src}.yaml",
+            {"method": "linear", "models": [str(pickled["base"]), str(pickled[src])]},
+        )
         res = run_cli("run", r, tmp_path / src, "-q", "--allow-pickle")
         assert res.exit_code == 0, res.stderr
         outs[src] = load_output(tmp_path / src)
@@ -254,7 +275,10 @@ def test_pickle_holding_other_objects(tmp_path, pickled):
     torch.save({"model.norm.weight": torch.ones(64), "step": 7}, odd / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as e:
         Checkpoint(odd, allow_pickle=True)
-    assert str(e.value) == f"{odd}/pytorch_model.bin: entry 'step' is a int, not a tensor; only flat state dicts are supported"
+    assert (
+        str(e.value)
+        == f"{odd}/pytorch_model.bin: entry 'step' is a int, not a tensor; only flat state dicts are supported"
+    )
 
 
 def test_no_remote_code_anywhere():

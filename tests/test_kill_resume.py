@@ -28,7 +28,9 @@ SEED = 20261124
 @pytest.fixture(scope="module")
 def ctx():
     c = multiprocessing.get_context("forkserver")
-    c.set_forkserver_preload(["torch", "merge_cli.cli", "merge_cli.merge", "merge_cli.plan", "merge_cli.render"])
+    c.set_forkserver_preload(
+        ["torch", "merge_cli.cli", "merge_cli.merge", "merge_cli.plan", "merge_cli.render"]
+    )
     return c
 
 
@@ -84,7 +86,9 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(ctx, tmp_pat
         killed += code == -9
         where = phase(out, tmp) if code == -9 else "finished"
         seen[where] = seen.get(where, 0) + 1
-        assert finish(start(ctx, ["run", recipe, out, "-q", "--resume"])) == 0, f"resume after kill {k} ({where})"
+        assert finish(start(ctx, ["run", recipe, out, "-q", "--resume"])) == 0, (
+            f"resume after kill {k} ({where})"
+        )
         assert not tmp.exists()
         assert_same_output(ref, out)
     summary = {"kill_points": KILL_POINTS, "killed": killed, "phases": seen}

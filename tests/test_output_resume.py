@@ -129,7 +129,9 @@ def test_verify_index_against_shards(reference, tmp_path):
     out = copy_of(reference, tmp_path)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     wm = index["weight_map"]
-    shared = next(n for n, f in wm.items() if list(wm.values()).count(f) > 1)  # a tensor whose shard holds others
+    shared = next(
+        n for n, f in wm.items() if list(wm.values()).count(f) > 1
+    )  # a tensor whose shard holds others
     right, wrong = wm[shared], next(f for f in wm.values() if f != wm[shared])
     wm[shared] = wrong
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -253,7 +255,9 @@ def test_ctrl_c_keeps_work_and_says_how_to_resume(fam, reference, tmp_path, monk
     assert_same_output(reference, out)
 
 
-def test_resume_recomputes_damaged_shards_and_ignores_a_torn_journal_line(fam, reference, tmp_path, monkeypatch):
+def test_resume_recomputes_damaged_shards_and_ignores_a_torn_journal_line(
+    fam, reference, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     tmp = temp_dir_for(out)
     interrupt_after(monkeypatch, 15)
@@ -293,7 +297,10 @@ def test_resume_with_nothing_to_resume_and_after_completion(fam, reference, tmp_
     assert f"nothing to resume ({temp_dir_for(out)} does not exist): merging from the start" in res.stderr
     assert_same_output(reference, out)
     res = run_cli("run", fam["recipe"], out, "-q", "--resume")
-    assert res.exit_code == 0 and res.stdout.strip() == f"nothing to resume: {out} is complete and matches its manifest"
+    assert (
+        res.exit_code == 0
+        and res.stdout.strip() == f"nothing to resume: {out} is complete and matches its manifest"
+    )
 
 
 def test_real_sigint_stops_a_subprocess_and_resume_finishes(fam, reference, tmp_path):
