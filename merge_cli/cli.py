@@ -151,13 +151,14 @@ def run(
     from merge_cli.render import progress_bar
     from merge_cli.resume import already_complete, interrupt_on_sigterm, resume_hint
 
-    if resume and already_complete(out_dir):
-        print(f"nothing to resume: {out_dir} is complete and matches its manifest")
-        return
     interrupt_on_sigterm()
     p = build_plan(
         _load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
     )
+    if resume and already_complete(out_dir, p):
+        p.close()
+        print(f"nothing to resume: {out_dir} is complete and matches its manifest")
+        return
     opts = EngineOptions(device=device, threads=threads, allow_nonfinite=allow_nonfinite)
     try:
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows

@@ -206,6 +206,7 @@ class ResumableRun:
     def writer(self, shards) -> ShardedWriter:
         reuse = self.state.reuse if self.state.reuse else None
         w = ShardedWriter(self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done)
+        w.manifest_extra = {"plan_fingerprint": self.fingerprint}
         self.journal = Journal(w.tmp / JOURNAL, self.plan)
         self.journal.start(self.fingerprint, self.state.records)
         return w
@@ -242,12 +243,19 @@ class ResumableRun:
         return keep
 
 
-def already_complete(out_dir: Path) -> bool:
-    """True when out_dir is a finished merge (no temporary folder left, every file matches its manifest)."""
+def already_complete(out_dir: Path, plan: MergePlan) -> bool:
+    """True when out_dir is this plan's finished merge: no temporary folder left, the manifest carries the
+    plan's fingerprint, and every file matches the manifest."""
     from merge_cli.verify import VerifyResult, check_manifest
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or temp_dir_for(out_dir).exists():
+        return False
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("plan_fingerprint") != plan_fingerprint(plan):
         return False
     result = VerifyResult()
     check_manifest(out_dir, result)

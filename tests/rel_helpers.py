@@ -104,3 +104,67 @@ def cli_child(argv: list[str], env: dict[str, str]) -> None:
     from merge_cli.cli import main
 
     main()
+
+
+def crash_child(argv: list[str], point: str, nth: int) -> None:
+    """Like cli_child, but the process dies (os._exit: no cleanup at all, as under SIGKILL) at a chosen
+    point of the write path, the nth time it is reached."""
+    import merge_cli.io.writer as w
+    import merge_cli.resume as r
+
+    calls = [0]
+
+    def due() -> bool:
+        calls[0] += 1
+        return calls[0] >= nth
+
+    def die() -> None:
+        os._exit(9)
+
+    if point in ("before journal line", "torn journal line"):
+        real_done = r.Journal.shard_done
+
+        def shard_done(self, fname, sha, size):
+            if due():
+                if point == "torn journal line":
+                    with open(self.path, "a") as f:
+                        f.write('{"shard":"' + fname[:9])
+                die()
+            return real_done(self, fname, sha, size)
+
+        r.Journal.shard_done = shard_done
+    elif point == "mid shard":
+        real_write = w._HashingFile.write
+
+        def write(self, data):
+            if due():
+                mv = memoryview(data).cast("B")
+                self.f.write(mv[: len(mv) // 2])
+                self.f.flush()
+                die()
+            return real_write(self, data)
+
+        w._HashingFile.write = write
+    elif point == "side files":
+        real_text = w.ShardedWriter.write_text
+
+        def write_text(self, name, text):
+            if name == "merge_report.json" and due():
+                die()
+            return real_text(self, name, text)
+
+        w.ShardedWriter.write_text = write_text
+    elif point in ("before rename", "after rename"):
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if point == "before rename" and str(src).endswith(".partial") and due():
+                die()
+            real_replace(src, dst)
+            if point == "after rename" and str(src).endswith(".partial") and due():
+                die()
+
+        w.os.replace = replace
+    else:
+        raise ValueError(point)
+    cli_child(argv, {})

@@ -144,7 +144,7 @@ def mutated_file(draw) -> bytes:
     return blob
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=800)
 @given(blob=mutated_file())
 def test_fuzz_safetensors_headers(blob):
     count("safetensors headers")
@@ -206,7 +206,7 @@ def test_fuzz_index_files(sharded_source, tmp_path):
     outside = tmp_path / "outside.safetensors"
     shutil.copy(sharded_source / "model-00001-of-00003.safetensors", outside)
 
-    @settings(FUZZ, max_examples=400)
+    @settings(FUZZ, max_examples=250)
     @given(raw=mutated_index(names))
     def case(raw):
         count("index files")
@@ -276,7 +276,7 @@ def test_fuzz_recipes_through_the_cli(tmp_path_factory):
     models = [str(fam[k]) for k in ("base", "e0", "e1")]
     root = tmp_path_factory.mktemp("recipes")
 
-    @settings(FUZZ, max_examples=250)
+    @settings(FUZZ, max_examples=200)
     @given(recipe=mutated_recipe(models))
     def case(recipe):
         count("recipes (CLI plan)")

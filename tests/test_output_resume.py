@@ -337,3 +337,11 @@ def test_recipe_written_with_relative_models_resumes(fam, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     res = run_cli("run", "r.yaml", "out", "-q", "--resume")
     assert res.exit_code == 0 and "resuming: " in res.stderr
+
+
+def test_resume_into_another_recipes_finished_output_is_refused(fam, reference, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("run", fam["recipe"], out, "-q").exit_code == 0
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume", "--seed", "4")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"error: output {out} already exists; pass --overwrite to replace it"

@@ -124,6 +124,7 @@ class ShardedWriter:
         self.shards = shards
         self.digests: dict[str, tuple[str, int]] = dict(reuse or {})
         self.on_shard_done = on_shard_done
+        self.manifest_extra: dict[str, Any] = {}  # e.g. the plan fingerprint, so --resume knows a finished run
         self._shard = -1
         self._pos = 0
         self._file: _HashingFile | None = None
@@ -202,7 +203,7 @@ class ShardedWriter:
             if p.is_file() and p.name != JOURNAL:
                 rel = p.relative_to(self.tmp).as_posix()
                 files[rel] = self.digests.get(rel) or _digest(p)
-        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}}
+        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}, **self.manifest_extra}
         self.write_json(MANIFEST, manifest)
         _fsync_dir(self.tmp)
         out = self.out_dir
