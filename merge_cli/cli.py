@@ -149,9 +149,8 @@ def run(
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
-    from merge_cli.resume import already_complete, interrupt_on_sigterm, resume_hint
+    from merge_cli.resume import already_complete, resume_hint, sigterm_as_interrupt
 
-    interrupt_on_sigterm()
     p = build_plan(
         _load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
     )
@@ -162,7 +161,7 @@ def run(
     opts = EngineOptions(device=device, threads=threads, allow_nonfinite=allow_nonfinite)
     try:
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
-        with progress_bar(p, disable=quiet) as advance:
+        with sigterm_as_interrupt(), progress_bar(p, disable=quiet) as advance:
             opts.progress = advance
             outcome = execute(p, out_dir, overwrite=overwrite, options=opts, resume=resume)
     except KeyboardInterrupt as err:

@@ -11,6 +11,7 @@ seeded per tensor, so the resumed output is bitwise identical to an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -262,12 +263,19 @@ def already_complete(out_dir: Path, plan: MergePlan) -> bool:
     return not result.problems
 
 
-def interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (a scheduler's stop) like Ctrl-C: stop promptly and keep completed shards."""
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While merging, SIGTERM (a scheduler's stop) acts like Ctrl-C: stop promptly, keep completed shards."""
     import signal
 
     def _raise(signum, frame):
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

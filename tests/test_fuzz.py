@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import struct
@@ -29,8 +30,11 @@ from merge_cli.io.safetensors_file import SafetensorsFile
 from merge_cli.recipe import load_recipe
 from merge_cli.verify import verify_folder
 
+# CI runs the fixed budgets below, derandomized. For a longer exploratory run:
+#   MERGE_CLI_FUZZ_SCALE=20 MERGE_CLI_FUZZ_RANDOM=1 .venv/bin/python -m pytest -s tests/test_fuzz.py
+SCALE = float(os.environ.get("MERGE_CLI_FUZZ_SCALE") or 1)
 FUZZ = settings(
-    derandomize=True,
+    derandomize=not os.environ.get("MERGE_CLI_FUZZ_RANDOM"),
     database=None,
     deadline=None,
     print_blob=True,
@@ -144,7 +148,7 @@ def mutated_file(draw) -> bytes:
     return blob
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=int(800 * SCALE))
 @given(blob=mutated_file())
 def test_fuzz_safetensors_headers(blob):
     count("safetensors headers")
@@ -206,7 +210,7 @@ def test_fuzz_index_files(sharded_source, tmp_path):
     outside = tmp_path / "outside.safetensors"
     shutil.copy(sharded_source / "model-00001-of-00003.safetensors", outside)
 
-    @settings(FUZZ, max_examples=250)
+    @settings(FUZZ, max_examples=int(250 * SCALE))
     @given(raw=mutated_index(names))
     def case(raw):
         count("index files")
@@ -276,7 +280,7 @@ def test_fuzz_recipes_through_the_cli(tmp_path_factory):
     models = [str(fam[k]) for k in ("base", "e0", "e1")]
     root = tmp_path_factory.mktemp("recipes")
 
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=int(200 * SCALE))
     @given(recipe=mutated_recipe(models))
     def case(recipe):
         count("recipes (CLI plan)")
@@ -292,7 +296,7 @@ def test_fuzz_recipes_through_the_cli(tmp_path_factory):
     case()
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=int(500 * SCALE))
 @given(
     edits=st.lists(
         st.tuples(

@@ -127,3 +127,19 @@ def test_death_at_each_point_of_the_write_path_then_resume(ctx, tmp_path):
         assert finish(start(ctx, ["run", recipe, out, "-q", "--resume"])) == 0, point
         assert not temp_dir_for(out).exists()
         assert_same_output(ref, out)
+
+
+def test_sigterm_stops_like_ctrl_c_and_keeps_completed_shards(ctx, tmp_path):
+    fam = small_family(tmp_path / "models")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert finish(start(ctx, ["run", fam["recipe"], ref, "-q"])) == 0
+    p = start(ctx, ["run", fam["recipe"], out, "-q"], "0.05")
+    journal = temp_dir_for(out) / JOURNAL
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (journal.exists() and journal.read_bytes().count(b"\n") >= 3):
+        time.sleep(0.02)
+    p.terminate()  # SIGTERM
+    assert finish(p) == 130
+    assert not out.exists() and len(list(temp_dir_for(out).glob("*.safetensors"))) >= 2
+    assert finish(start(ctx, ["run", fam["recipe"], out, "-q", "--resume"])) == 0
+    assert_same_output(ref, out)
