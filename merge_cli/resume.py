@@ -219,6 +219,12 @@ class ResumableRun:
     def engine_options(self, options):
         skip = frozenset(i for i, s in enumerate(self.plan.shards) if s.filename in self.state.reuse)
         assert self.journal is not None
+        if options.progress is not None and skip:  # the progress bar starts where the last run stopped
+            from merge_cli.engine import job_inputs_bytes
+
+            for job in self.plan.jobs:
+                if job.shard in skip:
+                    options.progress(job, job_inputs_bytes(self.plan, job))
         return dataclasses.replace(options, skip_shards=skip, on_stats=self.journal.record_stats)
 
     def all_stats(self, computed: list[dict[str, Any]]) -> list[dict[str, Any]]:

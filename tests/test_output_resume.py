@@ -270,7 +270,7 @@ def test_resume_recomputes_damaged_shards_and_ignores_a_torn_journal_line(
     victim.write_bytes(bytes(data))
     with open(tmp / JOURNAL, "a") as f:
         f.write('{"shard": "model-000')  # a kill in the middle of an append
-    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    res = run_cli("run", fam["recipe"], out, "--resume")  # with the progress bar, which starts part-way
     assert res.exit_code == 0, res.stderr
     assert f"resuming: {len(done) - 1} of 25 shard(s) already complete and verified" in res.stderr
     assert_same_output(reference, out)
