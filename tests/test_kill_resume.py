@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import time
 
@@ -20,9 +21,10 @@ from rel_helpers import assert_same_output, cli_child, crash_child, small_family
 from merge_cli.engine import TEST_DELAY_ENV
 from merge_cli.io.writer import JOURNAL, temp_dir_for
 
-KILL_POINTS = 20
+# CI: 20 kills that land. For a longer run: MERGE_CLI_KILL_POINTS=200 MERGE_CLI_KILL_SEED=7 pytest -s ...
+KILL_POINTS = int(os.environ.get("MERGE_CLI_KILL_POINTS") or 20)
 DELAY = "0.01"  # seconds per tensor in the killed runs
-SEED = 20261124
+SEED = int(os.environ.get("MERGE_CLI_KILL_SEED") or 20261124)
 
 
 @pytest.fixture(scope="module")
