@@ -213,8 +213,13 @@ class ShardedWriter:
                 raise OutputError(f"output {out} appeared while merging; pass --overwrite to replace it")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        (self.tmp / JOURNAL).unlink(missing_ok=True)
-        os.replace(self.tmp, out)
+        try:
+            (self.tmp / JOURNAL).unlink(missing_ok=True)
+            os.replace(self.tmp, out)
+        except OSError as e:
+            if old is not None:  # put the previous output back
+                os.replace(old, out)
+            raise write_failed(out, e) from None
         _fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
