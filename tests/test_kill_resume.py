@@ -36,6 +36,18 @@ def ctx():
     return c
 
 
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return small_family(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def reference(ctx, fam, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert finish(start(ctx, ["run", fam["recipe"], out, "-q"])) == 0
+    return out
+
+
 def start(ctx, argv, delay: str | None = None):
     env = {TEST_DELAY_ENV: delay} if delay else {TEST_DELAY_ENV: ""}
     p = ctx.Process(target=cli_child, args=([str(a) for a in argv], env))
@@ -66,17 +78,13 @@ def phase(out, tmp) -> str:
     return "between shards"
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(ctx, tmp_path):
-    fam = small_family(tmp_path / "models")
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(ctx, fam, reference, tmp_path):
     recipe = fam["recipe"]
-    assert finish(start(ctx, ["--version"])) == 0  # the forkserver starts (and imports torch) once, here
-    durations = []
-    for k in range(2):  # slowed, uninterrupted runs: kills are drawn over the span of the second
-        t0 = time.monotonic()
-        assert finish(start(ctx, ["run", recipe, tmp_path / f"ref{k}", "-q"], DELAY)) == 0
-        durations.append(time.monotonic() - t0)
-    ref, duration = tmp_path / "ref1", durations[-1]
-    assert_same_output(tmp_path / "ref0", ref)
+    t0 = time.monotonic()  # a slowed, uninterrupted run: kills are drawn over its span
+    assert finish(start(ctx, ["run", recipe, tmp_path / "slow", "-q"], DELAY)) == 0
+    duration = time.monotonic() - t0
+    ref = reference
+    assert_same_output(ref, tmp_path / "slow")
     rng = random.Random(SEED)
     seen: dict[str, int] = {}
     killed = attempts = 0
@@ -114,12 +122,9 @@ CRASH_POINTS = [
 ]
 
 
-def test_death_at_each_point_of_the_write_path_then_resume(ctx, tmp_path):
+def test_death_at_each_point_of_the_write_path_then_resume(ctx, fam, reference, tmp_path):
     """The rare moments random kills seldom hit, each forced once: the process dies with no cleanup."""
-    fam = small_family(tmp_path / "models")
-    recipe = fam["recipe"]
-    ref = tmp_path / "ref"
-    assert finish(start(ctx, ["run", recipe, ref, "-q"])) == 0
+    recipe, ref = fam["recipe"], reference
     for k, (point, nth) in enumerate(CRASH_POINTS):
         out = tmp_path / f"out{k}"
         p = ctx.Process(target=crash_child, args=([str(a) for a in ("run", recipe, out, "-q")], point, nth))
@@ -131,10 +136,8 @@ def test_death_at_each_point_of_the_write_path_then_resume(ctx, tmp_path):
         assert_same_output(ref, out)
 
 
-def test_sigterm_stops_like_ctrl_c_and_keeps_completed_shards(ctx, tmp_path):
-    fam = small_family(tmp_path / "models")
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert finish(start(ctx, ["run", fam["recipe"], ref, "-q"])) == 0
+def test_sigterm_stops_like_ctrl_c_and_keeps_completed_shards(ctx, fam, reference, tmp_path):
+    ref, out = reference, tmp_path / "out"
     p = start(ctx, ["run", fam["recipe"], out, "-q"], "0.05")
     journal = temp_dir_for(out) / JOURNAL
     deadline = time.monotonic() + 60
