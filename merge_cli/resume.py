@@ -175,7 +175,9 @@ class Journal:
 
     def shard_done(self, fname: str, sha256: str, size: int) -> None:
         with self._lock:
-            tensors = [self._pending.pop(n) for n in self.names[fname]]
+            stats = [self._pending.pop(n, None) for n in self.names[fname]]
+        # a shard whose statistics did not all arrive is journaled without them, so a resume recomputes it
+        tensors = stats if all(t is not None for t in stats) else None
         rec = {"shard": fname, "sha256": sha256, "size": size, "tensors": tensors}
         line = json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n"
         try:
