@@ -85,12 +85,12 @@ def _load(recipe: Path, seed: Optional[int] = None):
     return load_recipe(recipe, {"seed": seed} if seed is not None else None)
 
 
-def _size(value: Optional[str]) -> Optional[int]:
+def _size(value: Optional[str], option: str = "--shard-size") -> Optional[int]:
     if value is None:
         return None
     from merge_cli.recipe import parse_size
 
-    return parse_size(value, "--shard-size")
+    return parse_size(value, option)
 
 
 @app.command()
@@ -139,6 +139,9 @@ def run(
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
+    max_memory: Optional[str] = typer.Option(
+        None, help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
     allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
@@ -158,7 +161,9 @@ def run(
         p.close()
         print(f"nothing to resume: {out_dir} is complete and matches its manifest")
         return
-    opts = EngineOptions(device=device, threads=threads, allow_nonfinite=allow_nonfinite)
+    opts = EngineOptions(
+        device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), allow_nonfinite=allow_nonfinite
+    )
     try:
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
         with sigterm_as_interrupt(), progress_bar(p, disable=quiet) as advance:

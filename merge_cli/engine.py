@@ -1,17 +1,21 @@
 """The streaming engine: read -> kernel -> cast -> write, one tensor at a time, overlapped.
 
-A reader thread prefetches the next jobs' input tensors (bounded queue), the calling thread runs the
-kernels on the compute device, and a writer thread streams finished tensors into their shards. Memory
-stays near (inputs + 2) x the largest tensor plus the queued jobs, never the model size.
+A reader thread prefetches the next jobs' input tensors (bounded by bytes), the calling thread runs the
+kernels on the compute device, and a writer thread streams finished tensors into their shards. Tensors
+whose working set would exceed half the memory budget (embeddings, lm_head) are merged in row chunks:
+elementwise methods chunk as they are, others through their Streamed form (statistics passes, then
+apply). Peak memory follows the budget, not the model or vocabulary size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +23,9 @@ import torch
 
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
-from merge_cli.finite import check_finite_inputs
+from merge_cli.finite import check_finite_inputs, ensure_finite
 from merge_cli.io.writer import ShardedWriter
-from merge_cli.methods import METHODS, ParamSet, TensorCtx
+from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
 from merge_cli.plan import MergePlan, TensorJob, report_params
 
 _DONE = object()
@@ -31,7 +35,7 @@ _DONE = object()
 class EngineOptions:
     device: str = "auto"
     threads: int | None = None
-    prefetch: int = 2  # jobs read ahead
+    max_memory: int | None = None  # bytes; default: default_max_memory()
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
     # -- reliability (issue 6) --
     allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
@@ -50,6 +54,37 @@ class EngineResult:
     bytes_read: int = 0
     bytes_written: int = 0
     device: str = "cpu"
+    max_memory: int = 0
+    chunked: list[str] = field(default_factory=list)
+
+
+def default_max_memory() -> int:
+    """1/8 of the memory available now, within [1 GB, 16 GB]."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 8 << 30
+    return int(min(max(avail // 8, 1 << 30), 16 << 30))
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps large freed buffers in its heap unless they were mmapped: pin the mmap threshold so
+    tensor-sized buffers go back to the OS when freed (RSS follows the live working set)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = 4 MiB (also disables the dynamic threshold)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -68,9 +103,22 @@ def resolve_device(spec: str) -> torch.device:
     raise MergeCliError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
 
 
+def _refs(job: TensorJob):
+    return ([job.base] if job.base else []) + job.inputs
+
+
 def job_inputs_bytes(plan: MergePlan, job: TensorJob) -> int:
-    refs = ([job.base] if job.base else []) + job.inputs
-    return sum(plan.models[r.model].checkpoint.info(r.name).nbytes for r in refs)
+    return sum(plan.models[r.model].checkpoint.info(r.name).nbytes for r in _refs(job))
+
+
+def working_bytes(plan: MergePlan, job: TensorJob) -> int:
+    """Memory one job needs when merged whole: inputs as read, each in the compute dtype, temporaries."""
+    item = ST_TO_TORCH[plan.compute_dtype].itemsize
+    return job_inputs_bytes(plan, job) + job.numel * item * (len(_refs(job)) + 4) + job.nbytes
+
+
+def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
+    return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
 
 def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -81,42 +129,128 @@ def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list
     return base, [read(i) for i in job.inputs]
 
 
-def compute_job(
-    plan: MergePlan, job: TensorJob, base: torch.Tensor | None, inputs: list[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run one job's kernel; returns the output tensor (CPU, output dtype) and its statistics."""
-    spec = METHODS[job.method]
-    out_dtype = ST_TO_TORCH[job.out_dtype]
-    stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
-    if spec.name == "passthrough" and job.params.get("scale", 1.0) == 1.0:
-        return inputs[0].to(out_dtype), stats  # a bitwise copy when the dtype does not change
-    compute = ST_TO_TORCH[plan.compute_dtype]
+def _ctx(plan: MergePlan, job: TensorJob, device: torch.device, offset: int = 0) -> TensorCtx:
+    return TensorCtx(
+        name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device,
+        offset=offset, shape=tuple(job.shape),
+    )  # fmt: skip
 
-    def prep(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, non_blocking=True).to(compute)
 
-    b = prep(base) if base is not None else None
-    xs = [prep(t) for t in inputs]
-    ctx = TensorCtx(name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device)
-    params = ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
-    out = spec.kernel(b, xs, list(job.weights), params, ctx)
-    if tuple(out.shape) != tuple(job.shape):
-        raise RuntimeError(f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}")
-    if b is not None:
-        stats["task_vector_norms"] = [float(torch.linalg.vector_norm((x - b).float())) for x in xs]
-    stats.update(ctx.stats)
-    return out.to(out_dtype).to("cpu"), stats
+def _params(job: TensorJob) -> ParamSet:
+    return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
+
+
+def _bitwise_copy(spec: MethodSpec, job: TensorJob) -> bool:
+    return spec.name == "passthrough" and job.params.get("scale", 1.0) == 1.0
+
+
+class _Compute:
+    """Moves inputs to the device in the compute dtype and runs kernels; accumulates task-vector norms."""
+
+    def __init__(self, plan: MergePlan, device: torch.device):
+        self.plan, self.device = plan, device
+        self.dtype = ST_TO_TORCH[plan.compute_dtype]
+        self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
+
+    def prep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, non_blocking=True).to(self.dtype)
+
+    def whole(self, job: TensorJob, base, inputs) -> tuple[torch.Tensor, dict[str, Any]]:
+        spec = METHODS[job.method]
+        out_dtype = ST_TO_TORCH[job.out_dtype]
+        stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
+        if _bitwise_copy(spec, job):
+            return inputs[0].to(out_dtype), stats
+        b = self.prep(base) if base is not None else None
+        xs = [self.prep(t) for t in inputs]
+        ctx = _ctx(self.plan, job, self.device)
+        out = spec.kernel(b, xs, list(job.weights), _params(job), ctx)
+        if tuple(out.shape) != tuple(job.shape):
+            raise RuntimeError(f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}")
+        if b is not None:
+            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
+        stats.update(ctx.stats)
+        return out.to(out_dtype).to("cpu"), stats
+
+    def chunks(self, job: TensorJob, rows: int) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(flat offset, base chunk, input chunks) on the device, in row order."""
+        models = self.plan.models
+        per_row = job.numel // job.shape[0]
+        for r0 in range(0, job.shape[0], rows):
+            r1 = min(r0 + rows, job.shape[0])
+
+            def read(ref, r0=r0, r1=r1):
+                t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
+                if self.check_finite:  # issue 6: NaN/Inf in a source stops the merge
+                    ensure_finite(self.plan, ref, t, rows=(r0, r1))
+                return self.prep(t)
+
+            yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
+
+    def chunked(self, job: TensorJob, rows: int, emit: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+        """Merge a huge tensor in row chunks, handing each output chunk to emit()."""
+        spec = METHODS[job.method]
+        out_dtype = ST_TO_TORCH[job.out_dtype]
+        params, weights = _params(job), list(job.weights)
+        ctx = _ctx(self.plan, job, self.device)
+        stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job), "chunked": True}
+        st = spec.streamed
+        state = st.init(params, ctx, len(job.inputs)) if st else None
+        for p in range(st.passes if st else 0):
+            for offset, b, xs in self.chunks(job, rows):
+                ctx.offset = offset
+                st.gather(state, p, b, xs, params, ctx)
+            st.end_pass(state, p)
+        sq = [0.0] * len(job.inputs)
+        for offset, b, xs in self.chunks(job, rows):
+            ctx.offset = offset
+            if st:
+                out = st.apply(state, b, xs, weights, params, ctx)
+            else:
+                out = spec.kernel(b, xs, weights, params, ctx)
+            if b is not None:
+                for i, x in enumerate(xs):
+                    sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
+            emit(out.to(out_dtype).to("cpu"))
+        if job.base is not None:
+            stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
+        if st and st.finish:
+            st.finish(state, ctx)
+        stats.update(ctx.stats)
+        return stats
+
+
+class _Gate:
+    """Bounds the bytes read ahead but not yet merged (one job always passes)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used and self.used + n > self.cap:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
 
 
 class _Worker(threading.Thread):
     def __init__(self, target, name):
         super().__init__(target=self._run, name=name, daemon=True)
-        self._target_fn = target
+        self._fn = target
         self.error: BaseException | None = None
 
     def _run(self):
         try:
-            self._target_fn()
+            self._fn()
         except BaseException as e:  # surfaced in the main thread
             self.error = e
 
@@ -126,12 +260,18 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     device = resolve_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    result = EngineResult(device=str(device))
+    _return_freed_memory()
+    budget = opts.max_memory or default_max_memory()
+    result = EngineResult(device=str(device), max_memory=budget)
+    compute = _Compute(plan, device)
+    compute.check_finite = not opts.allow_nonfinite
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+    big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
     start = time.perf_counter()
     stop = threading.Event()
-    read_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    gate = _Gate(max(budget // 4, 1))
+    read_q: queue.Queue = queue.Queue()
+    write_q: queue.Queue = queue.Queue(maxsize=4)
 
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
@@ -148,7 +288,14 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
         for job in plan.jobs:
             if job.shard in opts.skip_shards:
                 continue
-            if stop.is_set() or not put(read_q, (job, *read_job(plan, job))):
+            if id(job) in big:
+                item = (job, 0, None, None)  # the main thread streams it in chunks
+            else:
+                n = job_inputs_bytes(plan, job)
+                if not gate.acquire(n, stop):
+                    return
+                item = (job, n, *read_job(plan, job))
+            if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)
 
@@ -168,26 +315,38 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             writer.write(name, tensor)
             result.bytes_written += tensor.numel() * tensor.element_size()
 
-    readers = _Worker(reader, "merge-cli-reader")
-    writers = _Worker(write_loop, "merge-cli-writer")
+    readers, writers = _Worker(reader, "merge-cli-reader"), _Worker(write_loop, "merge-cli-writer")
     readers.start()
     writers.start()
+
+    def check_workers():
+        for worker in (readers, writers):
+            if worker.error:
+                raise worker.error from None
+
     try:
         while True:
             try:
                 item = read_q.get(timeout=0.1)
             except queue.Empty:
-                if readers.error:
-                    raise readers.error
-                if writers.error:
-                    raise writers.error
+                check_workers()
                 continue
             if item is _DONE:
                 break
-            job, base, inputs = item
-            if not opts.allow_nonfinite:
-                check_finite_inputs(plan, job, base, inputs)
-            out, stats = compute_job(plan, job, base, inputs, device)
+            job, held, base, inputs = item
+            if inputs is None:
+                per_row = working_bytes(plan, job) / job.shape[0]
+                rows = max(1, int((budget // 4) / per_row))
+                stats = compute.chunked(job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers())
+                result.chunked.append(job.name)
+            else:
+                if compute.check_finite:
+                    check_finite_inputs(plan, job, base, inputs)
+                out, stats = compute.whole(job, base, inputs)
+                del base, inputs
+                gate.release(held)
+                put(write_q, (job.name, out))
+                del out
             if opts.on_stats:
                 opts.on_stats(job, stats)
             if delay:
@@ -195,16 +354,12 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             nbytes = job_inputs_bytes(plan, job)
             result.bytes_read += nbytes
             result.tensors.append(stats)
-            if not put(write_q, (job.name, out)):
-                break
-            if writers.error:
-                raise writers.error
+            check_workers()
             if opts.progress:
                 opts.progress(job, nbytes)
         put(write_q, _DONE)
         writers.join()
-        if writers.error:
-            raise writers.error
+        check_workers()
     finally:
         stop.set()
         readers.join(timeout=5)

@@ -25,15 +25,21 @@ def describe_nonfinite(nan: int, inf: int, numel: int) -> str:
     return f"{' and '.join(parts)} value(s) out of {numel}"
 
 
+def ensure_finite(plan, ref, t: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+    """Raise a CheckpointError naming the model and tensor when t (a job input, or rows of one) has NaN/Inf."""
+    nan, inf = count_nonfinite(t)
+    if nan or inf:
+        label = plan.models[ref.model].label
+        where = f" in rows {rows[0]}..{rows[1] - 1}" if rows else ""
+        raise CheckpointError(
+            f"model '{label}': tensor '{ref.name}' holds {describe_nonfinite(nan, inf, t.numel())}{where}; "
+            f"the file may be corrupt; {ALLOW_HINT}"
+        )
+
+
 def check_finite_inputs(plan, job, base: torch.Tensor | None, inputs: list[torch.Tensor]) -> None:
-    """Raise a CheckpointError naming the model and tensor of the first job input holding NaN or Inf."""
+    """ensure_finite over a job's base and inputs, in that order."""
     refs = ([job.base] if job.base is not None else []) + list(job.inputs)
     tensors = ([base] if base is not None else []) + list(inputs)
     for ref, t in zip(refs, tensors, strict=True):
-        nan, inf = count_nonfinite(t)
-        if nan or inf:
-            label = plan.models[ref.model].label
-            raise CheckpointError(
-                f"model '{label}': tensor '{ref.name}' holds {describe_nonfinite(nan, inf, t.numel())}; "
-                f"the file may be corrupt; {ALLOW_HINT}"
-            )
+        ensure_finite(plan, ref, t)

@@ -146,13 +146,17 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
 
 
 class Journal:
-    """Appends one fsynced line per completed shard; collects job statistics until their shard is done."""
+    """Appends one fsynced line per completed shard. A line needs both halves: the writer thread reports the
+    shard flushed to disk, the compute thread reports each of its tensors' statistics; whichever arrives
+    last writes the line (tensors can be written in row chunks before their statistics exist)."""
 
     def __init__(self, path: Path, plan: MergePlan):
         self.path = path
         self.names = {s.filename: [plan.jobs[i].name for i in s.jobs] for s in plan.shards}
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, dict[str, Any]] = {}  # tensor name -> statistics
+        self._flushed: dict[str, tuple[str, int]] = {}  # shard on disk, waiting for statistics
         self._lock = threading.Lock()
+        self._append_lock = threading.Lock()
         self.completed = 0
 
     def start(self, fingerprint: str, records: list[dict]) -> None:
@@ -172,22 +176,38 @@ class Journal:
     def record_stats(self, job: TensorJob, stats: dict[str, Any]) -> None:
         with self._lock:
             self._pending[job.name] = stats
+            ready = self._ready()
+        self._append(ready)
 
     def shard_done(self, fname: str, sha256: str, size: int) -> None:
         with self._lock:
-            stats = [self._pending.pop(n, None) for n in self.names[fname]]
-        # a shard whose statistics did not all arrive is journaled without them, so a resume recomputes it
-        tensors = stats if all(t is not None for t in stats) else None
-        rec = {"shard": fname, "sha256": sha256, "size": size, "tensors": tensors}
-        line = json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n"
-        try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise write_failed(self.path, e) from None
-        self.completed += 1
+            self._flushed[fname] = (sha256, size)
+            ready = self._ready()
+        self._append(ready)
+
+    def _ready(self) -> list[dict]:
+        out = []
+        for fname, (sha256, size) in list(self._flushed.items()):
+            names = self.names[fname]
+            if all(n in self._pending for n in names):
+                del self._flushed[fname]
+                tensors = [self._pending.pop(n) for n in names]
+                out.append({"shard": fname, "sha256": sha256, "size": size, "tensors": tensors})
+        return out
+
+    def _append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps(r, separators=(",", ":"), default=_jsonable) + "\n" for r in records)
+        with self._append_lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise write_failed(self.path, e) from None
+            self.completed += len(records)
 
 
 def _jsonable(v: Any) -> Any:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from helpers import run_cli, write_recipe
-from rel_helpers import FaultyFile, assert_same_output, small_family
+from rel_helpers import FaultyFile, assert_same_output, output_files, small_family
 from safetensors.torch import save_file
 
 import merge_cli.engine as engine
@@ -43,15 +43,15 @@ def journaled(tmp) -> list[str]:
 
 def interrupt_after(monkeypatch, n: int) -> None:
     """Ctrl-C arrives while the engine computes job n+1."""
-    real, calls = engine.compute_job, [0]
+    real, calls = engine._Compute.whole, [0]
 
-    def compute(*a, **k):
+    def whole(*a, **k):
         calls[0] += 1
         if calls[0] > n:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(engine, "compute_job", compute)
+    monkeypatch.setattr(engine._Compute, "whole", whole)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -345,3 +345,47 @@ def test_resume_into_another_recipes_finished_output_is_refused(fam, reference, 
     res = run_cli("run", fam["recipe"], out, "-q", "--resume", "--seed", "4")
     assert res.exit_code == 2
     assert res.stderr.strip() == f"error: output {out} already exists; pass --overwrite to replace it"
+
+
+def test_resume_with_row_chunked_tensors(fam, reference, tmp_path, monkeypatch):
+    """Under a small memory budget the 32-row tensors merge in row chunks; an interrupt mid-way still resumes."""
+    out = tmp_path / "out"
+    real, calls = engine._Compute.chunked, [0]
+
+    def chunked(*a, **k):
+        calls[0] += 1
+        if calls[0] > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine._Compute, "chunked", chunked)
+    assert run_cli("run", fam["recipe"], out, "-q", "--max-memory", "30KB").exit_code == 130
+    monkeypatch.undo()
+    done = journaled(temp_dir_for(out))
+    res = run_cli("run", fam["recipe"], out, "-q", "--max-memory", "30KB", "--resume")
+    assert res.exit_code == 0 and f"resuming: {len(done)} of 25 shard(s)" in res.stderr
+    report = json.loads((out / "merge_report.json").read_text())
+    assert sum(1 for t in report["tensors"] if t.get("chunked")) == 11
+    a, b = output_files(reference), output_files(out)
+    assert [k for k in a if k.endswith(("safetensors", "json")) and a[k] != b[k]] == []
+
+
+def test_nonfinite_in_a_row_chunked_tensor(fam, tmp_path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(fam["e1"] / "model.safetensors"))
+    sd["model.embed_tokens.weight"][20, 3] = float("nan")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((fam["e1"] / "config.json").read_text())
+    r = write_recipe(tmp_path / "r.yaml", fam["recipe"].read_text().replace(str(fam["e1"]), str(bad)))
+    res = run_cli("run", r, tmp_path / "out", "-q", "--max-memory", "30KB")
+    assert res.exit_code == 2
+    rows = res.stderr.split("in rows ")[1].split(";")[0]
+    r0, r1 = map(int, rows.split(".."))
+    assert r0 <= 20 <= r1
+    assert res.stderr.strip() == (
+        "error: model 'bad': tensor 'model.embed_tokens.weight' holds 1 NaN value(s) out of "
+        f"{(r1 - r0 + 1) * 16} in rows {r0}..{r1}; the file may be corrupt; pass --allow-nonfinite to merge anyway"
+    )

@@ -38,4 +38,5 @@ SPEC = MethodSpec(
     summary="theta = sum_i w_i theta_i / sum_i w_i (no base needed)",
     check=_check,
     mergekit_defaults={},
+    elementwise=True,
 )

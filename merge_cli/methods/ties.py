@@ -1,10 +1,11 @@
 """TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §3), per tensor.
 
 Trim keeps exactly int(density * numel) entries of each task vector by magnitude (ties at the threshold
-broken by lowest index). The sign is elected on the unweighted sum of trimmed task vectors (the paper),
-unless `weighted_election` is set (mergekit elects on the weighted sum). Coordinates whose sum is exactly
-0 take the tensor's majority sign. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max
-over the entries that agree with the elected sign.
+broken by lowest flat index). The sign is elected on the unweighted sum of trimmed task vectors (the
+paper), unless `weighted_election` is set (mergekit elects on the weighted sum); a coordinate whose sum is
+exactly 0 counts as positive. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max over
+the entries that agree with the elected sign. Huge tensors are merged in row chunks with an exact
+streamed threshold (two radix passes), bitwise equal to the whole-tensor result.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.selection import topk_mask
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask
 
 
 class TiesParams(MethodParams):
@@ -30,45 +31,114 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the int(density * numel) largest-magnitude entries."""
     if density >= 1.0:
         return delta
-    k = int(density * delta.numel())
-    return delta * topk_mask(delta.abs(), k)
+    return delta * topk_mask(delta.abs(), int(density * delta.numel()))
 
 
 def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
-    """+1/-1 per coordinate: sign of the sum over models; exact zeros take the tensor's majority sign."""
-    gamma = torch.sign(stacked.sum(dim=0))
-    majority = 1.0 if float(gamma.sum()) >= 0 else -1.0
-    return torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
+    """+1/-1 per coordinate: the sign of the sum over models (dim 0); an exact 0 counts as +1."""
+    return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_merge(trimmed: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, how: str) -> torch.Tensor:
-    """Merge the entries whose sign agrees with gamma. trimmed: [N, ...], weights: [N] (broadcast)."""
-    agree = (torch.sign(trimmed) == gamma.unsqueeze(0)).to(trimmed.dtype)
-    w = weights.reshape(-1, *([1] * (trimmed.dim() - 1)))
-    contrib = trimmed * w * agree
-    if how == "sum":
-        return contrib.sum(dim=0)
-    if how == "max":
-        idx = contrib.abs().argmax(dim=0, keepdim=True)
-        return contrib.gather(0, idx).squeeze(0)
-    denom = (w * agree).sum(dim=0)
-    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return contrib.sum(dim=0) / denom
+def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], positive: torch.Tensor, how: str, stats=None):
+    """Merge the entries whose sign agrees with the elected one (`positive`: True where it is +).
+
+    stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts."""
+    num = torch.zeros_like(trimmed[0])
+    den = torch.zeros_like(trimmed[0]) if how == "mean" else None
+    best_abs = torch.zeros_like(trimmed[0]) if how == "max" else None
+    any_pos = any_neg = None
+    for i, (w, t) in enumerate(zip(weights, trimmed)):
+        pos, neg = t > 0, t < 0
+        agree = torch.where(positive, pos, neg)
+        contrib = torch.where(agree, t * w, 0.0)
+        if how == "max":
+            better = contrib.abs() > best_abs
+            num = torch.where(better, contrib, num)
+            best_abs = torch.maximum(best_abs, contrib.abs())
+        else:
+            num.add_(contrib)
+        if den is not None:
+            den.add_(agree.to(den.dtype), alpha=w)
+        if stats is not None:
+            stats["kept"][i] += int(torch.count_nonzero(t))
+            any_pos = pos if any_pos is None else any_pos | pos
+            any_neg = neg if any_neg is None else any_neg | neg
+    if stats is not None:
+        stats["touched"] += int((any_pos | any_neg).sum())
+        stats["conflict"] += int((any_pos & any_neg).sum())
+    if den is not None:
+        num = num / torch.where(den == 0, 1.0, den)
+    return num
+
+
+def _merge(base, trimmed, weights, p: ParamSet, stats) -> torch.Tensor:
+    if p.weighted_election:
+        total = sum(t * w for t, w in zip(trimmed, weights))
+    else:
+        total = sum(trimmed[1:], trimmed[0].clone())
+    merged = disjoint_merge(trimmed, list(weights), total >= 0, p.merge_func, stats)
+    return base + p.lambda_ * merged
+
+
+def _new_stats(n: int) -> dict:
+    return {"kept": [0] * n, "touched": 0, "conflict": 0, "numel": 0}
+
+
+def _record(stats: dict, ctx: TensorCtx) -> None:
+    n = max(stats["numel"], 1)
+    ctx.stats["kept_fraction"] = [k / n for k in stats["kept"]]
+    ctx.stats["sign_conflict_rate"] = stats["conflict"] / max(stats["touched"], 1)
 
 
 def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    trimmed = torch.stack([trim(t - base, d) for t, d in zip(tensors, p.density)])
-    w = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device)
-    elect_on = trimmed * w.reshape(-1, *([1] * (trimmed.dim() - 1))) if p.weighted_election else trimmed
-    gamma = elect_sign(elect_on)
-    merged = disjoint_merge(trimmed, w, gamma, p.merge_func)
-    nz = trimmed != 0
-    signs = torch.sign(trimmed)
-    touched = nz.any(dim=0)
-    conflict = ((signs > 0).any(dim=0) & (signs < 0).any(dim=0)).sum()
-    ctx.stats["kept_fraction"] = [float(x) for x in nz.reshape(len(tensors), -1).float().mean(dim=1)]
-    ctx.stats["sign_conflict_rate"] = float(conflict) / max(int(touched.sum()), 1)
-    return base + p.lambda_ * merged
+    stats = _new_stats(len(tensors))
+    stats["numel"] = base.numel()
+    out = _merge(base, [trim(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
+    _record(stats, ctx)
+    return out
+
+
+# -- the same, over row chunks -----------------------------------------------------------------------
+def _init(p: ParamSet, ctx: TensorCtx, n_models: int) -> dict:
+    numel = 1
+    for d in ctx.shape or ():
+        numel *= d
+    state = {"stats": _new_stats(n_models), "select": {}, "thresholds": {}, "seen": [0] * n_models}
+    state["stats"]["numel"] = numel
+    for i, d in enumerate(p.density):
+        k = int(d * numel)
+        if d < 1.0 and 0 < k < numel:
+            state["select"][i] = StreamingTopK(k, numel)
+    return state
+
+
+def _gather(state, pass_index, base, xs, p, ctx) -> None:
+    for i, sel in state["select"].items():
+        sel.update((xs[i] - base).abs())
+
+
+def _end_pass(state, pass_index) -> None:
+    for i, sel in state["select"].items():
+        if pass_index == 0:
+            sel.next_pass()
+        else:
+            state["thresholds"][i] = sel.result()
+
+
+def _apply(state, base, xs, weights, p: ParamSet, ctx) -> torch.Tensor:
+    trimmed = []
+    for i, (x, d) in enumerate(zip(xs, p.density)):
+        tau = x - base
+        if i in state["thresholds"]:
+            t = state["thresholds"][i]
+            a = tau.abs()
+            tau = tau * mask_from_threshold(a, t, state["seen"][i])
+            if not t.keep_all_equal:
+                state["seen"][i] += int((a == t.value).sum())
+        elif int(d * state["stats"]["numel"]) <= 0:
+            tau = torch.zeros_like(tau)
+        trimmed.append(tau)
+    return _merge(base, trimmed, weights, p, state["stats"])
 
 
 SPEC = MethodSpec(
@@ -80,4 +150,5 @@ SPEC = MethodSpec(
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
     mergekit_defaults={"density": 1.0, "weighted_election": True},
+    streamed=Streamed(init=_init, apply=_apply, passes=2, gather=_gather, end_pass=_end_pass, finish=lambda s, ctx: _record(s["stats"], ctx)),
 )
