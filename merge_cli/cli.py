@@ -142,21 +142,31 @@ def run(
     max_memory: Optional[str] = typer.Option(
         None, help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB)."
     ),
+    locked: Optional[Path] = typer.Option(
+        None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
     allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
+    from merge_cli.io.hub import pinned
     from merge_cli.io.writer import WriteError, check_output
+    from merge_cli.lock import hub_pins, load_lock
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
     from merge_cli.resume import already_complete, resume_hint, sigterm_as_interrupt
 
-    p = build_plan(
-        _load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
-    )
+    lock = load_lock(locked) if locked else None
+    with pinned(hub_pins(lock) if lock else {}):
+        p = build_plan(
+            _load(recipe, seed),
+            allow_arch_mismatch=allow_arch_mismatch,
+            shard_size=_size(shard_size),
+            allow_pickle=allow_pickle,
+        )
     if resume and already_complete(out_dir, p):
         p.close()
         print(f"nothing to resume: {out_dir} is complete and matches its manifest")
@@ -168,7 +178,9 @@ def run(
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
         with sigterm_as_interrupt(), progress_bar(p, disable=quiet) as advance:
             opts.progress = advance
-            outcome = execute(p, out_dir, overwrite=overwrite, options=opts, resume=resume)
+            outcome = execute(
+                p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock", resume=resume
+            )
     except KeyboardInterrupt as err:
         kept = getattr(err, "partial_kept", None)
         where = f"completed shards are kept in {kept}; " if kept else ""
@@ -187,6 +199,11 @@ def run(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
+    if lock is not None and lock.get("output"):
+        from merge_cli.lock import LOCK_NAME
+
+        same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
+        print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
 
 
 @app.command()
@@ -235,6 +252,9 @@ def inspect(
             print_checkpoint(info, out)
     finally:
         ck.close()
+
+
+from merge_cli import cli_hub  # noqa: E402,F401 - registers lock, push and check (issue 7)
 
 
 def main() -> None:

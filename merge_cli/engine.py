@@ -81,7 +81,7 @@ def _return_freed_memory() -> None:
     tensor-sized buffers go back to the OS when freed (RSS follows the live working set)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = 4 MiB (also disables the dynamic threshold)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB, glibc's ceiling (fixed, not dynamic)
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass

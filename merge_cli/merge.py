@@ -6,11 +6,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from merge_cli.card import model_card
 from merge_cli.engine import EngineOptions, EngineResult, run_merge
+from merge_cli.hubrun import prepare_inputs
 from merge_cli.io.writer import ShardedWriter, check_output
+from merge_cli.lock import LOCK_NAME, dump_lock
 from merge_cli.plan import MergePlan
-from merge_cli.report import build_report, model_card, report_markdown
+from merge_cli.report import build_report, report_markdown
 from merge_cli.resume import ResumableRun
+from merge_cli.sidefiles import write_side_files
 
 SIDE_FILES = (
     "generation_config.json",
@@ -56,26 +60,25 @@ def execute(
     *,
     overwrite: bool = False,
     options: EngineOptions | None = None,
+    locked: dict | None = None,
+    lock_path: Path | str = "lock",
     resume: bool = False,
 ) -> MergeOutcome:
     """Run a merge into out_dir. A journal of completed shards makes it resumable (see resume.py): an
     interrupt or a write error keeps the temporary folder; `resume=True` reuses its verified shards."""
     out_dir = Path(out_dir)
     check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
+    # issue 7 (hub, lock, side files, card): merge_cli/hubrun.py
+    hub = prepare_inputs(plan, locked, lock_path)
     run = ResumableRun(plan, out_dir, resume)
     writer = run.writer(shard_entries(plan))
     try:
         result = run_merge(plan, writer, run.engine_options(options or EngineOptions()))
         result.tensors = run.all_stats(result.tensors)
         writer.write_index({"merged_by": "merge-cli"})
-        donor = plan.models[plan.donor]
-        folder = donor.checkpoint.folder
         if plan.config is not None:
             writer.write_json("config.json", plan.config)
-        if folder is not None:
-            for name in SIDE_FILES:
-                if (folder / name).is_file():
-                    writer.copy_file(folder / name)
+        plan.notes.extend(write_side_files(plan, writer, hub.side_files, hub.template))
         engine = {
             "seconds": round(result.seconds, 3),
             "device": result.device,
@@ -88,7 +91,9 @@ def execute(
         writer.write_text("recipe.yaml", recipe_text)
         writer.write_text("merge_report.json", json.dumps(report, indent=1) + "\n")
         writer.write_text("merge_report.md", report_markdown(report))
-        writer.write_text("README.md", model_card(plan, recipe_text, report))
+        lock = hub.finish_lock(writer)
+        writer.write_text(LOCK_NAME, dump_lock(lock))
+        writer.write_text("README.md", model_card(plan, recipe_text, report, lock, hub.front))
         final = writer.finish(overwrite)
     except BaseException as e:
         if run.abort(writer, e):

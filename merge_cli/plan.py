@@ -21,6 +21,8 @@ from merge_cli.methods import METHODS, MethodSpec
 from merge_cli.modules import classify, layer_of, with_layer
 from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
+from merge_cli.vocab import harmonize as harmonize_vocab
+from merge_cli.vocab import patch_config as patch_vocab_config
 
 
 @dataclass
@@ -187,9 +189,8 @@ class _Builder:
             msg = f"tensor '{name}': shape {list(info.shape)} in model '{a}' but {list(ref_info.shape)} in '{b}'"
             if classify(name).group in ("embed", "lm_head") and info.shape[1:] == ref_info.shape[1:]:
                 msg += (
-                    f" (vocabulary sizes differ: {info.shape[0]} vs {ref_info.shape[0]}, so the tokenizers differ); "
-                    "options: merge models that share one tokenizer, or first resize one model's embed_tokens and "
-                    f"lm_head to {ref_info.shape[0]} rows (transformers' resize_token_embeddings) and save it"
+                    f" (vocabulary sizes differ: {info.shape[0]} vs {ref_info.shape[0]}); "
+                    "merge models that share one tokenizer vocabulary"
                 )
             else:
                 msg += "; these models cannot be merged tensor by tensor"
@@ -217,7 +218,8 @@ class _Builder:
         elif spec.needs_base and base is None:
             raise PlanError(f"tensor '{out_name}': method '{spec.name}' needs a base model")
         inputs = [self.input_for(m, n, ref_model, ref_name) for m, n in sources]
-        base_in = self.input_for(base, ref_name, ref_model, ref_name) if spec.needs_base else None
+        with_base = spec.needs_base or (spec.optional_base and base is not None)
+        base_in = self.input_for(base, ref_name, ref_model, ref_name) if with_base else None
         params = self.resolver.resolve(spec, out_name, t, global_layers, model_layers)
         if spec.check is not None:
             problem = spec.check(params, len(inputs))
@@ -268,6 +270,7 @@ class _Builder:
             entry_slot[i] = self.slot(m.model, m.label)
         ref = base if base is not None else entry_slot[0]
         self.check_architectures()
+        self.vocab_size = harmonize_vocab(self.models, ref, r.vocab, self.notes)  # issue 7: merge_cli/vocab.py
         self.out_dtype = self.choose_out_dtype(ref)
         ref_ck = self.ckpt(ref)
         num_layers = ref_ck.num_layers()
@@ -334,7 +337,7 @@ class _Builder:
                     pairs = [(slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)]
                     src_params = [src.parameters for src in s.sources]
                     base_in = None
-                    if spec.needs_base:
+                    if spec.needs_base or (spec.optional_base and base is not None and base in slots):
                         if base is None or base not in slots:
                             raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
                         k = slots.index(base)
@@ -429,6 +432,7 @@ def build_plan(
     compute = parse_dtype_name(recipe.dtype, recipe.where(("dtype",)))
     donor = b.donor(ref)
     cfg = _output_config(b.ckpt(donor), b.out_dtype, num_layers, bool(recipe.slices))
+    cfg = patch_vocab_config(cfg, getattr(b, "vocab_size", None))
     input_bytes = sum(
         b.ckpt(i.model).info(i.name).nbytes for j in b.jobs for i in ([j.base] if j.base else []) + j.inputs
     )

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 from merge_cli.errors import RecipeError, did_you_mean
-from merge_cli.methods import linear, passthrough, task_arithmetic, ties
+from merge_cli.methods import (
+    arcee_fusion,
+    breadcrumbs,
+    dare,
+    della,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 
 METHODS: dict[str, MethodSpec] = {m.SPEC.name: m.SPEC for m in (linear, task_arithmetic, ties, passthrough)}
+METHODS.update({s.name: s for s in (
+    dare.DARE_LINEAR,
+    dare.DARE_TIES,
+    breadcrumbs.BREADCRUMBS,
+    breadcrumbs.BREADCRUMBS_TIES,
+    della.DELLA,
+    della.DELLA_LINEAR,
+    model_stock.SPEC,
+    slerp.SLERP,
+    slerp.NUSLERP,
+    multislerp.SPEC,
+    karcher.SPEC,
+    sce.SPEC,
+    nearswap.SPEC,
+    ram.RAM,
+    ram.RAMPLUS_TL,
+    arcee_fusion.SPEC,
+)})  # fmt: skip
 
 
 def get_method(name: str, where: str = "method") -> MethodSpec:
     spec = METHODS.get(name)
     if spec is None:
-        raise RecipeError(f"{where}: unknown merge method '{name}'{did_you_mean(name, METHODS)}; `merge-cli methods` lists them")
+        raise RecipeError(
+            f"{where}: unknown merge method '{name}'{did_you_mean(name, METHODS)}; `merge-cli methods` lists them"
+        )
     return spec
 
 

@@ -145,6 +145,8 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    # the base model is optional: when the recipe names one it is passed as `base` (not as a source)
+    optional_base: bool = False
     summary: str = ""
     # optional plan-time check of one tensor's resolved parameters: returns an error text or None
     check: Callable[[ParamSet, int], str | None] | None = None

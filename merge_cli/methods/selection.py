@@ -84,9 +84,11 @@ def mask_from_threshold(scores: torch.Tensor, t: Threshold, equal_seen: int = 0)
     if t.keep_all_equal:
         return scores >= t.value
     keep = scores > t.value
-    eq = scores == t.value
-    rank = torch.cumsum(eq.reshape(-1).to(torch.int64), 0).reshape(eq.shape) + equal_seen
-    return keep | (eq & (rank <= t.take_equal))
+    quota = t.take_equal - equal_seen
+    if quota > 0:
+        equal_at = torch.nonzero(scores.reshape(-1) == t.value).squeeze(1)[:quota]
+        keep.view(-1)[equal_at] = True
+    return keep
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,21 +108,25 @@ def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(find_threshold(scores, k).value, dtype=scores.dtype)
 
 
-def topk_mask_rows(scores: torch.Tensor, frac: float) -> torch.Tensor:
-    """Per-row exact top int(frac * row_len) mask (rows = first dim; a 1-D tensor is one row); same tie rule."""
-    rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+def topk_mask_2d(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact top-k mask of each row of a 2-D tensor (same tie rule as topk_mask), k an explicit count."""
     n = rows.shape[1]
-    k = int(frac * n)
     if k <= 0 or rows.numel() == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
+        return torch.zeros_like(rows, dtype=torch.bool)
     if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
+        return torch.ones_like(rows, dtype=torch.bool)
     thr = torch.kthvalue(rows, n - k + 1, dim=1, keepdim=True).values
     above = rows > thr
     need = k - above.sum(dim=1, keepdim=True)
     equal = rows == thr
     equal = equal & (torch.cumsum(equal.to(torch.int64), dim=1) <= need)
-    return (above | equal).reshape(scores.shape)
+    return above | equal
+
+
+def topk_mask_rows(scores: torch.Tensor, frac: float) -> torch.Tensor:
+    """Per-row exact top int(frac * row_len) mask (rows = first dim; a 1-D tensor is one row); same tie rule."""
+    rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    return topk_mask_2d(rows, int(frac * rows.shape[1])).reshape(scores.shape)
 
 
 class StreamingTopK:

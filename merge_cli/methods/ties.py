@@ -31,7 +31,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the int(density * numel) largest-magnitude entries."""
     if density >= 1.0:
         return delta
-    return delta * topk_mask(delta.abs(), int(density * delta.numel()))
+    return delta.mul_(topk_mask(delta.abs(), int(density * delta.numel())))
 
 
 def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
@@ -39,45 +39,49 @@ def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
     return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], positive: torch.Tensor, how: str, stats=None):
-    """Merge the entries whose sign agrees with the elected one (`positive`: True where it is +).
+def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], sign: torch.Tensor, how: str, stats=None):
+    """Merge the entries whose sign agrees with the elected `sign` (+1/-1 per coordinate).
 
-    stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts."""
+    stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts (a
+    coordinate is touched when some entry is nonzero, in conflict when some entry opposes the election)."""
     num = torch.zeros_like(trimmed[0])
     den = torch.zeros_like(trimmed[0]) if how == "mean" else None
     best_abs = torch.zeros_like(trimmed[0]) if how == "max" else None
-    any_pos = any_neg = None
+    touched = conflict = None
     for i, (w, t) in enumerate(zip(weights, trimmed)):
-        pos, neg = t > 0, t < 0
-        agree = torch.where(positive, pos, neg)
-        contrib = torch.where(agree, t * w, 0.0)
+        along = t * sign  # > 0 where t agrees with the election, < 0 where it opposes it
+        agree = along > 0
         if how == "max":
+            contrib = t * agree * w
             better = contrib.abs() > best_abs
             num = torch.where(better, contrib, num)
             best_abs = torch.maximum(best_abs, contrib.abs())
         else:
-            num.add_(contrib)
+            num.addcmul_(t, agree, value=w)
         if den is not None:
-            den.add_(agree.to(den.dtype), alpha=w)
+            den.add_(agree, alpha=w)
         if stats is not None:
             stats["kept"][i] += int(torch.count_nonzero(t))
-            any_pos = pos if any_pos is None else any_pos | pos
-            any_neg = neg if any_neg is None else any_neg | neg
+            opposes = along < 0
+            touched = agree if touched is None else touched.logical_or_(agree)
+            conflict = opposes if conflict is None else conflict.logical_or_(opposes)
     if stats is not None:
-        stats["touched"] += int((any_pos | any_neg).sum())
-        stats["conflict"] += int((any_pos & any_neg).sum())
+        # an opposing entry implies an agreeing one (the election follows the sum), so touched covers it
+        stats["touched"] += int(touched.sum())
+        stats["conflict"] += int(conflict.sum())
     if den is not None:
-        num = num / torch.where(den == 0, 1.0, den)
+        num.div_(den.clamp_(min=torch.finfo(den.dtype).tiny) if all(w > 0 for w in weights) else torch.where(den == 0, 1.0, den))
     return num
 
 
 def _merge(base, trimmed, weights, p: ParamSet, stats) -> torch.Tensor:
-    if p.weighted_election:
-        total = sum(t * w for t, w in zip(trimmed, weights))
-    else:
-        total = sum(trimmed[1:], trimmed[0].clone())
-    merged = disjoint_merge(trimmed, list(weights), total >= 0, p.merge_func, stats)
-    return base + p.lambda_ * merged
+    total = trimmed[0] * weights[0] if p.weighted_election else trimmed[0].clone()
+    for t, w in zip(trimmed[1:], weights[1:]):
+        total.add_(t, alpha=w if p.weighted_election else 1.0)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    del total
+    merged = disjoint_merge(trimmed, list(weights), sign, p.merge_func, stats)
+    return merged.mul_(p.lambda_).add_(base)
 
 
 def _new_stats(n: int) -> dict:
@@ -132,7 +136,7 @@ def _apply(state, base, xs, weights, p: ParamSet, ctx) -> torch.Tensor:
         if i in state["thresholds"]:
             t = state["thresholds"][i]
             a = tau.abs()
-            tau = tau * mask_from_threshold(a, t, state["seen"][i])
+            tau.mul_(mask_from_threshold(a, t, state["seen"][i]))
             if not t.keep_all_equal:
                 state["seen"][i] += int((a == t.value).sum())
         elif int(d * state["stats"]["numel"]) <= 0:
