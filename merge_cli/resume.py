@@ -55,7 +55,7 @@ def plan_fingerprint(plan: MergePlan) -> str:
         "journal": JOURNAL_FORMAT,
         "recipe_sha256": hashlib.sha256(recipe_text).hexdigest(),
         "seed": plan.recipe.seed,
-        "plan": plan.to_json(),
+        "plan": {k: v for k, v in plan.to_json().items() if k != "notes"},  # notes grow as a run prepares
         "config": plan.config,
         "inputs": inputs,
     }

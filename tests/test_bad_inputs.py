@@ -124,10 +124,9 @@ def test_vocabulary_mismatch_explains_options(tmp_path, family, sd):
         tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), str(tmp_path / "vocab")]}
     )
     assert one_error(run_cli("run", r, tmp_path / "out")) == (
-        "tensor 'model.embed_tokens.weight': shape [130, 64] in model 'vocab' but [128, 64] in 'base' "
-        "(vocabulary sizes differ: 130 vs 128, so the tokenizers differ); options: merge models that share one "
-        "tokenizer, or first resize one model's embed_tokens and lm_head to 128 rows "
-        "(transformers' resize_token_embeddings) and save it"
+        "tensor 'model.embed_tokens.weight': vocabulary sizes differ ('base' 128, 'vocab' 130); add `vocab: crop` "
+        "(keep the 128 rows all models have) or `vocab: pad_from_base` (the base's 128 rows, missing ones taken "
+        "from the base) to the recipe, or merge models that share one tokenizer vocabulary"
     )
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -287,6 +288,33 @@ def test_no_remote_code_anywhere():
     for f in pkg.rglob("*.py"):
         text = f.read_text()
         assert "trust_remote_code" not in text, f
-        assert not re.search(r"\bpickle\.loads?\(|\beval\(|\bexec\(", text), f
+        assert not re.search(r"\bpickle\.loads?\(|(?<![.\w])eval\(|(?<![.\w])exec\(", text), f
         for call in re.findall(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in call, (f, call)
+
+
+@pytest.mark.parametrize(
+    "index, why",
+    [
+        ("[" * 5000 + "]" * 5000, "RecursionError: maximum recursion depth exceeded while decoding a JSON array"),
+        ('{"weight_map": {"a": ["x"]}}', "TypeError: unhashable type: 'list'"),
+        ('{"weight_map": [1]}', "AttributeError: 'list' object has no attribute 'values'"),
+    ],
+    ids=["deep", "list-value", "list-map"],
+)
+def test_hostile_hub_index_is_one_line(tmp_path, monkeypatch, family, index, why):
+    from hubcache import add_to_cache
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil"
+    shutil.copytree(family["expert2"], evil)
+    (evil / "model.safetensors.index.json").write_text(index)
+    add_to_cache(tmp_path / "hf" / "hub", "org/evil", evil)
+    r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), "org/evil"]})
+    res = run_cli("plan", r)
+    assert res.exit_code == 2
+    assert res.stderr.startswith(f"error: hub model 'org/evil': malformed model.safetensors.index.json ({why}")
+    assert len(res.stderr.strip().splitlines()) == 1
