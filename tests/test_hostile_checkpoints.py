@@ -318,3 +318,20 @@ def test_hostile_hub_index_is_one_line(tmp_path, monkeypatch, family, index, why
     assert res.exit_code == 2
     assert res.stderr.startswith(f"error: hub model 'org/evil': malformed model.safetensors.index.json ({why}")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["{", "[" * 5000 + "]" * 5000], ids=["syntax", "deep"])
+def test_hostile_tokenizer_config_is_one_line(tmp_path, family, text):
+    evil = tmp_path / "evil"
+    shutil.copytree(family["expert0"], evil)
+    (evil / "tokenizer_config.json").write_text(text)
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {"method": "linear", "models": [str(family["base"]), str(evil)], "chat_template": "auto", "donor": "evil"},
+    )
+    res = run_cli("run", r, tmp_path / "out", "-q")
+    why = "JSONDecodeError" if text == "{" else "RecursionError"
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (
+        f"error: {evil}/tokenizer_config.json: unreadable tokenizer_config.json ({why}); fix or remove it"
+    )
