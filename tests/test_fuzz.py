@@ -27,7 +27,9 @@ from rel_helpers import SMALL_CONFIG, small_family
 from merge_cli.errors import MergeCliError
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.safetensors_file import SafetensorsFile
+from merge_cli.plan import build_plan
 from merge_cli.recipe import load_recipe
+from merge_cli.sidefiles import resolve_chat_template
 from merge_cli.verify import verify_folder
 
 # CI runs the fixed budgets below, derandomized. For a longer exploratory run:
@@ -323,3 +325,69 @@ def test_fuzz_recipe_text(edits):
             load_recipe(path)
         except MergeCliError:
             pass
+
+
+# -- config.json and tokenizer_config.json of a source model -----------------------------------
+
+CONFIG_KEYS = [
+    "architectures", "model_type", "num_hidden_layers", "n_layer", "vocab_size", "hidden_size", "torch_dtype",
+    "dtype", "text_config", "tie_word_embeddings", "layer_types", "chat_template", "auto_map",
+]  # fmt: skip
+
+
+@st.composite
+def mutated_config(draw) -> bytes:
+    kind = draw(st.sampled_from(["edit", "edit", "edit", "json", "bytes"]))
+    cfg = dict(SMALL_CONFIG)
+    if kind == "json":
+        return json.dumps(draw(JSON)).encode()
+    for _ in range(draw(st.integers(1, 4))):
+        cfg[draw(st.sampled_from(CONFIG_KEYS) | st.text(max_size=6))] = draw(st.one_of(TREE, JUNK))
+    raw = json.dumps(cfg).encode()
+    if kind == "bytes":
+        b = bytearray(raw)
+        for _ in range(draw(st.integers(1, 4))):
+            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
+        raw = bytes(b)
+    return raw
+
+
+def test_fuzz_model_side_json_through_the_cli(tmp_path_factory):
+    fam = small_family(tmp_path_factory.mktemp("sidefam"))
+    root = tmp_path_factory.mktemp("side")
+    evil = root / "evil"
+    shutil.copytree(fam["e1"], evil)
+    text = fam["recipe"].read_text().replace(str(fam["e1"]), str(evil))
+    recipe = write_recipe_text(root / "r.yaml", text)
+    auto = write_recipe_text(root / "auto.yaml", text + "chat_template: auto\n")
+
+    @settings(FUZZ, max_examples=int(150 * SCALE))
+    @given(config=mutated_config(), tok=st.one_of(st.none(), mutated_config()))
+    def case(config, tok):
+        count("model config.json / tokenizer_config.json (CLI plan)")
+        (evil / "config.json").write_bytes(config)
+        if tok is not None:
+            (evil / "tokenizer_config.json").write_bytes(tok)
+        with no_hang():
+            res = run_cli("plan", recipe)
+        assert res.exit_code in (0, 2), res.stderr
+        if res.exit_code == 2:
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+        elif tok is not None:  # the chat template is read at run time: resolve it as `run` does
+            with no_hang():
+                try:
+                    plan = build_plan(load_recipe(auto))
+                    try:
+                        resolve_chat_template(plan)
+                    finally:
+                        plan.close()
+                except MergeCliError:
+                    pass
+
+    case()
+
+
+def write_recipe_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
