@@ -121,9 +121,13 @@ def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
 
-def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def read_job(plan: MergePlan, job: TensorJob, pin: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A job's input tensors as read; with pin (CUDA), in page-locked memory so the host-to-device copy is
+    asynchronous (the pinning copy happens here, on the reader thread, overlapped with compute)."""
+
     def read(ref):
-        return plan.models[ref.model].checkpoint.read(ref.name)
+        t = plan.models[ref.model].checkpoint.read(ref.name)
+        return t.pin_memory() if pin else t
 
     base = read(job.base) if job.base else None
     return base, [read(i) for i in job.inputs]
@@ -150,10 +154,23 @@ class _Compute:
     def __init__(self, plan: MergePlan, device: torch.device):
         self.plan, self.device = plan, device
         self.dtype = ST_TO_TORCH[plan.compute_dtype]
+        self.cuda = device.type == "cuda"
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
     def prep(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, non_blocking=True).to(self.dtype)
+
+    def to_host(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | tuple:
+        """The output in the output dtype on the CPU. On CUDA: an asynchronous copy into pinned memory and
+        the event that marks its end (the writer thread waits on it), so the copy overlaps the next job."""
+        out = out.to(dtype)
+        if not self.cuda:
+            return out
+        host = torch.empty(out.shape, dtype=dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def whole(self, job: TensorJob, base, inputs) -> tuple[torch.Tensor, dict[str, Any]]:
         spec = METHODS[job.method]
@@ -170,7 +187,7 @@ class _Compute:
         if b is not None:
             stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
         stats.update(ctx.stats)
-        return out.to(out_dtype).to("cpu"), stats
+        return self.to_host(out, out_dtype), stats
 
     def chunks(self, job: TensorJob, rows: int) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
         """(flat offset, base chunk, input chunks) on the device, in row order."""
@@ -211,7 +228,7 @@ class _Compute:
             if b is not None:
                 for i, x in enumerate(xs):
                     sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
-            emit(out.to(out_dtype).to("cpu"))
+            emit(self.to_host(out, out_dtype))
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
         if st and st.finish:
@@ -294,7 +311,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 n = job_inputs_bytes(plan, job)
                 if not gate.acquire(n, stop):
                     return
-                item = (job, n, *read_job(plan, job))
+                item = (job, n, *read_job(plan, job, pin=compute.cuda))
             if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)
@@ -312,6 +329,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if item is _DONE:
                 return
             name, tensor = item
+            if isinstance(tensor, tuple):  # (pinned host tensor, CUDA event): wait for the copy to land
+                tensor, done = tensor
+                done.synchronize()
             writer.write(name, tensor)
             result.bytes_written += tensor.numel() * tensor.element_size()
 

@@ -43,9 +43,9 @@ def _energy_weights(sq: list[float], numel: int) -> list[float]:
 
 
 def _erase(base, stacked: torch.Tensor, w: list[float], st: dict) -> torch.Tensor:
-    positive = elect_sign(stacked) > 0
-    num = disjoint_merge(list(stacked), w, positive, "sum")
-    agree = torch.where(positive, stacked > 0, stacked < 0).to(stacked.dtype)
+    sign = elect_sign(stacked)
+    num = disjoint_merge(list(stacked), w, sign, "sum")
+    agree = (stacked * sign > 0).to(stacked.dtype)
     wt = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).reshape(-1, *([1] * (stacked.dim() - 1)))
     den = (wt * agree).sum(dim=0).clamp_min(1e-6)
     st["kept"] = [
