@@ -74,7 +74,7 @@ def execute(
     writer = run.writer(shard_entries(plan))
     try:
         result = run_merge(plan, writer, run.engine_options(options or EngineOptions()))
-        result.tensors = run.all_stats(result.tensors)
+        run.complete(result)
         writer.write_index({"merged_by": "merge-cli"})
         if plan.config is not None:
             writer.write_json("config.json", plan.config)

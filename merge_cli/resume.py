@@ -249,13 +249,22 @@ class ResumableRun:
                     options.progress(job, job_inputs_bytes(self.plan, job))
         return dataclasses.replace(options, skip_shards=skip, on_stats=self.journal.record_stats)
 
-    def all_stats(self, computed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per-tensor statistics in plan order: journaled ones for reused shards, the rest as computed."""
-        if not self.state.stats:
-            return computed
-        by_name = {t["name"]: t for t in computed}
+    def complete(self, result) -> None:
+        """Make an engine result describe the whole merge: per-tensor statistics in plan order (journaled ones
+        for reused shards) and bytes read/written counting the reused shards' jobs, so the report and card
+        of a resumed merge match an uninterrupted one (only the timings differ)."""
+        if not self.state.reuse:
+            return
+        from merge_cli.engine import job_inputs_bytes
+
+        by_name = {t["name"]: t for t in result.tensors}
         by_name.update(self.state.stats)
-        return [by_name[j.name] for j in self.plan.jobs]
+        result.tensors = [by_name[j.name] for j in self.plan.jobs]
+        for shard in self.plan.shards:
+            if shard.filename in self.state.reuse:
+                for j in shard.jobs:
+                    result.bytes_read += job_inputs_bytes(self.plan, self.plan.jobs[j])
+                    result.bytes_written += self.plan.jobs[j].nbytes
 
     @property
     def reused(self) -> int:

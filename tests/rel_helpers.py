@@ -57,12 +57,13 @@ def small_family(root: Path) -> dict[str, Path]:
     return paths
 
 
+TIMED = ("manifest.json", "merge_report.json", "merge_report.md")  # hold timings (or hashes of files that do)
+
+
 def output_files(out: Path) -> dict[str, bytes]:
-    """The bytes that must be identical between runs: shards, index, config, and the report minus timings."""
-    files = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
-    for name in ("model.safetensors.index.json", "config.json"):
-        if (out / name).exists():
-            files[name] = (out / name).read_bytes()
+    """The bytes that must be identical between runs: every file (shards, index, config, card, lock, side
+    files) except those with timings, and the report without its `engine` timing block."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in TIMED}
     report = json.loads((out / "merge_report.json").read_text())
     report.pop("engine")
     files["merge_report.json (without engine timings)"] = json.dumps(report, sort_keys=True).encode()
