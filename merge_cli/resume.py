@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,25 +123,34 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
     for rec in records:
         fname = rec.get("shard")
         stats = rec.get("tensors")
-        if fname not in shards or fname in state.reuse or not isinstance(stats, list):
+        if (
+            not isinstance(fname, str)
+            or fname not in shards
+            or fname in state.reuse
+            or not isinstance(stats, list)
+        ):
             continue
         path = tmp / fname
         if not path.is_file() or [t.get("name") for t in stats if isinstance(t, dict)] != names[fname]:
             continue
-        if _sha256(path) != (rec.get("sha256"), rec.get("size")):
-            continue  # changed or damaged since: compute it again
+        try:
+            if _sha256(path) != (rec.get("sha256"), rec.get("size")):
+                continue  # changed or damaged since: compute it again
+        except OSError:
+            continue
         state.reuse[fname] = (rec["sha256"], rec["size"])
         state.stats.update({t["name"]: t for t in stats})
         state.records.append(rec)
     # anything else in the folder (an unfinished shard, side files, a manifest) is rebuilt
-    for p in tmp.iterdir():
-        if p.name != JOURNAL and p.name not in state.reuse:
-            if p.is_dir() and not p.is_symlink():
-                import shutil
-
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    try:
+        for p in tmp.iterdir():
+            if p.name != JOURNAL and p.name not in state.reuse:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+    except OSError as e:
+        raise write_failed(tmp, e) from None
     state.note = f"resuming: {len(state.reuse)} of {len(plan.shards)} shard(s) already complete and verified"
     return state
 

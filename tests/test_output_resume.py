@@ -389,3 +389,25 @@ def test_nonfinite_in_a_row_chunked_tensor(fam, tmp_path):
         "error: model 'bad': tensor 'model.embed_tokens.weight' holds 1 NaN value(s) out of "
         f"{(r1 - r0 + 1) * 16} in rows {r0}..{r1}; the file may be corrupt; pass --allow-nonfinite to merge anyway"
     )
+
+
+def test_resume_ignores_garbled_journal_records(fam, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tmp = temp_dir_for(out)
+    interrupt_after(monkeypatch, 6)
+    run_cli("run", fam["recipe"], out, "-q")
+    monkeypatch.undo()
+    done = journaled(tmp)
+    with open(tmp / JOURNAL, "a") as f:
+        for rec in (
+            {"shard": ["x"]},
+            {"shard": 5, "tensors": []},
+            {"shard": "model-00024-of-00025.safetensors", "tensors": [1, 2], "sha256": None},
+            {"shard": "../../etc/passwd", "tensors": []},
+            [1, 2],
+        ):
+            f.write(json.dumps(rec) + "\n")
+    res = run_cli("run", fam["recipe"], out, "-q", "--resume")
+    assert res.exit_code == 0, res.stderr
+    assert f"resuming: {len(done)} of 25 shard(s) already complete and verified" in res.stderr
+    assert_same_output(reference, out)
