@@ -145,6 +145,9 @@ def run(
     locked: Optional[Path] = typer.Option(
         None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
     ),
+    fused: str = typer.Option(
+        "auto", help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
     allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
@@ -172,7 +175,11 @@ def run(
         print(f"nothing to resume: {out_dir} is complete and matches its manifest")
         return
     opts = EngineOptions(
-        device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), allow_nonfinite=allow_nonfinite
+        device=device,
+        threads=threads,
+        max_memory=_size(max_memory, "--max-memory"),
+        fused=fused,
+        allow_nonfinite=allow_nonfinite,
     )
     try:
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows

@@ -26,6 +26,7 @@ from merge_cli.errors import MergeCliError
 from merge_cli.finite import check_finite_inputs, ensure_finite
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
+from merge_cli.methods.selection import Threshold
 from merge_cli.plan import MergePlan, TensorJob, report_params
 
 _DONE = object()
@@ -36,6 +37,7 @@ class EngineOptions:
     device: str = "auto"
     threads: int | None = None
     max_memory: int | None = None  # bytes; default: default_max_memory()
+    fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
     # -- reliability (issue 6) --
     allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
@@ -151,11 +153,26 @@ def _bitwise_copy(spec: MethodSpec, job: TensorJob) -> bool:
 class _Compute:
     """Moves inputs to the device in the compute dtype and runs kernels; accumulates task-vector norms."""
 
-    def __init__(self, plan: MergePlan, device: torch.device):
+    def __init__(self, plan: MergePlan, device: torch.device, fused: bool = False):
         self.plan, self.device = plan, device
         self.dtype = ST_TO_TORCH[plan.compute_dtype]
         self.cuda = device.type == "cuda"
+        self.fused = fused and self.dtype == torch.float32
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
+
+    def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+            return None
+        b = base.to(self.device, non_blocking=True) if base is not None else None
+        xs = [t.to(self.device, non_blocking=True) for t in inputs]
+        out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        if out is not None and b is not None:
+            bf = b.to(torch.float32)
+            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs]
+        return out
 
     def prep(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, non_blocking=True).to(self.dtype)
@@ -178,6 +195,9 @@ class _Compute:
         stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
         if _bitwise_copy(spec, job):
             return inputs[0].to(out_dtype), stats
+        out = self.try_fused(job, base, inputs, stats)
+        if out is not None:
+            return self.to_host(out, out_dtype), stats
         b = self.prep(base) if base is not None else None
         xs = [self.prep(t) for t in inputs]
         ctx = _ctx(self.plan, job, self.device)
@@ -189,8 +209,50 @@ class _Compute:
         stats.update(ctx.stats)
         return self.to_host(out, out_dtype), stats
 
-    def chunks(self, job: TensorJob, rows: int) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
-        """(flat offset, base chunk, input chunks) on the device, in row order."""
+    def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
+        """A per-chunk fused apply (offset, base, xs) -> out for linear / task_arithmetic / ties, or None."""
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+            return None
+        if job.method != "ties":
+            return lambda offset, b, xs: whole(job.method, b, xs, weights, params, out_dtype, {})
+        if params.merge_func not in ("mean", "sum"):
+            return None
+        numel = job.numel
+        keep_nothing = Threshold(math.inf, 0, 0, 0)
+
+        def threshold(i: int, d: float) -> Threshold | None:
+            k = int(d * numel)
+            if d >= 1.0 or k >= numel:
+                return None  # keep everything
+            return keep_nothing if k <= 0 else state["thresholds"][i]
+
+        def apply(offset, b, xs):
+            bf = b.to(torch.float32)
+            ts, cuts = [], []
+            for i, (x, d) in enumerate(zip(xs, params.density)):
+                t = threshold(i, d)
+                a = None if t is None or t.keep_all_equal else (x.to(torch.float32) - bf).abs()
+                cuts.append(cutoff(t, a, state["seen"][i], offset, b.numel()))
+                if a is not None:
+                    state["seen"][i] += int((a == t.value).sum())
+                ts.append(t)
+            out, kept, touched, conflict = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            st = state["stats"]
+            for i, k in enumerate(kept.tolist()):
+                st["kept"][i] += int(k)
+            st["touched"] += int(touched)
+            st["conflict"] += int(conflict)
+            return out
+
+        return apply
+
+    def chunks(
+        self, job: TensorJob, rows: int, raw: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(flat offset, base chunk, input chunks) on the device (in the compute dtype unless raw), in row order."""
         models = self.plan.models
         per_row = job.numel // job.shape[0]
         for r0 in range(0, job.shape[0], rows):
@@ -200,7 +262,7 @@ class _Compute:
                 t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
                 if self.check_finite:  # issue 6: NaN/Inf in a source stops the merge
                     ensure_finite(self.plan, ref, t, rows=(r0, r1))
-                return self.prep(t)
+                return t.to(self.device, non_blocking=True) if raw else self.prep(t)
 
             yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
 
@@ -219,9 +281,14 @@ class _Compute:
                 st.gather(state, p, b, xs, params, ctx)
             st.end_pass(state, p)
         sq = [0.0] * len(job.inputs)
-        for offset, b, xs in self.chunks(job, rows):
+        fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
+        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None):
             ctx.offset = offset
-            if st:
+            if fused_apply is not None:
+                out = fused_apply(offset, b, xs)
+                b = b.to(self.dtype) if b is not None else None
+                xs = [x.to(self.dtype) for x in xs] if b is not None else xs
+            elif st:
                 out = st.apply(state, b, xs, weights, params, ctx)
             else:
                 out = spec.kernel(b, xs, weights, params, ctx)
@@ -235,6 +302,21 @@ class _Compute:
             st.finish(state, ctx)
         stats.update(ctx.stats)
         return stats
+
+
+FUSED_AUTO_ELEMENTS = 50_000_000  # below this a merge does not repay compiling
+
+
+def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise MergeCliError(f"--fused {mode}: use auto, on or off")
+    if mode == "off" or device.type != "cpu":
+        return False
+    if mode == "on":
+        return True
+    from merge_cli.fused_methods import FUSED_METHODS
+
+    return sum(j.numel * len(j.inputs) for j in plan.jobs if j.method in FUSED_METHODS) >= FUSED_AUTO_ELEMENTS
 
 
 class _Gate:
@@ -280,7 +362,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     _return_freed_memory()
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
-    compute = _Compute(plan, device)
+    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
     compute.check_finite = not opts.allow_nonfinite
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
