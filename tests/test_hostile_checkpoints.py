@@ -296,7 +296,10 @@ def test_no_remote_code_anywhere():
 @pytest.mark.parametrize(
     "index, why",
     [
-        ("[" * 5000 + "]" * 5000, "RecursionError: maximum recursion depth exceeded while decoding a JSON array"),
+        (
+            "[" * 5000 + "]" * 5000,
+            "RecursionError: maximum recursion depth exceeded while decoding a JSON array",
+        ),
         ('{"weight_map": {"a": ["x"]}}', "TypeError: unhashable type: 'list'"),
         ('{"weight_map": [1]}', "AttributeError: 'list' object has no attribute 'values'"),
     ],
@@ -316,7 +319,9 @@ def test_hostile_hub_index_is_one_line(tmp_path, monkeypatch, family, index, why
     r = write_recipe(tmp_path / "r.yaml", {"method": "linear", "models": [str(family["base"]), "org/evil"]})
     res = run_cli("plan", r)
     assert res.exit_code == 2
-    assert res.stderr.startswith(f"error: hub model 'org/evil': malformed model.safetensors.index.json ({why}")
+    assert res.stderr.startswith(
+        f"error: hub model 'org/evil': malformed model.safetensors.index.json ({why}"
+    )
     assert len(res.stderr.strip().splitlines()) == 1
 
 
@@ -327,7 +332,12 @@ def test_hostile_tokenizer_config_is_one_line(tmp_path, family, text):
     (evil / "tokenizer_config.json").write_text(text)
     r = write_recipe(
         tmp_path / "r.yaml",
-        {"method": "linear", "models": [str(family["base"]), str(evil)], "chat_template": "auto", "donor": "evil"},
+        {
+            "method": "linear",
+            "models": [str(family["base"]), str(evil)],
+            "chat_template": "auto",
+            "donor": "evil",
+        },
     )
     res = run_cli("run", r, tmp_path / "out", "-q")
     why = "JSONDecodeError" if text == "{" else "RecursionError"
