@@ -45,12 +45,16 @@ def plan_fingerprint(plan: MergePlan) -> str:
     inputs = []
     for m in plan.models:
         ck = m.checkpoint
-        files = sorted(str(f) for f in ck.files)
-        if ck.folder is not None and (ck.folder / "config.json").is_file():
-            files.append(str(ck.folder / "config.json"))
+        files = sorted(str(f) for f in getattr(ck, "files", None) or {})
+        folder = getattr(ck, "folder", None)
+        if folder is not None and (Path(folder) / "config.json").is_file():
+            files.append(str(Path(folder) / "config.json"))
         for f in files:
-            st = os.stat(f)
-            inputs.append([f, st.st_size, st.st_mtime_ns])
+            try:
+                st = os.stat(f)
+                inputs.append([f, st.st_size, st.st_mtime_ns])
+            except OSError:
+                inputs.append([f, None, None])
     doc = {
         "tool": __version__,
         "journal": JOURNAL_FORMAT,
