@@ -29,10 +29,18 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 out = Console(highlight=False)
+ALLOW_PICKLE_HELP = (
+    "Also load pickled pytorch_model.bin weights, with torch's weights-only loader (never arbitrary code)."
+)
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a hostile tensor name or YAML key) shown escaped: errors stay one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -107,12 +115,15 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the whole plan, one entry per tensor, as JSON."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Plan a merge from safetensors headers alone (no weight is read) and print a summary."""
     from merge_cli.plan import build_plan
     from merge_cli.render import print_plan
 
-    p = build_plan(_load(recipe), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
+    p = build_plan(
+        _load(recipe), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
+    )
     try:
         if as_json:
             print(json.dumps(p.to_json(), indent=1))
@@ -146,21 +157,26 @@ def run(
     fused: str = typer.Option(
         "auto", help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off."
     ),
+    resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
+    allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
     from merge_cli.io.hub import pinned
+    from merge_cli.io.writer import WriteError, check_output
     from merge_cli.lock import hub_pins, load_lock
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
+    from merge_cli.resume import already_complete, resume_hint, sigterm_as_interrupt
     from merge_cli.stages import is_multi_stage, run_stages
 
     if is_multi_stage(recipe):
         done = run_stages(
             recipe, out_dir, intermediate_dir=intermediate_dir, overwrite=overwrite,
             options=EngineOptions(device=device, threads=threads, max_memory=_size(max_memory, "--max-memory")),
-            plan_kwargs={"allow_arch_mismatch": allow_arch_mismatch, "shard_size": _size(shard_size)},
+            plan_kwargs={"allow_arch_mismatch": allow_arch_mismatch, "shard_size": _size(shard_size), "allow_pickle": allow_pickle},
             overrides={"seed": seed} if seed is not None else None, log=lambda m: print(m, flush=True),
         )  # fmt: skip
         print(f"ran {len(done)} stage(s) ({sum(d == 'reused' for _, d in done)} reused); final model in {out_dir}")
@@ -168,15 +184,43 @@ def run(
 
     lock = load_lock(locked) if locked else None
     with pinned(hub_pins(lock) if lock else {}):
-        p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
+        p = build_plan(
+            _load(recipe, seed),
+            allow_arch_mismatch=allow_arch_mismatch,
+            shard_size=_size(shard_size),
+            allow_pickle=allow_pickle,
+        )
+    if resume and already_complete(out_dir, p):
+        p.close()
+        print(f"nothing to resume: {out_dir} is complete and matches its manifest")
+        return
+    opts = EngineOptions(
+        device=device,
+        threads=threads,
+        max_memory=_size(max_memory, "--max-memory"),
+        fused=fused,
+        allow_nonfinite=allow_nonfinite,
+    )
     try:
-        with progress_bar(p, disable=quiet) as advance:
-            opts = EngineOptions(
-                device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), fused=fused, progress=advance
+        check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
+        with sigterm_as_interrupt(), progress_bar(p, disable=quiet) as advance:
+            opts.progress = advance
+            outcome = execute(
+                p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock", resume=resume
             )
-            outcome = execute(p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock")
+    except KeyboardInterrupt as err:
+        kept = getattr(err, "partial_kept", None)
+        where = f"completed shards are kept in {kept}; " if kept else ""
+        print(f"interrupted: {out_dir} was not written; {where}{resume_hint(recipe, out_dir)}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except WriteError as err:
+        kept = getattr(err, "partial_kept", None)
+        where = f"; completed shards are kept in {kept}" if kept else ""
+        fail(f"{err}{where}; {out_dir} was not written; {resume_hint(recipe, out_dir)}")
     finally:
         p.close()
+    if outcome.note:
+        print(outcome.note, file=sys.stderr)
     e = outcome.engine
     print(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
@@ -187,6 +231,19 @@ def run(
 
         same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
         print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
+
+
+@app.command()
+@handle_errors
+def verify(
+    out_dir: Path = typer.Argument(..., help="A folder written by `merge-cli run`."),
+    no_finite: bool = typer.Option(False, "--no-finite", help="Skip reading every tensor to check for NaN/Inf."),
+):
+    """Check a merged model: manifest hashes and sizes, index against shards, shapes against config, finiteness."""
+    from merge_cli.verify import verify_output
+
+    summary = verify_output(out_dir, check_finite=not no_finite)
+    print(f"ok: {out_dir}: {summary}")
 
 
 @app.command()
@@ -216,12 +273,13 @@ def methods(name: Optional[str] = typer.Argument(None, help="A method to describ
 def inspect(
     model: str = typer.Argument(..., help="A model folder or .safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Describe a checkpoint from its headers: layers, module groups, dtypes, sizes, tied embeddings."""
     from merge_cli.io.checkpoint import open_checkpoint
     from merge_cli.render import describe_checkpoint, print_checkpoint
 
-    ck = open_checkpoint(model, Path.cwd())
+    ck = open_checkpoint(model, Path.cwd(), allow_pickle=allow_pickle)
     try:
         info = describe_checkpoint(ck)
         if as_json:

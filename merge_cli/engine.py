@@ -23,6 +23,7 @@ import torch
 
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
+from merge_cli.finite import check_finite_inputs, ensure_finite
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.selection import Threshold
@@ -38,6 +39,14 @@ class EngineOptions:
     max_memory: int | None = None  # bytes; default: default_max_memory()
     fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
+    # -- reliability (issue 6) --
+    allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
+    skip_shards: frozenset[int] = frozenset()  # shards completed by an interrupted run (--resume): not read
+    on_stats: Callable[[TensorJob, dict[str, Any]], None] | None = None  # each job's stats, before its write
+
+
+# Test hook (issue 6): seconds to sleep after each tensor, so kill-and-resume tests can stop a merge midway.
+TEST_DELAY_ENV = "MERGE_CLI_TEST_DELAY_PER_TENSOR"
 
 
 @dataclass
@@ -149,6 +158,7 @@ class _Compute:
         self.dtype = ST_TO_TORCH[plan.compute_dtype]
         self.cuda = device.type == "cuda"
         self.fused = fused and self.dtype == torch.float32
+        self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
     def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
         from merge_cli import fused
@@ -250,6 +260,8 @@ class _Compute:
 
             def read(ref, r0=r0, r1=r1):
                 t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
+                if self.check_finite:  # issue 6: NaN/Inf in a source stops the merge
+                    ensure_finite(self.plan, ref, t, rows=(r0, r1))
                 return t.to(self.device, non_blocking=True) if raw else self.prep(t)
 
             yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
@@ -351,6 +363,8 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
     compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
+    compute.check_finite = not opts.allow_nonfinite
+    delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
     start = time.perf_counter()
     stop = threading.Event()
@@ -360,6 +374,8 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
+            if writers.error is not None:  # the writer died (disk full...): nothing will drain its queue
+                return False
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -369,6 +385,8 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def reader():
         for job in plan.jobs:
+            if job.shard in opts.skip_shards:
+                continue
             if id(job) in big:
                 item = (job, 0, None, None)  # the main thread streams it in chunks
             else:
@@ -385,8 +403,10 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             try:
                 item = write_q.get(timeout=0.1)
             except queue.Empty:
-                if stop.is_set():
-                    return
+                item = None
+            if stop.is_set():  # interrupted or failed: leave promptly, write nothing more
+                return
+            if item is None:
                 continue
             if item is _DONE:
                 return
@@ -422,11 +442,17 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 stats = compute.chunked(job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers())
                 result.chunked.append(job.name)
             else:
+                if compute.check_finite:
+                    check_finite_inputs(plan, job, base, inputs)
                 out, stats = compute.whole(job, base, inputs)
                 del base, inputs
                 gate.release(held)
                 put(write_q, (job.name, out))
                 del out
+            if opts.on_stats:
+                opts.on_stats(job, stats)
+            if delay:
+                time.sleep(delay)
             nbytes = job_inputs_bytes(plan, job)
             result.bytes_read += nbytes
             result.tensors.append(stats)

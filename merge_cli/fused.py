@@ -89,6 +89,13 @@ def _ties(
     return (b + merged * lam).to(out_dtype), torch.stack(kept), touched.sum(), conflict.sum()
 
 
+def _band(base, x, lo: torch.Tensor, hi: torch.Tensor):
+    """For |x - base|, one byte per entry: 0 below lo, 1 in [lo, hi], 2 above hi (one pointwise pass)."""
+    a = (x.to(torch.float32) - base.to(torch.float32)).abs()
+    return (a >= lo).to(torch.uint8) + (a > hi).to(torch.uint8)
+
+
+band = _compile(_band)
 linear = _compile(_linear)
 task_arithmetic = _compile(_task_arithmetic)
 ties = _compile(_ties)

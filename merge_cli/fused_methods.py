@@ -14,7 +14,7 @@ import torch
 
 from merge_cli import fused
 from merge_cli.methods import ParamSet
-from merge_cli.methods.selection import Threshold, find_threshold
+from merge_cli.methods.selection import SAMPLE, Threshold, bracket, find_threshold, finish_threshold
 
 FUSED_METHODS = ("linear", "task_arithmetic", "ties")
 
@@ -48,20 +48,51 @@ def cutoff(t: Threshold | None, a: torch.Tensor | None, seen: int, offset: int, 
     return offset + int(equal_at[quota - 1]) + 1
 
 
-def ties_thresholds(base, xs, densities) -> list[Threshold | None]:
-    """Per model: None (keep everything), or the exact top-k threshold of |x - base|."""
-    out: list[Threshold | None] = []
+def select(base, x, k: int) -> tuple[Threshold, int] | None:
+    """The exact top-k threshold of |x - base| and the flat-index cutoff of its tie quota, with one fused
+    pass: a strided sample brackets the threshold, the pass counts entries above the bracket and marks
+    those inside it, and the marked positions give both the candidates and where the equal ones sit."""
     n = base.numel()
-    b = base.to(torch.float32)
+    fx, fb = x.reshape(-1), base.reshape(-1)
+    step = max(1, n // SAMPLE)
+    lo, hi = bracket((fx[::step].to(torch.float32) - fb[::step].to(torch.float32)).abs(), k, n)
+    code = fused.band(base, x, torch.tensor(lo, device=x.device), torch.tensor(hi, device=x.device))
+    if code is None:
+        return None
+    code = code.reshape(-1)
+    above_hi = int((code == 2).sum())
+    idx = torch.nonzero(code == 1).squeeze(1)
+    cands = (fx[idx].to(torch.float32) - fb[idx].to(torch.float32)).abs()
+    t = finish_threshold(cands, int(above_hi), k)
+    if t is None:  # the bracket missed (rare): select on the whole tensor
+        a = (fx.to(torch.float32) - fb.to(torch.float32)).abs()
+        t = find_threshold(a, k)
+        return t, cutoff(t, a, 0, 0, n)
+    if t.keep_all_equal:
+        return t, n
+    return t, int(idx[cands == t.value][t.take_equal - 1]) + 1
+
+
+def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[int]] | None:
+    """Per model: None (keep everything) or the exact top-k threshold of |x - base|, and the tie cutoffs."""
+    ts: list[Threshold | None] = []
+    cuts: list[int] = []
+    n = base.numel()
     for x, d in zip(xs, densities):
         k = int(d * n)
         if d >= 1.0 or k >= n:
-            out.append(None)
+            ts.append(None)
+            cuts.append(n)
         elif k <= 0:
-            out.append(Threshold(float("inf"), 0, 0, 0))
+            ts.append(Threshold(float("inf"), 0, 0, 0))
+            cuts.append(n)
         else:
-            out.append(find_threshold((x.to(torch.float32) - b).abs(), k))
-    return out
+            found = select(base, x, k)
+            if found is None:
+                return None
+            ts.append(found[0])
+            cuts.append(found[1])
+    return ts, cuts
 
 
 def run_ties(base, xs, weights, p: ParamSet, out_dtype, thresholds, cutoffs, offset: int = 0):
@@ -82,10 +113,10 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
     if method == "task_arithmetic":
         return run_task_arithmetic(base, xs, weights, p, out_dtype)
     if method == "ties" and p.merge_func in ("mean", "sum"):
-        ts = ties_thresholds(base, xs, p.density)
-        b = base.to(torch.float32)
-        cuts = [cutoff(t, None if t is None or t.keep_all_equal else (x.to(torch.float32) - b).abs(), 0, 0, base.numel()) for t, x in zip(ts, xs)]
-        res = run_ties(base, xs, weights, p, out_dtype, ts, cuts)
+        sel = ties_thresholds(base, xs, p.density)
+        if sel is None:
+            return None
+        res = run_ties(base, xs, weights, p, out_dtype, *sel)
         if res is None:
             return None
         out, kept, touched, conflict = res

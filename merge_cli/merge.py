@@ -13,6 +13,7 @@ from merge_cli.io.writer import ShardedWriter, check_output
 from merge_cli.lock import LOCK_NAME, dump_lock
 from merge_cli.plan import MergePlan
 from merge_cli.report import build_report, report_markdown
+from merge_cli.resume import ResumableRun
 from merge_cli.sidefiles import write_side_files
 
 SIDE_FILES = (
@@ -38,14 +39,19 @@ class MergeOutcome:
     out_dir: Path
     engine: EngineResult
     report: dict
+    shards_reused: int = 0
+    note: str = ""
 
 
-def writer_for(plan: MergePlan, out_dir: Path) -> ShardedWriter:
-    shards = [
+def shard_entries(plan: MergePlan) -> list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]]]:
+    return [
         (s.filename, [(plan.jobs[i].name, plan.jobs[i].out_dtype, plan.jobs[i].shape, plan.jobs[i].nbytes) for i in s.jobs])
         for s in plan.shards
     ]
-    return ShardedWriter(out_dir, shards)
+
+
+def writer_for(plan: MergePlan, out_dir: Path) -> ShardedWriter:
+    return ShardedWriter(out_dir, shard_entries(plan))
 
 
 def execute(
@@ -56,14 +62,19 @@ def execute(
     options: EngineOptions | None = None,
     locked: dict | None = None,
     lock_path: Path | str = "lock",
+    resume: bool = False,
 ) -> MergeOutcome:
+    """Run a merge into out_dir. A journal of completed shards makes it resumable (see resume.py): an
+    interrupt or a write error keeps the temporary folder; `resume=True` reuses its verified shards."""
     out_dir = Path(out_dir)
     check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
     # issue 7 (hub, lock, side files, card): merge_cli/hubrun.py
     hub = prepare_inputs(plan, locked, lock_path)
-    writer = writer_for(plan, out_dir)
+    run = ResumableRun(plan, out_dir, resume)
+    writer = run.writer(shard_entries(plan))
     try:
-        result = run_merge(plan, writer, options)
+        result = run_merge(plan, writer, run.engine_options(options or EngineOptions()))
+        run.complete(result)
         writer.write_index({"merged_by": "merge-cli"})
         if plan.config is not None:
             writer.write_json("config.json", plan.config)
@@ -73,6 +84,7 @@ def execute(
             "device": result.device,
             "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written,
+            "shards_reused": run.reused,
         }
         report = build_report(plan, result.tensors, engine)
         recipe_text = plan.recipe.path.read_text() if plan.recipe.path else ""
@@ -83,7 +95,8 @@ def execute(
         writer.write_text(LOCK_NAME, dump_lock(lock))
         writer.write_text("README.md", model_card(plan, recipe_text, report, lock, hub.front))
         final = writer.finish(overwrite)
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        if run.abort(writer, e):
+            e.partial_kept = writer.tmp  # the CLI tells how to resume
         raise
-    return MergeOutcome(final, result, report)
+    return MergeOutcome(final, result, report, run.reused, run.state.note)

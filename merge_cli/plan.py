@@ -133,9 +133,10 @@ def _order_key(job: TensorJob):
 
 
 class _Builder:
-    def __init__(self, recipe: Recipe, allow_arch_mismatch: bool):
+    def __init__(self, recipe: Recipe, allow_arch_mismatch: bool, allow_pickle: bool = False):
         self.r = recipe
         self.allow_arch_mismatch = allow_arch_mismatch
+        self.allow_pickle = allow_pickle  # issue 6: pytorch_model.bin only on request, weights-only
         self.models: list[ModelSlot] = []
         self._by_ref: dict[str, int] = {}
         self.resolver = ParamResolver()
@@ -146,7 +147,7 @@ class _Builder:
     def slot(self, ref: str, label: str | None = None) -> int:
         if ref in self._by_ref:
             return self._by_ref[ref]
-        ckpt = open_checkpoint(ref, self.r.base_dir)
+        ckpt = open_checkpoint(ref, self.r.base_dir, allow_pickle=self.allow_pickle)
         for i, m in enumerate(self.models):  # the same folder under two spellings
             if m.path == str(ckpt.path):
                 self._by_ref[ref] = i
@@ -428,8 +429,10 @@ def estimate_peak(jobs: list[TensorJob], models: list[ModelSlot], compute_bytes:
     return peak
 
 
-def build_plan(recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None) -> MergePlan:
-    b = _Builder(recipe, allow_arch_mismatch)
+def build_plan(
+    recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None, allow_pickle: bool = False
+) -> MergePlan:
+    b = _Builder(recipe, allow_arch_mismatch, allow_pickle)
     try:
         ref, num_layers = b.build_slices() if recipe.slices else b.build_models()
     except (PlanError, CheckpointError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from merge_cli.errors import RecipeError, did_you_mean
+from merge_cli.errors import CheckpointError, RecipeError, did_you_mean
 from merge_cli.io.checkpoint import Checkpoint
 
 EXTRA_SIDE_FILES = (
@@ -85,9 +85,18 @@ def _template_of(ck: Checkpoint) -> str | None:
         return p.read_text()
     p = _side_file(ck, "tokenizer_config.json")
     if p is not None:
-        t = json.loads(p.read_text()).get("chat_template")
+        t = _json_object(p).get("chat_template")
         return t if isinstance(t, str) else None
     return None
+
+
+def _json_object(path: Path) -> dict:
+    """A side file from a stranger's model folder: malformed JSON is one CheckpointError line (issue 6)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable {path.name} ({e.__class__.__name__}); fix or remove it") from None
+    return data if isinstance(data, dict) else {}
 
 
 def resolve_chat_template(plan) -> tuple[str, str] | None:
@@ -130,7 +139,7 @@ def tokenizer_size(path: Path) -> int | None:
         ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab or [])))
         ids |= {t["id"] for t in tok.get("added_tokens", [])}
         return max(ids) + 1 if ids else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -150,7 +159,7 @@ def write_side_files(plan, writer, files: dict[str, Path], template: tuple[str, 
         writer.write_text("chat_template.jinja", text)
         tc = {}
         if "tokenizer_config.json" in files:
-            tc = json.loads(files["tokenizer_config.json"].read_text())
+            tc = _json_object(files["tokenizer_config.json"])
         tc["chat_template"] = text
         writer.write_json("tokenizer_config.json", tc)
         notes.append(f"chat template from {origin}")

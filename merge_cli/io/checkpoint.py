@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from merge_cli.errors import CheckpointError
+from merge_cli.io.pickle_loader import PICKLE_HINT, PICKLE_INDEX_NAME, PICKLE_NAME, PickleFile, is_pickle_path
 from merge_cli.io.safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,6 +39,11 @@ def resolve_model_path(ref: str, base_dir: Path | None = None) -> Path:
     )
 
 
+def _short(e: BaseException) -> str:
+    text = f"{e.__class__.__name__}: {e}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _safe_member(folder: Path, name: str, index_path: Path) -> Path:
     """A shard name from an index must stay inside the model folder (no '..', absolute paths or escaping links)."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
@@ -46,8 +52,8 @@ def _safe_member(folder: Path, name: str, index_path: Path) -> Path:
     real_folder = folder.resolve()
     try:
         real = path.resolve()
-    except OSError as e:  # symlink loops
-        raise CheckpointError(f"{index_path}: cannot resolve shard {name!r} ({e.strerror})") from None
+    except (OSError, ValueError) as e:  # symlink loops, NUL bytes
+        raise CheckpointError(f"{index_path}: cannot resolve shard {name!r} ({getattr(e, 'strerror', None) or e})") from None
     if real_folder != real and real_folder not in real.parents:
         raise CheckpointError(f"{index_path}: shard {name!r} is a link that escapes the model folder; refusing it")
     return path
@@ -56,9 +62,10 @@ def _safe_member(folder: Path, name: str, index_path: Path) -> Path:
 class Checkpoint:
     """Header-level view of one model and lazy tensor reads."""
 
-    def __init__(self, path: Path, ref: str | None = None):
+    def __init__(self, path: Path, ref: str | None = None, *, allow_pickle: bool = False):
         self.path = Path(path)
         self.ref = ref or str(path)
+        self.allow_pickle = allow_pickle
         self.files: dict[Path, SafetensorsFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.config: dict | None = None
@@ -66,6 +73,8 @@ class Checkpoint:
         if self.path.is_dir():
             self.folder = self.path
             self._open_folder()
+        elif self.path.is_file() and is_pickle_path(self.path):
+            self._add_file(self.path, None, loader=self._pickle_loader())
         elif self.path.is_file():
             self._add_file(self.path, None)
         else:
@@ -79,27 +88,13 @@ class Checkpoint:
         if cfg.is_file():
             try:
                 self.config = json.loads(cfg.read_text())
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{cfg}: unreadable config.json ({e}); fix or remove it") from None
+            except (OSError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"{cfg}: unreadable config.json ({_short(e)}); fix or remove it") from None
             if not isinstance(self.config, dict):
                 raise CheckpointError(f"{cfg}: config.json is not a JSON object")
         index = folder / INDEX_NAME
         if index.is_file():
-            try:
-                data = json.loads(index.read_text())
-                weight_map = data["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: malformed index ({e}); re-download the model") from None
-            by_file: dict[str, list[str]] = {}
-            for tname, fname in weight_map.items():
-                by_file.setdefault(fname, []).append(tname)
-            for fname, names in sorted(by_file.items()):
-                shard = _safe_member(folder, fname, index)
-                if not shard.is_file():
-                    raise CheckpointError(f"{index}: shard '{fname}' is missing from {folder}; download it again")
-                self._add_file(shard, set(names), index)
+            self._open_index(index, SafetensorsFile)
             return
         single = folder / SINGLE_NAME
         if single.is_file():
@@ -109,16 +104,44 @@ class Checkpoint:
         if len(others) == 1:
             self._add_file(others[0], None)
             return
-        if (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
-            raise CheckpointError(
-                f"model '{self.ref}': {folder} has only pickled pytorch_model.bin weights; convert them to safetensors"
-            )
+        if (folder / PICKLE_INDEX_NAME).is_file():
+            self._open_index(folder / PICKLE_INDEX_NAME, self._pickle_loader())
+            return
+        if (folder / PICKLE_NAME).is_file():
+            self._add_file(folder / PICKLE_NAME, None, loader=self._pickle_loader())
+            return
         raise CheckpointError(
             f"model '{self.ref}': {folder} has no {SINGLE_NAME} or {INDEX_NAME}; is it an HF model folder?"
         )
 
-    def _add_file(self, path: Path, expected: set[str] | None, index: Path | None = None) -> None:
-        st = SafetensorsFile(path)
+    def _pickle_loader(self):
+        if not self.allow_pickle:
+            raise CheckpointError(f"model '{self.ref}': {self.path} has only pickled PyTorch weights; {PICKLE_HINT}")
+        return PickleFile
+
+    def _open_index(self, index: Path, loader) -> None:
+        folder = self.path
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{index}: malformed index ({_short(e)}); re-download the model") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: malformed index (no weight_map object); re-download the model")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index}: weight_map maps '{bad[0]}' to {bad[1]!r}, not a file name; re-download the model")
+        by_file: dict[str, list[str]] = {}
+        for tname, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(tname)
+        for fname, names in sorted(by_file.items()):
+            shard = _safe_member(folder, fname, index)
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: shard '{fname}' is missing from {folder}; download it again")
+            self._add_file(shard, set(names), index, loader)
+
+    def _add_file(self, path: Path, expected: set[str] | None, index: Path | None = None, loader=SafetensorsFile) -> None:
+        st = loader(path)
         self.files[path] = st
         if expected is not None:
             missing = expected - st.tensors.keys()
@@ -164,11 +187,11 @@ class Checkpoint:
             f.close()
 
 
-def open_checkpoint(ref: str, base_dir: Path | None = None) -> Checkpoint:
+def open_checkpoint(ref: str, base_dir: Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
     # hub ids (org/name@rev) and base+adapter references: merge_cli/io/refs.py (issue 7)
     from merge_cli.io.refs import open_special
 
     special = open_special(ref, base_dir)
     if special is not None:
         return special
-    return Checkpoint(resolve_model_path(ref, base_dir), ref)
+    return Checkpoint(resolve_model_path(ref, base_dir), ref, allow_pickle=allow_pickle)

@@ -223,8 +223,8 @@ class HubCheckpoint(Checkpoint):
         if weights is None and self.repo.has("config.json"):
             try:
                 self.config = json.loads(self.repo.fetch("config.json").read_text())
-            except ValueError as e:
-                raise CheckpointError(f"hub model '{ref}': unreadable config.json ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"hub model '{ref}': unreadable config.json ({str(e)[:120]})") from None
         for fname in self._weight_files(weights):
             for name, (dtype, shape, nbytes) in self.repo.header(fname).items():
                 if name in self.tensors:
@@ -242,9 +242,11 @@ class HubCheckpoint(Checkpoint):
         if self.repo.has(INDEX_NAME):
             try:
                 wm = json.loads(self.repo.fetch(INDEX_NAME).read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"hub model '{self.ref}': malformed {INDEX_NAME} ({e})") from None
-            names = sorted(set(wm.values()))
+                names = sorted(set(wm.values()))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # issue 6: hostile index
+                raise CheckpointError(
+                    f"hub model '{self.ref}': malformed {INDEX_NAME} ({e.__class__.__name__}: {str(e)[:120]})"
+                ) from None
             bad = [n for n in names if not isinstance(n, str) or ".." in n.split("/") or n.startswith("/")]
             if bad:
                 raise CheckpointError(f"hub model '{self.ref}': index names file {bad[0]!r} outside the repo")

@@ -67,8 +67,8 @@ def _lora_scale(cfg: dict, module: str, rank: int) -> float:
 def read_adapter_config(path: Path, where: str) -> dict:
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"adapter '{where}': unreadable {ADAPTER_CONFIG} ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"adapter '{where}': unreadable {ADAPTER_CONFIG} ({str(e)[:120]})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"adapter '{where}': {ADAPTER_CONFIG} is not a JSON object")
     ptype = str(cfg.get("peft_type", "LORA")).upper()

@@ -73,6 +73,8 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"malformed header JSON ({e.__class__.__name__}: {e})") from None
+        except (ValueError, RecursionError) as e:  # e.g. a 5000-digit integer, or nesting a thousand deep
+            raise self._fail(f"malformed header JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         data_start = 8 + hlen
@@ -95,7 +97,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"header entry for '{name}' is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in ST_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
             raise self._fail(f"tensor '{name}' has unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise self._fail(f"tensor '{name}' has an invalid shape {shape!r}")

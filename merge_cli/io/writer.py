@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ from merge_cli.errors import OutputError
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
+JOURNAL = ".resume-journal.jsonl"  # completed shards, for --resume (merge_cli/resume.py); never in the output
+
+
+class WriteError(OutputError):
+    """Writing the output failed midway (disk full, I/O error): completed shards stay for --resume."""
+
+
+def write_failed(path: Path, e: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {e.strerror or e} (errno {e.errno}); free space or fix the disk")
 
 
 def temp_dir_for(out_dir: Path) -> Path:
@@ -60,41 +70,76 @@ def shard_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
 class _HashingFile:
     def __init__(self, path: Path):
         self.path = path
-        self.f = open(path, "wb")  # noqa: SIM115
+        try:
+            self.f = open(path, "wb")  # noqa: SIM115
+        except OSError as e:
+            raise write_failed(path, e) from None
         self.sha = hashlib.sha256()
         self.size = 0
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.f.write(mv)
+        try:
+            self.f.write(mv)
+        except OSError as e:
+            raise write_failed(self.path, e) from None
         self.sha.update(mv)
         self.size += len(mv)
 
     def close(self) -> tuple[str, int]:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            raise write_failed(self.path, e) from None
         return self.sha.hexdigest(), self.size
+
+    def discard(self) -> None:
+        """Close and delete an unfinished file."""
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
 
 
 class ShardedWriter:
-    """Writes planned shards in order. `shards` is a list of (filename, [(name, dtype, shape, nbytes), ...])."""
+    """Writes planned shards in order. `shards` is a list of (filename, [(name, dtype, shape, nbytes), ...]).
 
-    def __init__(self, out_dir: Path, shards: list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]]]):
+    `reuse` (resume): shards already complete in the temporary folder, filename -> (sha256, size); they are
+    kept and skipped. `on_shard_done(filename, sha256, size)` runs after each shard is flushed to disk.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        shards: list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]]],
+        *,
+        reuse: dict[str, tuple[str, int]] | None = None,
+        on_shard_done: Callable[[str, str, int], None] | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.tmp = temp_dir_for(self.out_dir)
         self.shards = shards
-        self.digests: dict[str, tuple[str, int]] = {}
+        self.digests: dict[str, tuple[str, int]] = dict(reuse or {})
+        self.on_shard_done = on_shard_done
+        self.manifest_extra: dict[str, Any] = {}  # e.g. the plan fingerprint, so --resume knows a finished run
         self._shard = -1
         self._pos = 0
         self._partial = 0  # bytes of the current tensor written so far (tensors may arrive in row chunks)
         self._file: _HashingFile | None = None
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        try:
+            if reuse is None and self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True, exist_ok=reuse is not None)
+        except OSError as e:
+            raise write_failed(self.tmp, e) from None
 
     def _next_shard(self) -> None:
         self._shard += 1
+        while self.shards[self._shard][0] in self.digests:  # completed by an earlier, interrupted run
+            self._shard += 1
         self._pos = 0
         fname, entries = self.shards[self._shard]
         self._file = _HashingFile(self.tmp / fname)
@@ -104,8 +149,11 @@ class ShardedWriter:
 
     def _close_shard(self) -> None:
         assert self._file is not None
-        self.digests[self.shards[self._shard][0]] = self._file.close()
+        fname = self.shards[self._shard][0]
+        self.digests[fname] = self._file.close()
         self._file = None
+        if self.on_shard_done is not None:
+            self.on_shard_done(fname, *self.digests[fname])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor, whole or as its next block of rows; names, dtypes and shapes must
@@ -144,21 +192,27 @@ class ShardedWriter:
         self.write_text(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        (self.tmp / name).write_text(text, encoding="utf-8")
+        try:
+            (self.tmp / name).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise write_failed(self.tmp / name, e) from None
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copyfile(src, self.tmp / (name or src.name))
+        try:
+            shutil.copyfile(src, self.tmp / (name or src.name))
+        except OSError as e:
+            raise write_failed(self.tmp / (name or src.name), e) from None
 
     def finish(self, overwrite: bool) -> Path:
         """Write the manifest last, then move the finished folder into place."""
-        if self._file is not None or self._shard != len(self.shards) - 1:
+        if self._file is not None or any(fname not in self.digests for fname, _ in self.shards):
             raise RuntimeError("finish() before every planned tensor was written")
         files = {}
         for p in sorted(self.tmp.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.name != JOURNAL:
                 rel = p.relative_to(self.tmp).as_posix()
                 files[rel] = self.digests.get(rel) or _digest(p)
-        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}}
+        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}, **self.manifest_extra}
         self.write_json(MANIFEST, manifest)
         _fsync_dir(self.tmp)
         out = self.out_dir
@@ -168,20 +222,25 @@ class ShardedWriter:
                 raise OutputError(f"output {out} appeared while merging; pass --overwrite to replace it")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(self.tmp, out)
+        try:
+            (self.tmp / JOURNAL).unlink(missing_ok=True)
+            os.replace(self.tmp, out)
+        except OSError as e:
+            if old is not None:  # put the previous output back
+                os.replace(old, out)
+            raise write_failed(out, e) from None
         _fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return out
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Drop the unfinished shard; with keep, leave the completed ones (and the journal) for --resume."""
         if self._file is not None:
-            try:
-                self._file.f.close()
-            except OSError:
-                pass
+            self._file.discard()
             self._file = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _digest(path: Path) -> tuple[str, int]:

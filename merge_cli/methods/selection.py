@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLE = 16384  # sample size for the bracket
+SAMPLE = 65536  # sample size for the bracket
 SMALL = 1 << 16  # below this many elements a plain kthvalue is as fast
 
 
@@ -49,7 +49,8 @@ def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _finish(cands: torch.Tensor, above_hi: int, k: int) -> Threshold | None:
+def finish_threshold(cands: torch.Tensor, above_hi: int, k: int) -> Threshold | None:
+    """The threshold from the values inside a bracket and the count above it; None if the bracket missed."""
     need = k - above_hi
     if need <= 0 or need > cands.numel():
         return None
@@ -74,7 +75,7 @@ def find_threshold(scores: torch.Tensor, k: int) -> Threshold:
     lo, hi = bracket(flat[:: max(1, n // SAMPLE)], k, n)
     above_hi = int((flat > hi).sum()) if hi != math.inf else 0
     band = flat >= lo if hi == math.inf else (flat >= lo) & (flat <= hi)
-    found = _finish(flat[band], above_hi, k)
+    found = finish_threshold(flat[band], above_hi, k)
     return found if found is not None else _exact(flat, k)
 
 
