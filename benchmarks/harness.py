@@ -195,13 +195,16 @@ def _models(method: Method, base: Path, experts: list[Path]) -> tuple[dict, list
 def mergekit_recipe(
     method: Method, base: Path, experts: list[Path], dtype: str = "bfloat16", out_dtype: str = "bfloat16"
 ) -> dict:
-    """A recipe in mergekit's schema. mergekit loads *and computes* in ``dtype``."""
+    """A recipe in mergekit's schema. mergekit loads *and computes* in ``dtype``; dtype "none" leaves the key
+    out (mergekit then computes in the inputs' dtype, merge-cli in float32)."""
     base_entry, models = _models(method, base, experts)
     params = {"normalize": True} if method.name != "task_arithmetic" else {}
     recipe = {"merge_method": method.name, **base_entry, "models": models}
     if params:
         recipe["parameters"] = params
-    return {**recipe, "dtype": dtype, "out_dtype": out_dtype}
+    if dtype and dtype != "none":
+        recipe["dtype"] = dtype
+    return {**recipe, "out_dtype": out_dtype}
 
 
 def native_recipe(
