@@ -169,6 +169,9 @@ class _Compute:
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
         out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        bad = stats.pop("_nonfinite", None)
+        if out is not None and self.check_finite and bad and any(bad):
+            check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
         if out is not None and b is not None:
             bf = b.to(torch.float32)
             stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs]
@@ -194,10 +197,14 @@ class _Compute:
         out_dtype = ST_TO_TORCH[job.out_dtype]
         stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
         if _bitwise_copy(spec, job):
+            if self.check_finite:
+                check_finite_inputs(self.plan, job, base, inputs)
             return inputs[0].to(out_dtype), stats
-        out = self.try_fused(job, base, inputs, stats)
+        out = self.try_fused(job, base, inputs, stats)  # checks NaN/Inf inside the fused loop
         if out is not None:
             return self.to_host(out, out_dtype), stats
+        if self.check_finite:
+            check_finite_inputs(self.plan, job, base, inputs)
         b = self.prep(base) if base is not None else None
         xs = [self.prep(t) for t in inputs]
         ctx = _ctx(self.plan, job, self.device)
@@ -239,7 +246,7 @@ class _Compute:
                 if a is not None:
                     state["seen"][i] += int((a == t.value).sum())
                 ts.append(t)
-            out, kept, touched, conflict = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            out, kept, touched, conflict, _ = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
             st = state["stats"]
             for i, k in enumerate(kept.tolist()):
                 st["kept"][i] += int(k)
@@ -250,7 +257,7 @@ class _Compute:
         return apply
 
     def chunks(
-        self, job: TensorJob, rows: int, raw: bool = False
+        self, job: TensorJob, rows: int, raw: bool = False, check: bool = True
     ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
         """(flat offset, base chunk, input chunks) on the device (in the compute dtype unless raw), in row order."""
         models = self.plan.models
@@ -260,7 +267,7 @@ class _Compute:
 
             def read(ref, r0=r0, r1=r1):
                 t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
-                if self.check_finite:  # issue 6: NaN/Inf in a source stops the merge
+                if check and self.check_finite:  # issue 6: NaN/Inf in a source stops the merge (first pass)
                     ensure_finite(self.plan, ref, t, rows=(r0, r1))
                 return t.to(self.device, non_blocking=True) if raw else self.prep(t)
 
@@ -276,13 +283,14 @@ class _Compute:
         st = spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
         for p in range(st.passes if st else 0):
-            for offset, b, xs in self.chunks(job, rows):
+            for offset, b, xs in self.chunks(job, rows, check=p == 0):
                 ctx.offset = offset
                 st.gather(state, p, b, xs, params, ctx)
             st.end_pass(state, p)
         sq = [0.0] * len(job.inputs)
         fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
-        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None):
+        first = not (st and st.passes)  # the first pass over the rows checks them for NaN/Inf
+        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None, check=first):
             ctx.offset = offset
             if fused_apply is not None:
                 out = fused_apply(offset, b, xs)
@@ -442,8 +450,6 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 stats = compute.chunked(job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers())
                 result.chunked.append(job.name)
             else:
-                if compute.check_finite:
-                    check_finite_inputs(plan, job, base, inputs)
                 out, stats = compute.whole(job, base, inputs)
                 del base, inputs
                 gate.release(held)

@@ -40,11 +40,16 @@ def available() -> bool:
     return not _failed
 
 
+def _bad(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """NaN/Inf count of each input, computed in the same loop as the merge (no extra pass over memory)."""
+    return torch.stack([(~torch.isfinite(t.to(torch.float32))).sum() for t in tensors])
+
+
 def _linear(xs: list[torch.Tensor], w: torch.Tensor, divisor: torch.Tensor, out_dtype: torch.dtype):
     acc = xs[0].to(torch.float32) * w[0]
     for i in range(1, len(xs)):
         acc = acc + xs[i].to(torch.float32) * w[i]
-    return (acc / divisor).to(out_dtype)
+    return (acc / divisor).to(out_dtype), _bad(xs)
 
 
 def _task_arithmetic(base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
@@ -52,7 +57,7 @@ def _task_arithmetic(base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch
     delta = (xs[0].to(torch.float32) - b) * w[0]
     for i in range(1, len(xs)):
         delta = delta + (xs[i].to(torch.float32) - b) * w[i]
-    return (b + delta * scale).to(out_dtype)
+    return (b + delta * scale).to(out_dtype), _bad([base, *xs])
 
 
 def _ties(
@@ -86,7 +91,7 @@ def _ties(
         touched = touched | agree
         conflict = conflict | (along < 0)
     merged = num / torch.where(den == 0, 1.0, den) if mean else num
-    return (b + merged * lam).to(out_dtype), torch.stack(kept), touched.sum(), conflict.sum()
+    return (b + merged * lam).to(out_dtype), torch.stack(kept), touched.sum(), conflict.sum(), _bad([base, *xs])
 
 
 def _band(base, x, lo: torch.Tensor, hi: torch.Tensor):

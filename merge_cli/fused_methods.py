@@ -106,12 +106,26 @@ def run_ties(base, xs, weights, p: ParamSet, out_dtype, thresholds, cutoffs, off
     return res
 
 
+def applies(method: str, p: ParamSet) -> bool:
+    return method in ("linear", "task_arithmetic") or (method == "ties" and p.merge_func in ("mean", "sum"))
+
+
+def _out(res, stats: dict[str, Any]):
+    """Unpack (output, NaN/Inf counts of the inputs); the counts go to stats['_nonfinite']."""
+    if res is None:
+        return None
+    out, bad = res
+    stats["_nonfinite"] = bad.tolist()
+    return out
+
+
 def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any]):
-    """One whole tensor through its fused kernel; None if the kernel is unavailable or does not apply."""
+    """One whole tensor through its fused kernel; None if the kernel is unavailable or does not apply.
+    stats['_nonfinite'] receives the NaN/Inf count of each input ([base] + xs when there is a base)."""
     if method == "linear":
-        return run_linear(base, xs, weights, p, out_dtype)
+        return _out(run_linear(base, xs, weights, p, out_dtype), stats)
     if method == "task_arithmetic":
-        return run_task_arithmetic(base, xs, weights, p, out_dtype)
+        return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
     if method == "ties" and p.merge_func in ("mean", "sum"):
         sel = ties_thresholds(base, xs, p.density)
         if sel is None:
@@ -119,7 +133,8 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
         res = run_ties(base, xs, weights, p, out_dtype, *sel)
         if res is None:
             return None
-        out, kept, touched, conflict = res
+        out, kept, touched, conflict, bad = res
+        stats["_nonfinite"] = bad.tolist()
         n = base.numel()
         stats["kept_fraction"] = [int(k) / n for k in kept]
         stats["sign_conflict_rate"] = int(conflict) / max(int(touched), 1)

@@ -141,3 +141,21 @@ def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, me
             for key in ("kept_fraction", "sign_conflict_rate"):
                 if key in ref_stats[name]:
                     assert stats[name][key] == pytest.approx(ref_stats[name][key]), (label, name, key)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
+    from merge_cli.errors import CheckpointError
+
+    m = _models(tmp_path)
+    bad = load_output(m["e1"])
+    bad["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    write_model(tmp_path / "bad", bad)
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    recipe = write_recipe(tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n")
+    plan = build_plan(load_recipe(recipe))
+    with pytest.raises(CheckpointError) as e:
+        execute(plan, tmp_path / "out", options=EngineOptions(fused="on"))
+    plan.close()
+    assert str(e.value).startswith("model 'bad': tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN value(s) out of 6144")
+    assert not (tmp_path / "out").exists()
