@@ -21,6 +21,7 @@ from merge_cli.errors import MergeCliError
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, ParamSet, TensorCtx
 from merge_cli.plan import MergePlan, TensorJob, report_params
+from merge_cli.stats_pass import run_stats_passes
 
 _DONE = object()
 
@@ -31,6 +32,7 @@ class EngineOptions:
     threads: int | None = None
     prefetch: int = 2  # jobs read ahead
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
+    on_pass: Callable[[dict[str, Any]], None] | None = None  # called after each whole-model statistics pass
 
 
 @dataclass
@@ -40,6 +42,8 @@ class EngineResult:
     bytes_read: int = 0
     bytes_written: int = 0
     device: str = "cpu"
+    stats_passes: list[dict[str, Any]] = field(default_factory=list)  # whole-model statistics passes (stats_pass.py)
+    whole_model: dict[str, Any] = field(default_factory=dict)  # their statistics, per method
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -72,7 +76,12 @@ def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list
 
 
 def compute_job(
-    plan: MergePlan, job: TensorJob, base: torch.Tensor | None, inputs: list[torch.Tensor], device: torch.device
+    plan: MergePlan,
+    job: TensorJob,
+    base: torch.Tensor | None,
+    inputs: list[torch.Tensor],
+    device: torch.device,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run one job's kernel; returns the output tensor (CPU, output dtype) and its statistics."""
     spec = METHODS[job.method]
@@ -88,6 +97,8 @@ def compute_job(
     b = prep(base) if base is not None else None
     xs = [prep(t) for t in inputs]
     ctx = TensorCtx(name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device)
+    ctx.num_layers = plan.num_layers
+    ctx.extra = extra if extra is not None else {}
     params = ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
     out = spec.kernel(b, xs, list(job.weights), params, ctx)
     if tuple(out.shape) != tuple(job.shape):
@@ -118,6 +129,11 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
         torch.set_num_threads(opts.threads)
     result = EngineResult(device=str(device))
     start = time.perf_counter()
+    # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
+    extras, result.stats_passes, result.whole_model = run_stats_passes(
+        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
+    )
+    result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     write_q: queue.Queue = queue.Queue(maxsize=2)
@@ -163,7 +179,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if item is _DONE:
                 break
             job, base, inputs = item
-            out, stats = compute_job(plan, job, base, inputs, device)
+            out, stats = compute_job(plan, job, base, inputs, device, extras.get(job.method))
             nbytes = job_inputs_bytes(plan, job)
             result.bytes_read += nbytes
             result.tensors.append(stats)

@@ -65,6 +65,9 @@ def execute(plan: MergePlan, out_dir: Path, *, overwrite: bool = False, options:
             "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written,
         }
+        if result.stats_passes:
+            engine["stats_passes"] = result.stats_passes
+            engine["whole_model"] = result.whole_model
         report = build_report(plan, result.tensors, engine)
         recipe_text = plan.recipe.path.read_text() if plan.recipe.path else ""
         writer.write_text("recipe.yaml", recipe_text)

@@ -1,0 +1,126 @@
+"""Building blocks of whole-model methods: the WholeModelStats base class and exact streamed selection.
+
+`RadixSelect` gives exact order statistics (the k-th smallest value of a task vector over the whole model)
+in two passes with 2 x 65536 counters per requested rank: pass one histograms the high 16 bits of a
+monotone integer key of each fp32 value, pass two the low 16 bits of the values in the chosen bucket.
+No value is kept, so memory does not grow with the model. The driver is merge_cli/stats_pass.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from merge_cli.methods.base import ParamSet, TensorCtx
+
+if TYPE_CHECKING:
+    from merge_cli.plan import TensorJob
+
+CHUNK = 1 << 24  # elements per histogram step: bounds the temporaries of one (large) tensor
+
+_BINS = 1 << 16
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose signed order is the order of the fp32 values (-0.0 is first mapped to +0.0)."""
+    b = (x.reshape(-1).to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def key_to_float(key: int) -> float:
+    k = torch.tensor([key], dtype=torch.int32)
+    return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32))
+
+
+class RadixSelect:
+    """Exact k-th smallest values (1-based ranks) of one stream of fp32 values, over two passes.
+
+    Call `add(values)` for every piece of the stream in pass 0, `advance()`, the same again in pass 1,
+    `advance()`; then `values` holds one float per requested rank. `count` is the stream length.
+    """
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = list(ranks)
+        self.phase = 0
+        self.count = 0
+        self.high = torch.zeros(_BINS, dtype=torch.int64)
+        self.buckets: list[int] = []
+        self.within: list[int] = []
+        self.low: dict[int, torch.Tensor] = {}
+        self.values: list[float] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1)
+        for s in range(0, flat.numel(), CHUNK):
+            k = float_keys(flat[s : s + CHUNK])
+            hi = (k >> 16) + (_BINS // 2)
+            if self.phase == 0:
+                self.count += k.numel()
+                self.high += torch.bincount(hi, minlength=_BINS).cpu()
+            else:
+                for b, hist in self.low.items():
+                    sel = k[hi == b] & 0xFFFF
+                    if sel.numel():
+                        hist += torch.bincount(sel, minlength=_BINS).cpu()
+
+    def advance(self) -> None:
+        if self.phase == 0:
+            cum = torch.cumsum(self.high, 0)
+            for r in self.ranks:
+                if not 1 <= r <= self.count:
+                    raise ValueError(f"rank {r} outside 1..{self.count}")
+                b = int(torch.searchsorted(cum, torch.tensor([r]), right=False))
+                self.buckets.append(b)
+                self.within.append(r - (int(cum[b - 1]) if b > 0 else 0))
+                self.low.setdefault(b, torch.zeros(_BINS, dtype=torch.int64))
+        elif self.phase == 1:
+            for b, w in zip(self.buckets, self.within, strict=True):
+                cum = torch.cumsum(self.low[b], 0)
+                low = int(torch.searchsorted(cum, torch.tensor([w]), right=False))
+                self.values.append(key_to_float(((b - _BINS // 2) << 16) | low))
+            self.low.clear()
+        self.phase += 1
+
+
+class WholeModelStats:
+    """Base class of a method's whole-model statistics. One instance per merge, over the jobs it applies to.
+
+    Subclasses set `rounds` (labels of the passes, for progress and report) and implement `gather`
+    (called for every applicable job in every round, with tensors in the compute dtype on the device),
+    `extra` (the dict kernels get as ctx.extra) and `summary` (plain numbers for the report).
+    """
+
+    rounds: tuple[str, ...] = ()
+
+    def __init__(self, jobs: list[TensorJob], n_models: int, side_dir: Path | None):
+        self.jobs = jobs
+        self.n_models = n_models
+        self.side_dir = side_dir
+        self.round = 0
+        self.params = job_params(jobs[0])
+
+    @staticmethod
+    def applies(params: ParamSet) -> bool:
+        return True
+
+    def gather(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: ParamSet, ctx: TensorCtx) -> None:
+        raise NotImplementedError
+
+    def end_round(self) -> bool:
+        """Close the current round; True when another is needed."""
+        self.round += 1
+        return self.round < len(self.rounds)
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def job_params(job: TensorJob) -> ParamSet:
+    return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
+
+
