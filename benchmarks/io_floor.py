@@ -1,7 +1,7 @@
 """The I/O floor of a merge: read every tensor of every input, write one checkpoint of the base's size.
 
-No arithmetic at all: each tensor is read (one at a time, with ``safetensors.safe_open``) from every input
-checkpoint, the base's copy is kept for the output, and output shards are written with
+No arithmetic at all: each tensor is read (one at a time, with ``safetensors.safe_open``, copied into
+process memory so that every byte is really read) from every input checkpoint, the base's copy is kept for the output, and output shards are written with
 ``safetensors.torch.save_file`` as soon as they fill up. A merge tool cannot be faster than this with the
 same reads and writes, so ``tool time / floor`` is the overhead of its arithmetic and bookkeeping.
 
@@ -58,7 +58,8 @@ def io_floor(out: Path, inputs: list[Path], shard_size: int = 5 * 1000**3) -> fl
         kept = None
         for k, m in enumerate(maps):
             with safe_open(str(m[name] if k else base_file), framework="pt") as h:
-                t = h.get_tensor(name)
+                # get_tensor may return a zero-copy view of the mmapped file; clone() really reads the bytes.
+                t = h.get_tensor(name).clone()
             if k == 0:
                 kept = t
             del t

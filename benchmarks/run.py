@@ -85,6 +85,7 @@ def summarize(runs: list[dict], methods: list[str], tools: list[str]) -> list[di
                 wall=floor_wall,
                 rss=med(FLOOR, FLOOR, "peak_rss_gb"),
                 cpu=med(FLOOR, FLOOR, "cpu_s"),
+                anon=med(FLOOR, FLOOR, "peak_anon_gb"),
             )
         )
     for m in methods:
@@ -92,7 +93,7 @@ def summarize(runs: list[dict], methods: list[str], tools: list[str]) -> list[di
             n_ok = sum(1 for r in runs if r["method"] == m and r["tool"] == t and r["ok"])
             n = sum(1 for r in runs if r["method"] == m and r["tool"] == t)
             row = dict(method=m, tool=t, wall=med(m, t, "wall_s"), rss=med(m, t, "peak_rss_gb"), ok=n_ok, n=n)
-            row["cpu"] = med(m, t, "cpu_s")
+            row["cpu"], row["anon"] = med(m, t, "cpu_s"), med(m, t, "peak_anon_gb")
             mk_wall, mk_rss = med(m, "mergekit", "wall_s"), med(m, "mergekit", "peak_rss_gb")
             if t != "mergekit" and row["wall"] and mk_wall:
                 row["vs_mk_time"], row["vs_mk_rss"] = row["wall"] / mk_wall, row["rss"] / mk_rss
@@ -111,7 +112,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['repeats']} repeat(s), medians. Machine: {meta['machine']['nproc']} cores "
         f"({meta['machine']['cpu']}), {meta['machine']['mem_gb']} GB RAM.",
         "",
-        "| method | tool | median wall s | median peak RSS GB | CPU s | vs mergekit (time, RSS) | vs I/O floor (time) |",
+        "| method | tool | median wall s | median peak RSS GB (anon) | CPU s | vs mergekit (time, RSS) | vs I/O floor (time) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -119,10 +120,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         status = "" if r.get("ok", 1) == r.get("n", 1) else f" ({r['ok']}/{r['n']} ok)"
         vs_floor = f"{r['vs_floor']:.1f}x" if "vs_floor" in r else "—"
         lines.append(
-            f"| {r['method']} | {r['tool']}{status} | {f(r['wall'], '{:.1f}')} | {f(r['rss'])} | "
+            f"| {r['method']} | {r['tool']}{status} | {f(r['wall'], '{:.1f}')} | {f(r['rss'])} ({f(r.get('anon'))}) | "
             f"{f(r.get('cpu'), '{:.0f}')} | {vs_mk} | {vs_floor} |"
         )
-    lines += ["", "Peak RSS: sum of RSS over the whole process tree, sampled from /proc every 50 ms."]
+    lines += [
+        "",
+        "Peak RSS: sum of RSS over the whole process tree, sampled from /proc every 50 ms; in parentheses its",
+        "anonymous part (RSS minus resident file-backed pages such as mmapped inputs). CPU s: user + system.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({"method": label, "tool": tool, "repeat": r, "ok": ok, **res.as_dict()})
         note = "" if ok else f"  FAILED (rc={res.returncode}, see {log})"
         print(
-            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB{note}"
+            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB{note}",
+            flush=True,
         )
         if not ok:
             failed.add((label, tool))

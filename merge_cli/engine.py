@@ -155,7 +155,12 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def write_loop():
         while True:
-            item = write_q.get()
+            try:
+                item = write_q.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
             if item is _DONE:
                 return
             name, tensor = item
@@ -171,10 +176,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             try:
                 item = read_q.get(timeout=0.1)
             except queue.Empty:
-                if readers.error:
-                    raise readers.error
-                if writers.error:
-                    raise writers.error
+                for worker in (readers, writers):
+                    if worker.error:
+                        raise worker.error from None
                 continue
             if item is _DONE:
                 break

@@ -7,7 +7,7 @@ container such as `layers.`, `h.`, `blocks.`, `layer.` (None for tensors outside
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 GROUPS = ("embed", "attention", "mlp", "norm", "lm_head", "other")
 
@@ -24,8 +24,7 @@ _GROUP_PATTERNS: list[tuple[str, re.Pattern]] = [
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ModuleInfo:
+class ModuleInfo(NamedTuple):
     layer: int | None
     group: str
 

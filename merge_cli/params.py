@@ -14,7 +14,7 @@ _MISSING = object()
 
 
 def at_depth(value: Any, t: float) -> Any:
-    """A scalar as is; a numeric list interpolated piecewise-linearly at t in [0, 1]; other lists picked stepwise."""
+    """A scalar as is; a numeric list interpolated piecewise-linearly at t in [0, 1]; other lists: the nearest entry."""
     if not isinstance(value, list):
         return value
     n = len(value)
@@ -27,7 +27,7 @@ def at_depth(value: Any, t: float) -> Any:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
     if numeric:
         return a + (b - a) * frac if frac else a
-    return value[min(int(math.floor(s + 1e-9)), n - 1)]
+    return value[min(int(math.floor(s + 0.5)), n - 1)]  # the nearest entry
 
 
 def first_given(key: str, *layers: dict | None) -> Any:
