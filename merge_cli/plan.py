@@ -17,7 +17,7 @@ from typing import Any
 from merge_cli.dtypes import ITEMSIZE, ST_TO_NAME, is_float, parse_dtype_name
 from merge_cli.errors import CheckpointError, PlanError
 from merge_cli.io.checkpoint import Checkpoint, open_checkpoint
-from merge_cli.methods import METHODS, MethodSpec
+from merge_cli.methods import METHODS, MethodSpec, ParamSet
 from merge_cli.modules import classify, layer_of, with_layer
 from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
@@ -412,10 +412,25 @@ def estimate_peak(jobs: list[TensorJob], models: list[ModelSlot], compute_bytes:
     return peak
 
 
+def check_methods(jobs: list[TensorJob], num_layers: int | None) -> None:
+    """Plan-time checks over all of a method's jobs (MethodSpec.plan_check), e.g. whole-model parameters."""
+    by_method: dict[str, list[ParamSet]] = {}
+    for j in jobs:
+        by_method.setdefault(j.method, []).append(
+            ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in j.params.items()})
+        )
+    for name, params in by_method.items():
+        check = METHODS[name].plan_check
+        problem = check(params, num_layers) if check else None
+        if problem:
+            raise PlanError(f"method '{name}': {problem}")
+
+
 def build_plan(recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None) -> MergePlan:
     b = _Builder(recipe, allow_arch_mismatch)
     try:
         ref, num_layers = b.build_slices() if recipe.slices else b.build_models()
+        check_methods(b.jobs, num_layers)
     except (PlanError, CheckpointError):
         for m in b.models:
             m.checkpoint.close()

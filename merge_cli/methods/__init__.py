@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from merge_cli.errors import RecipeError, did_you_mean
-from merge_cli.methods import linear, passthrough, task_arithmetic, ties
+from merge_cli.methods import linear, passthrough, pcb, task_arithmetic, ties
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 
-METHODS: dict[str, MethodSpec] = {m.SPEC.name: m.SPEC for m in (linear, task_arithmetic, ties, passthrough)}
+METHODS: dict[str, MethodSpec] = {m.SPEC.name: m.SPEC for m in (linear, task_arithmetic, ties, passthrough, pcb)}
 
 
 def get_method(name: str, where: str = "method") -> MethodSpec:

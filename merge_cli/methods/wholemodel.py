@@ -18,7 +18,7 @@ from merge_cli.methods.base import ParamSet, TensorCtx
 if TYPE_CHECKING:
     from merge_cli.plan import TensorJob
 
-CHUNK = 1 << 24  # elements per histogram step: bounds the temporaries of one (large) tensor
+CHUNK = 1 << 22  # values per histogram step: bounds the temporaries; smaller pieces are buffered
 
 _BINS = 1 << 16
 
@@ -50,9 +50,21 @@ class RadixSelect:
         self.within: list[int] = []
         self.low: dict[int, torch.Tensor] = {}
         self.values: list[float] = []
+        self._pending: list[torch.Tensor] = []
+        self._pending_n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1)
+        """Count the values of x (small pieces are buffered and counted together)."""
+        self._pending.append(x.reshape(-1).clone())
+        self._pending_n += x.numel()
+        if self._pending_n >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        flat = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_n = [], 0
         for s in range(0, flat.numel(), CHUNK):
             k = float_keys(flat[s : s + CHUNK])
             hi = (k >> 16) + (_BINS // 2)
@@ -66,6 +78,7 @@ class RadixSelect:
                         hist += torch.bincount(sel, minlength=_BINS).cpu()
 
     def advance(self) -> None:
+        self._flush()
         if self.phase == 0:
             cum = torch.cumsum(self.high, 0)
             for r in self.ranks:
@@ -105,7 +118,9 @@ class WholeModelStats:
     def applies(params: ParamSet) -> bool:
         return True
 
-    def gather(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: ParamSet, ctx: TensorCtx) -> None:
+    def gather(
+        self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: ParamSet, ctx: TensorCtx
+    ) -> None:
         raise NotImplementedError
 
     def end_round(self) -> bool:
@@ -122,5 +137,3 @@ class WholeModelStats:
 
 def job_params(job: TensorJob) -> ParamSet:
     return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
-
-
