@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merge_cli.methods import ties_model
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.selection import topk_mask
 
@@ -24,6 +25,9 @@ class TiesParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     merge_func: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max")
     weighted_election: bool = Field(False, description="elect signs on weighted task vectors (mergekit)")
+    granularity: Literal["tensor", "model"] = Field(
+        "tensor", description="trim per tensor (exactly k) or over the whole model (reference; threshold, two-pass)"
+    )
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -57,6 +61,8 @@ def disjoint_merge(trimmed: torch.Tensor, weights: torch.Tensor, gamma: torch.Te
 
 
 def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    if p.granularity == "model":  # whole-model trim from the statistics passes (ties_model.py)
+        return ties_model.ties_whole_model(base, tensors, weights, p, ctx)
     trimmed = torch.stack([trim(t - base, d) for t, d in zip(tensors, p.density)])
     w = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device)
     elect_on = trimmed * w.reshape(-1, *([1] * (trimmed.dim() - 1))) if p.weighted_election else trimmed
@@ -80,4 +86,6 @@ SPEC = MethodSpec(
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
     mergekit_defaults={"density": 1.0, "weighted_election": True},
+    stats=ties_model.TiesModelStats,
+    plan_check=ties_model.plan_check,
 )
