@@ -138,7 +138,8 @@ def run(
     p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
     try:
         with progress_bar(p, disable=quiet) as advance:
-            outcome = execute(p, out_dir, overwrite=overwrite, options=EngineOptions(device=device, threads=threads, progress=advance))
+            opts = EngineOptions(device=device, threads=threads, progress=advance, on_pass=None if quiet else _print_pass)
+            outcome = execute(p, out_dir, overwrite=overwrite, options=opts)
     finally:
         p.close()
     e = outcome.engine
@@ -146,6 +147,25 @@ def run(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
+
+
+def _print_pass(rec: dict) -> None:
+    print(f"statistics pass {rec['pass']} ({rec['what']}): {rec['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+@app.command("emr-materialize")
+@handle_errors
+def emr_materialize(
+    out_dir: Path = typer.Argument(..., help="Output folder of an emr merge (holds emr/emr.json and the masks)."),
+    task: int = typer.Argument(..., help="Task index, 0-based, in the recipe's models order."),
+    new_out: Path = typer.Argument(..., help="Folder for the task's model (created)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+):
+    """Write one task's model from an EMR merge: base + rescaler * mask * (unified - base)."""
+    from merge_cli.emr_materialize import materialize
+
+    final = materialize(out_dir, task, new_out, overwrite)
+    print(f"wrote task {task} of {out_dir} to {final}")
 
 
 @app.command()

@@ -48,6 +48,8 @@ def run_stats_passes(
     if not groups:
         return {}, [], {}
     states = {m: METHODS[m].stats(jobs, len(jobs[0].inputs), side_dir) for m, jobs in groups.items()}
+    for st in states.values():  # where side files name the models (emr.json)
+        st.model_refs = [{"label": m.label, "ref": m.ref, "path": m.path} for m in plan.models]
     owner = {id(j): m for m, jobs in groups.items() for j in jobs}
     compute = ST_TO_TORCH[plan.compute_dtype]
     active = set(states)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from merge_cli.errors import RecipeError, did_you_mean
-from merge_cli.methods import iso_c, iso_cts, layer_swap, linear, passthrough, pcb, task_arithmetic, ties, tsv
+from merge_cli.methods import (
+    emr,
+    iso_c,
+    iso_cts,
+    layer_swap,
+    linear,
+    passthrough,
+    pcb,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 
 METHODS: dict[str, MethodSpec] = {
     m.SPEC.name: m.SPEC
-    for m in (linear, task_arithmetic, ties, passthrough, pcb, layer_swap, tsv, iso_c, iso_cts)
+    for m in (linear, task_arithmetic, ties, passthrough, pcb, layer_swap, tsv, iso_c, iso_cts, emr)
 }
 
 
