@@ -183,7 +183,7 @@ def plan_check(params: list[ParamSet], num_layers: int | None) -> str | None:
 
 SPEC = MethodSpec(
     name="pcb",
-    title="PCB-Merging (parameter competition balancing; whole-model, two-pass)",
+    title="PCB-Merging (parameter competition balancing; whole-model via streamed statistics passes)",
     paper="Du et al. 2024, Parameter Competition Balancing for Model Merging, NeurIPS 2024, arXiv:2410.02396",
     params=PcbParams,
     kernel=pcb,
