@@ -412,8 +412,9 @@ def estimate_peak(jobs: list[TensorJob], models: list[ModelSlot], compute_bytes:
     return peak
 
 
-def check_methods(jobs: list[TensorJob], num_layers: int | None) -> None:
-    """Plan-time checks over all of a method's jobs (MethodSpec.plan_check), e.g. whole-model parameters."""
+def check_methods(jobs: list[TensorJob], num_layers: int | None, notes: list[str]) -> None:
+    """Plan-time checks over all of a method's jobs (MethodSpec.plan_check), e.g. whole-model parameters;
+    notes the whole-model statistics passes the merge will run first (merge_cli/stats_pass.py)."""
     by_method: dict[str, list[ParamSet]] = {}
     for j in jobs:
         by_method.setdefault(j.method, []).append(
@@ -424,13 +425,20 @@ def check_methods(jobs: list[TensorJob], num_layers: int | None) -> None:
         problem = check(params, num_layers) if check else None
         if problem:
             raise PlanError(f"method '{name}': {problem}")
+        stats = METHODS[name].stats
+        n = sum(1 for ps in params if stats is not None and stats.applies(ps))
+        if n:
+            notes.append(
+                f"{name}: {len(stats.rounds)} whole-model statistics pass(es) over {n} tensor(s) before the merge: "
+                + "; ".join(stats.rounds)
+            )
 
 
 def build_plan(recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None) -> MergePlan:
     b = _Builder(recipe, allow_arch_mismatch)
     try:
         ref, num_layers = b.build_slices() if recipe.slices else b.build_models()
-        check_methods(b.jobs, num_layers)
+        check_methods(b.jobs, num_layers, b.notes)
     except (PlanError, CheckpointError):
         for m in b.models:
             m.checkpoint.close()
