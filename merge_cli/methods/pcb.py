@@ -138,7 +138,7 @@ class PcbStats(WholeModelStats):
         super().__init__(jobs, n_models, side_dir)
         self.d = sum(j.numel for j in jobs)
         r_lo, r_hi = clip_ranks(self.d, self.params.clamp_quantile)
-        self.clip = [RadixSelect([r_lo, r_hi]) for _ in range(n_models)]
+        self.clip = [RadixSelect([r_lo, r_hi], nonneg=True) for _ in range(n_models)]
         self.cut = [RadixSelect([drop_rank(self.d, self.params.density)]) for _ in range(n_models)]
         self.bmax = [float("-inf")] * n_models
         self.lo: list[float] = []
@@ -146,12 +146,14 @@ class PcbStats(WholeModelStats):
 
     def gather(self, base, tensors, params, ctx) -> None:
         n = base.numel()
+        flat_b = base.reshape(-1)
         for s in range(0, n, CHUNK):
-            T = _task_rows(base, tensors, s, min(s + CHUNK, n))
+            e = min(s + CHUNK, n)
             if self.round < 2:
-                for i, sel in enumerate(self.clip):
-                    sel.add(T[i].abs())
+                for t, sel in zip(tensors, self.clip, strict=True):
+                    sel.add((t.reshape(-1)[s:e] - flat_b[s:e]).abs_())
                 continue
+            T = _task_rows(base, tensors, s, e)
             _, B = balance(T, _col(self.lo, T), _col(self.hi, T), self.params.inter)
             for i, sel in enumerate(self.cut):
                 sel.add(B[i])

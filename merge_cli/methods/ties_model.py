@@ -49,7 +49,7 @@ class TiesModelStats(WholeModelStats):
         super().__init__(jobs, n_models, side_dir)
         self.d = sum(j.numel for j in jobs)
         ranks = [trim_rank(self.d, dens) for dens in self.params.density]
-        self.sel = [RadixSelect([r]) if r is not None else None for r in ranks]
+        self.sel = [RadixSelect([r], nonneg=True) if r is not None else None for r in ranks]
         self.thr: list[float | None] = [None] * n_models
         self.sign_sum = 0
 
@@ -61,7 +61,7 @@ class TiesModelStats(WholeModelStats):
                 b = base.reshape(-1)[s:e]
                 for t, sel in zip(tensors, self.sel, strict=True):
                     if sel is not None:
-                        sel.add((t.reshape(-1)[s:e] - b).abs())
+                        sel.add((t.reshape(-1)[s:e] - b).abs_())
                 continue
             trimmed = _trimmed(base, tensors, self.thr, s, e)
             elect = _elect_on(trimmed, params.weight, params.weighted_election)

@@ -23,10 +23,12 @@ CHUNK = 1 << 22  # values per histogram step: bounds the temporaries; smaller pi
 _BINS = 1 << 16
 
 
-def float_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose signed order is the order of the fp32 values (-0.0 is first mapped to +0.0)."""
-    b = (x.reshape(-1).to(torch.float32) + 0.0).contiguous().view(torch.int32)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
+def float_keys(x: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
+    """int32 keys whose signed order is the order of the fp32 values. Non-negative floats are their own
+    keys; negative ones get their magnitude bits flipped. (-0.0 sorts just below +0.0; as floats they are
+    equal, so a selected -0.0 compares like 0.0.)"""
+    b = x.reshape(-1).to(torch.float32).contiguous().view(torch.int32)
+    return b if nonneg else b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
 def key_to_float(key: int) -> float:
@@ -41,8 +43,9 @@ class RadixSelect:
     `advance()`; then `values` holds one float per requested rank. `count` is the stream length.
     """
 
-    def __init__(self, ranks: list[int]):
+    def __init__(self, ranks: list[int], nonneg: bool = False):
         self.ranks = list(ranks)
+        self.nonneg = nonneg  # every value >= 0 (e.g. magnitudes): cheaper keys
         self.phase = 0
         self.count = 0
         self.high = torch.zeros(_BINS, dtype=torch.int64)
@@ -54,8 +57,8 @@ class RadixSelect:
         self._pending_n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """Count the values of x (small pieces are buffered and counted together)."""
-        self._pending.append(x.reshape(-1).clone())
+        """Count the values of x (small pieces are buffered and counted together: do not modify x after)."""
+        self._pending.append(x.reshape(-1))
         self._pending_n += x.numel()
         if self._pending_n >= CHUNK:
             self._flush()
@@ -66,7 +69,7 @@ class RadixSelect:
         flat = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_n = [], 0
         for s in range(0, flat.numel(), CHUNK):
-            k = float_keys(flat[s : s + CHUNK])
+            k = float_keys(flat[s : s + CHUNK], self.nonneg)
             hi = (k >> 16) + (_BINS // 2)
             if self.phase == 0:
                 self.count += k.numel()
