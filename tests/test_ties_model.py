@@ -36,7 +36,9 @@ def plain_ties_model(base_sd, expert_sds, densities, weights, lam, func, weighte
     if func == "sum":
         merged = contrib.sum(0)
     elif func == "max":
-        merged = torch.stack([contrib[int(contrib[:, j].abs().argmax()), j] for j in range(d)])
+        merged = contrib[0]
+        for row in contrib[1:]:  # the agreeing entry of largest magnitude, the first one on ties
+            merged = torch.where(row.abs() > merged.abs(), row, merged)
     else:
         den = (w * agree).sum(0)
         merged = contrib.sum(0) / torch.where(den == 0, torch.ones_like(den), den)
