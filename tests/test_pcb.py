@@ -161,3 +161,20 @@ def test_pcb_plan_rejects_per_layer_density_at_model_granularity(family, tmp_pat
     res = run_cli("plan", recipe)
     assert res.exit_code == 2
     assert "whole model" in res.stderr
+
+
+def test_pcb_weights_in_unit_interval_and_invariant_to_scaling_a_row_of_b():
+    from merge_cli.methods.pcb import fuse
+
+    g = torch.Generator().manual_seed(4)
+    B = torch.randn(3, 200, generator=g)
+    Tc = torch.randn(3, 200, generator=g)
+    lam = torch.ones(3, 1)
+    c = torch.kthvalue(B, 150, dim=1, keepdim=True).values
+    bmax = B.amax(dim=1, keepdim=True)
+    merged, W = fuse(Tc, B, c, bmax, lam)
+    assert W.min() >= 0 and W.max() <= 1 and torch.equal(W.amax(dim=1), torch.ones(3))
+    assert (W > 0).sum(dim=1).tolist() == [50, 50, 50]  # everything at or below the cut is exactly 0
+    s = torch.tensor([[1.0], [7.5], [0.2]])  # positive scaling of rows of B (and so of c and max B)
+    merged2, W2 = fuse(Tc, B * s, c * s, bmax * s, lam)
+    assert torch.allclose(W2, W, atol=1e-6) and torch.allclose(merged2, merged, atol=1e-5)
