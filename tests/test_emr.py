@@ -90,3 +90,20 @@ def test_emr_single_model_gives_that_model(family, tmp_path):
         for k in base:
             if "lm_head" not in k:
                 assert torch.allclose(sd[k], one[k], atol=1e-6), k
+
+
+def test_emr_chunked_kernel_and_bit_packing_match_whole_tensor(monkeypatch):
+    from merge_cli.methods import ParamSet, TensorCtx
+    from merge_cli.methods import emr as emr_mod
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(10, 13, generator=g)
+    xs = [base + torch.randn(10, 13, generator=g) for _ in range(3)]
+    _, masks, tau_uni = emr_mod.unify(base, xs)
+    monkeypatch.setattr(emr_mod, "CHUNK", 16)
+    out = emr_mod.emr(base, xs, [1.0] * 3, ParamSet({}), TensorCtx(name="t"))
+    assert torch.equal(out, base + tau_uni)
+    m = masks[0].reshape(-1)
+    pieces = torch.cat([emr_mod.pack_bits(m[s : s + 16]) for s in range(0, m.numel(), 16)])
+    assert torch.equal(pieces, emr_mod.pack_bits(m))
+    assert torch.equal(_unpack(pieces, m.shape), m)

@@ -36,9 +36,23 @@ def unify(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor
     return taus, masks, tau_uni
 
 
+CHUNK = 1 << 22  # coordinates per step (a multiple of 8: masks are bit-packed chunk by chunk)
+
+
+def chunks(base: torch.Tensor, tensors: list[torch.Tensor]):
+    """unify() over flat coordinate ranges [s, e): bounded temporaries for large tensors."""
+    b = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    for s in range(0, b.numel(), CHUNK):
+        e = min(s + CHUNK, b.numel())
+        yield s, e, *unify(b[s:e], [f[s:e] for f in flats])
+
+
 def emr(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    _, _, tau_uni = unify(base, tensors)
-    return base + tau_uni
+    out = base.clone().reshape(-1)
+    for s, e, _, _, tau_uni in chunks(base, tensors):
+        out[s:e] += tau_uni
+    return out.reshape(base.shape)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -73,12 +87,17 @@ class EmrStats(WholeModelStats):
                 self.files.append(f)
 
     def gather(self, base, tensors, params, ctx) -> None:
-        taus, masks, tau_uni = unify(base, tensors)
-        for i in range(len(tensors)):
-            self.num[i] += float(taus[i].abs().double().mean())
-            self.den[i] += float((masks[i] * tau_uni).abs().double().mean())
-            if self.files:
-                self.files[i].write(pack_bits(masks[i]).numpy().tobytes())
+        n = base.numel()
+        num, den = [0.0] * len(tensors), [0.0] * len(tensors)
+        for _, _, taus, masks, tau_uni in chunks(base, tensors):
+            for i in range(len(tensors)):
+                num[i] += float(taus[i].abs().double().sum())
+                den[i] += float((masks[i] * tau_uni).abs().double().sum())
+                if self.files:
+                    self.files[i].write(pack_bits(masks[i]).numpy().tobytes())
+        for i in range(len(tensors)):  # sum over tensors of the per-tensor mean
+            self.num[i] += num[i] / n
+            self.den[i] += den[i] / n
 
     def rescalers(self) -> list[float]:
         return [n / d if d > 0 else 1.0 for n, d in zip(self.num, self.den, strict=True)]
