@@ -21,12 +21,19 @@ from merge_cli.methods.selection import topk_mask
 
 class TiesParams(MethodParams):
     weight: float = per_model(1.0, description="scale of this model's trimmed task vector")
-    density: float = per_model(0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude")
+    density: float = per_model(
+        0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude"
+    )
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     merge_func: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max")
     weighted_election: bool = Field(False, description="elect signs on weighted task vectors (mergekit)")
     granularity: Literal["tensor", "model"] = Field(
-        "tensor", description="trim per tensor (exactly k) or over the whole model (reference; threshold, two-pass)"
+        "tensor",
+        description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)",
+    )
+    topk: Literal["exact", "threshold"] = Field(
+        "exact",
+        description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth",
     )
 
 
@@ -45,7 +52,9 @@ def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
     return torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
 
 
-def disjoint_merge(trimmed: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, how: str) -> torch.Tensor:
+def disjoint_merge(
+    trimmed: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, how: str
+) -> torch.Tensor:
     """Merge the entries whose sign agrees with gamma. trimmed: [N, ...], weights: [N] (broadcast)."""
     agree = (torch.sign(trimmed) == gamma.unsqueeze(0)).to(trimmed.dtype)
     w = weights.reshape(-1, *([1] * (trimmed.dim() - 1)))
