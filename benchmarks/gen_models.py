@@ -63,7 +63,7 @@ class Spec:
     tied: bool
     dtype: str = "bfloat16"
     seed: int = 0
-    shard_size: int = 2 * 1024**3
+    shard_size: int = 2 * 1000**3
     delta_scale: float = 0.01
 
     @property

@@ -77,12 +77,12 @@ def _load(recipe: Path, seed: Optional[int] = None):
     return load_recipe(recipe, {"seed": seed} if seed is not None else None)
 
 
-def _size(value: Optional[str]) -> Optional[int]:
+def _size(value: Optional[str], option: str = "--shard-size") -> Optional[int]:
     if value is None:
         return None
     from merge_cli.recipe import parse_size
 
-    return parse_size(value, "--shard-size")
+    return parse_size(value, option)
 
 
 @app.command()
@@ -128,18 +128,34 @@ def run(
     shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
+    max_memory: Optional[str] = typer.Option(
+        None, help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB)."
+    ),
+    locked: Optional[Path] = typer.Option(
+        None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
+    ),
+    fused: str = typer.Option(
+        "auto", help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off."
+    ),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
     from merge_cli.engine import EngineOptions
+    from merge_cli.io.hub import pinned
+    from merge_cli.lock import hub_pins, load_lock
     from merge_cli.merge import execute
     from merge_cli.plan import build_plan
     from merge_cli.render import progress_bar
 
-    p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
+    lock = load_lock(locked) if locked else None
+    with pinned(hub_pins(lock) if lock else {}):
+        p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size))
     try:
         with progress_bar(p, disable=quiet) as advance:
-            opts = EngineOptions(device=device, threads=threads, progress=advance, on_pass=None if quiet else _print_pass)
-            outcome = execute(p, out_dir, overwrite=overwrite, options=opts)
+            opts = EngineOptions(
+                device=device, threads=threads, max_memory=_size(max_memory, "--max-memory"), fused=fused, progress=advance,
+                on_pass=None if quiet else _print_pass,
+            )  # fmt: skip
+            outcome = execute(p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock")
     finally:
         p.close()
     e = outcome.engine
@@ -147,6 +163,11 @@ def run(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
+    if lock is not None and lock.get("output"):
+        from merge_cli.lock import LOCK_NAME
+
+        same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
+        print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
 
 
 def _print_pass(rec: dict) -> None:
@@ -200,6 +221,9 @@ def inspect(
             print_checkpoint(info, out)
     finally:
         ck.close()
+
+
+from merge_cli import cli_hub  # noqa: E402,F401 - registers lock, push and check (issue 7)
 
 
 def main() -> None:

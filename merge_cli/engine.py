@@ -1,16 +1,21 @@
 """The streaming engine: read -> kernel -> cast -> write, one tensor at a time, overlapped.
 
-A reader thread prefetches the next jobs' input tensors (bounded queue), the calling thread runs the
-kernels on the compute device, and a writer thread streams finished tensors into their shards. Memory
-stays near (inputs + 2) x the largest tensor plus the queued jobs, never the model size.
+A reader thread prefetches the next jobs' input tensors (bounded by bytes), the calling thread runs the
+kernels on the compute device, and a writer thread streams finished tensors into their shards. Tensors
+whose working set would exceed half the memory budget (embeddings, lm_head) are merged in row chunks:
+elementwise methods chunk as they are, others through their Streamed form (statistics passes, then
+apply). Peak memory follows the budget, not the model or vocabulary size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +24,10 @@ import torch
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.io.writer import ShardedWriter
-from merge_cli.methods import METHODS, ParamSet, TensorCtx
+from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
+from merge_cli.methods.selection import Threshold
 from merge_cli.plan import MergePlan, TensorJob, report_params
-from merge_cli.stats_pass import run_stats_passes
+from merge_cli.stats_pass import run_stats_passes, whole_model_job
 
 _DONE = object()
 
@@ -30,7 +36,8 @@ _DONE = object()
 class EngineOptions:
     device: str = "auto"
     threads: int | None = None
-    prefetch: int = 2  # jobs read ahead
+    max_memory: int | None = None  # bytes; default: default_max_memory()
+    fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
     on_pass: Callable[[dict[str, Any]], None] | None = None  # called after each whole-model statistics pass
 
@@ -42,8 +49,39 @@ class EngineResult:
     bytes_read: int = 0
     bytes_written: int = 0
     device: str = "cpu"
+    max_memory: int = 0
+    chunked: list[str] = field(default_factory=list)
     stats_passes: list[dict[str, Any]] = field(default_factory=list)  # whole-model statistics passes (stats_pass.py)
     whole_model: dict[str, Any] = field(default_factory=dict)  # their statistics, per method
+
+
+def default_max_memory() -> int:
+    """1/8 of the memory available now, within [1 GB, 16 GB]."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 8 << 30
+    return int(min(max(avail // 8, 1 << 30), 16 << 30))
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps large freed buffers in its heap unless they were mmapped: pin the mmap threshold so
+    tensor-sized buffers go back to the OS when freed (RSS follows the live working set)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB, glibc's ceiling (fixed, not dynamic)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -62,62 +100,253 @@ def resolve_device(spec: str) -> torch.device:
     raise MergeCliError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
 
 
+def _refs(job: TensorJob):
+    return ([job.base] if job.base else []) + job.inputs
+
+
 def job_inputs_bytes(plan: MergePlan, job: TensorJob) -> int:
-    refs = ([job.base] if job.base else []) + job.inputs
-    return sum(plan.models[r.model].checkpoint.info(r.name).nbytes for r in refs)
+    return sum(plan.models[r.model].checkpoint.info(r.name).nbytes for r in _refs(job))
 
 
-def read_job(plan: MergePlan, job: TensorJob) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def working_bytes(plan: MergePlan, job: TensorJob) -> int:
+    """Memory one job needs when merged whole: inputs as read, each in the compute dtype, temporaries."""
+    item = ST_TO_TORCH[plan.compute_dtype].itemsize
+    return job_inputs_bytes(plan, job) + job.numel * item * (len(_refs(job)) + 4) + job.nbytes
+
+
+def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
+    if whole_model_job(job):  # merged whole, against its whole-model statistics (stats_pass.py)
+        return False
+    return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
+
+
+def read_job(plan: MergePlan, job: TensorJob, pin: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A job's input tensors as read; with pin (CUDA), in page-locked memory so the host-to-device copy is
+    asynchronous (the pinning copy happens here, on the reader thread, overlapped with compute)."""
+
     def read(ref):
-        return plan.models[ref.model].checkpoint.read(ref.name)
+        t = plan.models[ref.model].checkpoint.read(ref.name)
+        return t.pin_memory() if pin else t
 
     base = read(job.base) if job.base else None
     return base, [read(i) for i in job.inputs]
 
 
-def compute_job(
-    plan: MergePlan,
-    job: TensorJob,
-    base: torch.Tensor | None,
-    inputs: list[torch.Tensor],
-    device: torch.device,
-    extra: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run one job's kernel; returns the output tensor (CPU, output dtype) and its statistics."""
-    spec = METHODS[job.method]
-    out_dtype = ST_TO_TORCH[job.out_dtype]
-    stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
-    if spec.name == "passthrough" and job.params.get("scale", 1.0) == 1.0:
-        return inputs[0].to(out_dtype), stats  # a bitwise copy when the dtype does not change
-    compute = ST_TO_TORCH[plan.compute_dtype]
-
-    def prep(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, non_blocking=True).to(compute)
-
-    b = prep(base) if base is not None else None
-    xs = [prep(t) for t in inputs]
-    ctx = TensorCtx(name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device)
+def _ctx(plan: MergePlan, job: TensorJob, device: torch.device, offset: int = 0) -> TensorCtx:
+    ctx = TensorCtx(
+        name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device,
+        offset=offset, shape=tuple(job.shape),
+    )  # fmt: skip
     ctx.num_layers = plan.num_layers
-    ctx.extra = extra if extra is not None else {}
-    params = ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
-    out = spec.kernel(b, xs, list(job.weights), params, ctx)
-    if tuple(out.shape) != tuple(job.shape):
-        raise RuntimeError(f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}")
-    if b is not None:
-        stats["task_vector_norms"] = [float(torch.linalg.vector_norm((x - b).float())) for x in xs]
-    stats.update(ctx.stats)
-    return out.to(out_dtype).to("cpu"), stats
+    ctx.extra = plan.whole_model_stats.get(job.method, {})  # set by run_merge's statistics passes
+    return ctx
+
+
+def _params(job: TensorJob) -> ParamSet:
+    return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
+
+
+def _bitwise_copy(spec: MethodSpec, job: TensorJob) -> bool:
+    return spec.name == "passthrough" and job.params.get("scale", 1.0) == 1.0
+
+
+class _Compute:
+    """Moves inputs to the device in the compute dtype and runs kernels; accumulates task-vector norms."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, fused: bool = False):
+        self.plan, self.device = plan, device
+        self.dtype = ST_TO_TORCH[plan.compute_dtype]
+        self.cuda = device.type == "cuda"
+        self.fused = fused and self.dtype == torch.float32
+
+    def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()) or whole_model_job(job):
+            return None
+        b = base.to(self.device, non_blocking=True) if base is not None else None
+        xs = [t.to(self.device, non_blocking=True) for t in inputs]
+        out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        if out is not None and b is not None:
+            bf = b.to(torch.float32)
+            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs]
+        return out
+
+    def prep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, non_blocking=True).to(self.dtype)
+
+    def to_host(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | tuple:
+        """The output in the output dtype on the CPU. On CUDA: an asynchronous copy into pinned memory and
+        the event that marks its end (the writer thread waits on it), so the copy overlaps the next job."""
+        out = out.to(dtype)
+        if not self.cuda:
+            return out
+        host = torch.empty(out.shape, dtype=dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def whole(self, job: TensorJob, base, inputs) -> tuple[torch.Tensor, dict[str, Any]]:
+        spec = METHODS[job.method]
+        out_dtype = ST_TO_TORCH[job.out_dtype]
+        stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
+        if _bitwise_copy(spec, job):
+            return inputs[0].to(out_dtype), stats
+        out = self.try_fused(job, base, inputs, stats)
+        if out is not None:
+            return self.to_host(out, out_dtype), stats
+        b = self.prep(base) if base is not None else None
+        xs = [self.prep(t) for t in inputs]
+        ctx = _ctx(self.plan, job, self.device)
+        out = spec.kernel(b, xs, list(job.weights), _params(job), ctx)
+        if tuple(out.shape) != tuple(job.shape):
+            raise RuntimeError(f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}")
+        if b is not None:
+            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
+        stats.update(ctx.stats)
+        return self.to_host(out, out_dtype), stats
+
+    def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
+        """A per-chunk fused apply (offset, base, xs) -> out for linear / task_arithmetic / ties, or None."""
+        from merge_cli import fused
+        from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
+
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+            return None
+        if job.method != "ties":
+            return lambda offset, b, xs: whole(job.method, b, xs, weights, params, out_dtype, {})
+        if params.merge_func not in ("mean", "sum"):
+            return None
+        numel = job.numel
+        keep_nothing = Threshold(math.inf, 0, 0, 0)
+
+        def threshold(i: int, d: float) -> Threshold | None:
+            k = int(d * numel)
+            if d >= 1.0 or k >= numel:
+                return None  # keep everything
+            return keep_nothing if k <= 0 else state["thresholds"][i]
+
+        def apply(offset, b, xs):
+            bf = b.to(torch.float32)
+            ts, cuts = [], []
+            for i, (x, d) in enumerate(zip(xs, params.density)):
+                t = threshold(i, d)
+                a = None if t is None or t.keep_all_equal else (x.to(torch.float32) - bf).abs()
+                cuts.append(cutoff(t, a, state["seen"][i], offset, b.numel()))
+                if a is not None:
+                    state["seen"][i] += int((a == t.value).sum())
+                ts.append(t)
+            out, kept, touched, conflict = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            st = state["stats"]
+            for i, k in enumerate(kept.tolist()):
+                st["kept"][i] += int(k)
+            st["touched"] += int(touched)
+            st["conflict"] += int(conflict)
+            return out
+
+        return apply
+
+    def chunks(
+        self, job: TensorJob, rows: int, raw: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(flat offset, base chunk, input chunks) on the device (in the compute dtype unless raw), in row order."""
+        models = self.plan.models
+        per_row = job.numel // job.shape[0]
+        for r0 in range(0, job.shape[0], rows):
+            r1 = min(r0 + rows, job.shape[0])
+
+            def read(ref, r0=r0, r1=r1):
+                t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
+                return t.to(self.device, non_blocking=True) if raw else self.prep(t)
+
+            yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
+
+    def chunked(self, job: TensorJob, rows: int, emit: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+        """Merge a huge tensor in row chunks, handing each output chunk to emit()."""
+        spec = METHODS[job.method]
+        out_dtype = ST_TO_TORCH[job.out_dtype]
+        params, weights = _params(job), list(job.weights)
+        ctx = _ctx(self.plan, job, self.device)
+        stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job), "chunked": True}
+        st = spec.streamed
+        state = st.init(params, ctx, len(job.inputs)) if st else None
+        for p in range(st.passes if st else 0):
+            for offset, b, xs in self.chunks(job, rows):
+                ctx.offset = offset
+                st.gather(state, p, b, xs, params, ctx)
+            st.end_pass(state, p)
+        sq = [0.0] * len(job.inputs)
+        fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
+        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None):
+            ctx.offset = offset
+            if fused_apply is not None:
+                out = fused_apply(offset, b, xs)
+                b = b.to(self.dtype) if b is not None else None
+                xs = [x.to(self.dtype) for x in xs] if b is not None else xs
+            elif st:
+                out = st.apply(state, b, xs, weights, params, ctx)
+            else:
+                out = spec.kernel(b, xs, weights, params, ctx)
+            if b is not None:
+                for i, x in enumerate(xs):
+                    sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
+            emit(self.to_host(out, out_dtype))
+        if job.base is not None:
+            stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
+        if st and st.finish:
+            st.finish(state, ctx)
+        stats.update(ctx.stats)
+        return stats
+
+
+FUSED_AUTO_ELEMENTS = 50_000_000  # below this a merge does not repay compiling
+
+
+def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise MergeCliError(f"--fused {mode}: use auto, on or off")
+    if mode == "off" or device.type != "cpu":
+        return False
+    if mode == "on":
+        return True
+    from merge_cli.fused_methods import FUSED_METHODS
+
+    return sum(j.numel * len(j.inputs) for j in plan.jobs if j.method in FUSED_METHODS) >= FUSED_AUTO_ELEMENTS
+
+
+class _Gate:
+    """Bounds the bytes read ahead but not yet merged (one job always passes)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used and self.used + n > self.cap:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
 
 
 class _Worker(threading.Thread):
     def __init__(self, target, name):
         super().__init__(target=self._run, name=name, daemon=True)
-        self._target_fn = target
+        self._fn = target
         self.error: BaseException | None = None
 
     def _run(self):
         try:
-            self._target_fn()
+            self._fn()
         except BaseException as e:  # surfaced in the main thread
             self.error = e
 
@@ -127,16 +356,21 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     device = resolve_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    result = EngineResult(device=str(device))
-    start = time.perf_counter()
+    _return_freed_memory()
+    budget = opts.max_memory or default_max_memory()
+    result = EngineResult(device=str(device), max_memory=budget)
     # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
-    extras, result.stats_passes, result.whole_model = run_stats_passes(
+    plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
         plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
     )
     result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
+    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
+    big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
+    start = time.perf_counter()
     stop = threading.Event()
-    read_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    gate = _Gate(max(budget // 4, 1))
+    read_q: queue.Queue = queue.Queue()
+    write_q: queue.Queue = queue.Queue(maxsize=4)
 
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
@@ -149,7 +383,14 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
 
     def reader():
         for job in plan.jobs:
-            if stop.is_set() or not put(read_q, (job, *read_job(plan, job))):
+            if id(job) in big:
+                item = (job, 0, None, None)  # the main thread streams it in chunks
+            else:
+                n = job_inputs_bytes(plan, job)
+                if not gate.acquire(n, stop):
+                    return
+                item = (job, n, *read_job(plan, job, pin=compute.cuda))
+            if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)
 
@@ -164,39 +405,51 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if item is _DONE:
                 return
             name, tensor = item
+            if isinstance(tensor, tuple):  # (pinned host tensor, CUDA event): wait for the copy to land
+                tensor, done = tensor
+                done.synchronize()
             writer.write(name, tensor)
             result.bytes_written += tensor.numel() * tensor.element_size()
 
-    readers = _Worker(reader, "merge-cli-reader")
-    writers = _Worker(write_loop, "merge-cli-writer")
+    readers, writers = _Worker(reader, "merge-cli-reader"), _Worker(write_loop, "merge-cli-writer")
     readers.start()
     writers.start()
+
+    def check_workers():
+        for worker in (readers, writers):
+            if worker.error:
+                raise worker.error from None
+
     try:
         while True:
             try:
                 item = read_q.get(timeout=0.1)
             except queue.Empty:
-                for worker in (readers, writers):
-                    if worker.error:
-                        raise worker.error from None
+                check_workers()
                 continue
             if item is _DONE:
                 break
-            job, base, inputs = item
-            out, stats = compute_job(plan, job, base, inputs, device, extras.get(job.method))
+            job, held, base, inputs = item
+            if inputs is None:
+                per_row = working_bytes(plan, job) / job.shape[0]
+                rows = max(1, int((budget // 4) / per_row))
+                stats = compute.chunked(job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers())
+                result.chunked.append(job.name)
+            else:
+                out, stats = compute.whole(job, base, inputs)
+                del base, inputs
+                gate.release(held)
+                put(write_q, (job.name, out))
+                del out
             nbytes = job_inputs_bytes(plan, job)
             result.bytes_read += nbytes
             result.tensors.append(stats)
-            if not put(write_q, (job.name, out)):
-                break
-            if writers.error:
-                raise writers.error
+            check_workers()
             if opts.progress:
                 opts.progress(job, nbytes)
         put(write_q, _DONE)
         writers.join()
-        if writers.error:
-            raise writers.error
+        check_workers()
     finally:
         stop.set()
         readers.join(timeout=5)

@@ -6,10 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from merge_cli.card import model_card
 from merge_cli.engine import EngineOptions, EngineResult, run_merge
+from merge_cli.hubrun import prepare_inputs
 from merge_cli.io.writer import ShardedWriter, check_output
+from merge_cli.lock import LOCK_NAME, dump_lock
 from merge_cli.plan import MergePlan
-from merge_cli.report import build_report, model_card, report_markdown
+from merge_cli.report import build_report, report_markdown
+from merge_cli.sidefiles import write_side_files
 
 SIDE_FILES = (
     "generation_config.json",
@@ -44,21 +48,26 @@ def writer_for(plan: MergePlan, out_dir: Path) -> ShardedWriter:
     return ShardedWriter(out_dir, shards)
 
 
-def execute(plan: MergePlan, out_dir: Path, *, overwrite: bool = False, options: EngineOptions | None = None) -> MergeOutcome:
+def execute(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    options: EngineOptions | None = None,
+    locked: dict | None = None,
+    lock_path: Path | str = "lock",
+) -> MergeOutcome:
     out_dir = Path(out_dir)
     check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
+    # issue 7 (hub, lock, side files, card): merge_cli/hubrun.py
+    hub = prepare_inputs(plan, locked, lock_path)
     writer = writer_for(plan, out_dir)
     try:
         result = run_merge(plan, writer, options)
         writer.write_index({"merged_by": "merge-cli"})
-        donor = plan.models[plan.donor]
-        folder = donor.checkpoint.folder
         if plan.config is not None:
             writer.write_json("config.json", plan.config)
-        if folder is not None:
-            for name in SIDE_FILES:
-                if (folder / name).is_file():
-                    writer.copy_file(folder / name)
+        plan.notes.extend(write_side_files(plan, writer, hub.side_files, hub.template))
         engine = {
             "seconds": round(result.seconds, 3),
             "device": result.device,
@@ -73,7 +82,9 @@ def execute(plan: MergePlan, out_dir: Path, *, overwrite: bool = False, options:
         writer.write_text("recipe.yaml", recipe_text)
         writer.write_text("merge_report.json", json.dumps(report, indent=1) + "\n")
         writer.write_text("merge_report.md", report_markdown(report))
-        writer.write_text("README.md", model_card(plan, recipe_text, report))
+        lock = hub.finish_lock(writer)
+        writer.write_text(LOCK_NAME, dump_lock(lock))
+        writer.write_text("README.md", model_card(plan, recipe_text, report, lock, hub.front))
         final = writer.finish(overwrite)
     except BaseException:
         writer.abort()

@@ -21,6 +21,8 @@ from merge_cli.methods import METHODS, MethodSpec, ParamSet
 from merge_cli.modules import classify, layer_of, with_layer
 from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
+from merge_cli.vocab import harmonize as harmonize_vocab
+from merge_cli.vocab import patch_config as patch_vocab_config
 
 
 @dataclass
@@ -80,6 +82,8 @@ class MergePlan:
     output_bytes: int
     peak_memory_bytes: int
     notes: list[str] = field(default_factory=list)
+    # filled by the engine's whole-model statistics passes (stats_pass.py): method -> what kernels get as ctx.extra
+    whole_model_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         for m in self.models:
@@ -215,7 +219,8 @@ class _Builder:
         elif spec.needs_base and base is None:
             raise PlanError(f"tensor '{out_name}': method '{spec.name}' needs a base model")
         inputs = [self.input_for(m, n, ref_model, ref_name) for m, n in sources]
-        base_in = self.input_for(base, ref_name, ref_model, ref_name) if spec.needs_base else None
+        with_base = spec.needs_base or (spec.optional_base and base is not None)
+        base_in = self.input_for(base, ref_name, ref_model, ref_name) if with_base else None
         params = self.resolver.resolve(spec, out_name, t, global_layers, model_layers)
         if spec.check is not None:
             problem = spec.check(params, len(inputs))
@@ -266,6 +271,7 @@ class _Builder:
             entry_slot[i] = self.slot(m.model, m.label)
         ref = base if base is not None else entry_slot[0]
         self.check_architectures()
+        self.vocab_size = harmonize_vocab(self.models, ref, r.vocab, self.notes)  # issue 7: merge_cli/vocab.py
         self.out_dtype = self.choose_out_dtype(ref)
         ref_ck = self.ckpt(ref)
         num_layers = ref_ck.num_layers()
@@ -332,7 +338,7 @@ class _Builder:
                     pairs = [(slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)]
                     src_params = [src.parameters for src in s.sources]
                     base_in = None
-                    if spec.needs_base:
+                    if spec.needs_base or (spec.optional_base and base is not None and base in slots):
                         if base is None or base not in slots:
                             raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
                         k = slots.index(base)
@@ -448,6 +454,7 @@ def build_plan(recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size:
     compute = parse_dtype_name(recipe.dtype, recipe.where(("dtype",)))
     donor = b.donor(ref)
     cfg = _output_config(b.ckpt(donor), b.out_dtype, num_layers, bool(recipe.slices))
+    cfg = patch_vocab_config(cfg, getattr(b, "vocab_size", None))
     input_bytes = sum(
         b.ckpt(i.model).info(i.name).nbytes for j in b.jobs for i in ([j.base] if j.base else []) + j.inputs
     )

@@ -10,9 +10,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from merge_cli.dtypes import parse_dtype_name
 from merge_cli.errors import RecipeError, did_you_mean
@@ -32,6 +41,15 @@ class ModelEntry(_Strict):
     model: str = Field(description="local folder, .safetensors file, or hub id org/name[@revision]")
     name: str | None = Field(None, description="short name used in overrides' model_parameters and reports")
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_key(cls, v):
+        # `{model: BASE, lora: ADAPTER}` is the same source as `model: BASE+ADAPTER` (issue 7, io/lora.py)
+        if isinstance(v, dict) and v.get("lora") is not None and isinstance(v.get("model"), str):
+            v = dict(v)
+            v["model"] = f"{v['model']}+{v.pop('lora')}"
+        return v
 
     @property
     def label(self) -> str:
@@ -75,7 +93,10 @@ class Recipe(_Strict):
     seed: int = 0
     shard_size: int | str = "5GB"
     donor: str | None = Field(None, description="model that donates config.json and tokenizer files")
-    chat_template: str | None = None
+    chat_template: str | None = Field(None, description="jinja text, a built-in name, or a listed model's label")
+    vocab: Literal["error", "crop", "pad_from_base"] = Field(
+        "error", description="when vocabulary sizes differ: error, crop to the common size, or pad from the base"
+    )
 
     _path: Path | None = PrivateAttr(None)
     _source: YamlSource | None = PrivateAttr(None)
@@ -305,7 +326,7 @@ def _semantic_checks(r: Recipe) -> None:
 
 def _sources_for(r: Recipe, spec: MethodSpec) -> list[ModelEntry]:
     """The source models a method merges: with a base, the base itself is not a source."""
-    if spec.needs_base:
+    if spec.needs_base or (spec.optional_base and r.base_model):
         return [m for m in r.models if m.model != r.base_model]
     return list(r.models)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic_core import PydanticUndefined
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -116,7 +117,7 @@ def print_methods(methods: dict[str, MethodSpec], console: Console) -> None:
         n = f"{spec.min_models}+" if spec.max_models is None else (
             str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}"
         )  # fmt: skip
-        table.add_row(spec.name, spec.title, "needed" if spec.needs_base else "-", n)
+        table.add_row(spec.name, spec.title, "needed" if spec.needs_base else ("optional" if spec.optional_base else "-"), n)
     console.print(table)
     console.print("`merge-cli methods NAME` prints a method's parameters and paper.")
 
@@ -134,11 +135,13 @@ def _constraints(field) -> str:
 
 
 def print_method(spec: MethodSpec, console: Console) -> None:
-    console.print(f"[bold]{spec.name}[/bold]: {spec.title}", highlight=False)
-    console.print(f"paper: {spec.paper}", highlight=False)
+    console.print(f"[bold]{spec.name}[/bold]: {escape(spec.title)}", highlight=False)
+    console.print(f"paper: {escape(spec.paper)}", highlight=False)
     if spec.summary:
-        console.print(f"math: {spec.summary}", highlight=False)
-    needs = "needs base_model" if spec.needs_base else "no base model needed"
+        console.print(f"math: {escape(spec.summary)}", highlight=False)
+    needs = "needs base_model" if spec.needs_base else (
+        "base_model optional (used when given)" if spec.optional_base else "no base model needed"
+    )
     most = "any number of" if spec.max_models is None else f"at most {spec.max_models}"
     console.print(f"{needs}; at least {spec.min_models}, {most} source model(s)" + ("; random (seeded)" if spec.random else ""))
     table = Table(show_edge=False)
@@ -151,7 +154,7 @@ def print_method(spec: MethodSpec, console: Console) -> None:
         default = "required" if f.default is PydanticUndefined else _fmt(f.default)
         table.add_row(
             spec.params.key_of(fname), "per model" if fname in per_model else "global", tname, default,
-            _constraints(f), f.description or "",
+            _constraints(f), escape(f.description or ""),
         )  # fmt: skip
     console.print(table)
     console.print("Any numeric parameter may be a list: a gradient interpolated across layer depth.")

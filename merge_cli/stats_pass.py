@@ -25,6 +25,12 @@ from merge_cli.methods.wholemodel import job_params
 from merge_cli.plan import MergePlan, TensorJob
 
 
+def whole_model_job(job: TensorJob) -> bool:
+    """Does this job merge against whole-model statistics (so it is merged whole, never in row chunks)?"""
+    stats = METHODS[job.method].stats
+    return stats is not None and stats.applies(job_params(job))
+
+
 def whole_model_jobs(plan: MergePlan) -> dict[str, list[TensorJob]]:
     """Per whole-model method, the plan's jobs its statistics cover (in plan order)."""
     out: dict[str, list[TensorJob]] = {}

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import tiny_family  # noqa: E402
+
+# keep the sha256 cache of lock files out of the user's home during tests
+os.environ.setdefault("MERGE_CLI_CACHE_DIR", tempfile.mkdtemp(prefix="merge-cli-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

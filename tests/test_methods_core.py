@@ -172,3 +172,36 @@ def test_passthrough_scale():
     x = T([1.0, -2.0])
     assert torch.equal(merge("passthrough", None, [x])[0], x)
     assert torch.equal(merge("passthrough", None, [x], scale=0.5)[0], T([0.5, -1.0]))
+
+
+@pytest.mark.parametrize("n,k", [(100_000, 1), (100_000, 30_000), (200_003, 199_999), (150_000, 75_000)])
+def test_bracketed_selection_equals_stable_sort_on_large_tensors(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    # bf16-derived deltas: many exact ties, like real task vectors of bf16 checkpoints
+    x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.sort(-x, stable=True).indices[:k]] = True
+    assert torch.equal(topk_mask(x, k), ref)
+
+
+@pytest.mark.parametrize("frac", [0.001, 0.3, 0.9])
+def test_streaming_topk_matches_whole_tensor_selection(frac):
+    from merge_cli.methods.selection import StreamingTopK, find_threshold, mask_from_threshold
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 700, generator=g).bfloat16().float().abs()
+    x[::7] = 0.0  # rows that did not move at all: a huge block of ties
+    k = int(frac * x.numel())
+    st = StreamingTopK(k, x.numel())
+    for rows in torch.split(x, 37):
+        st.update(rows)
+    st.next_pass()
+    for rows in torch.split(x, 37):
+        st.update(rows)
+    t = st.result()
+    assert t == find_threshold(x, k)
+    seen, parts = 0, []
+    for rows in torch.split(x, 37):
+        parts.append(mask_from_threshold(rows, t, seen))
+        seen += int((rows == t.value).sum())
+    assert torch.equal(torch.cat(parts), topk_mask(x, k)) and int(torch.cat(parts).sum()) == k

@@ -176,8 +176,10 @@ def test_plan_errors_shape_vocab_missing(tmp_path):
     with pytest.raises(PlanError) as e:
         build_plan(load_recipe(r))
     assert str(e.value) == (
-        "tensor 'model.embed_tokens.weight': shape [12, 3] in model 'b' but [10, 3] in 'base' "
-        "(vocabulary sizes differ: 12 vs 10); merge models that share one tokenizer vocabulary"
+        # issue 7: the message names the recipe's `vocab:` options (merge_cli/vocab.py)
+        "tensor 'model.embed_tokens.weight': vocabulary sizes differ ('base' 10, 'b' 12); add `vocab: crop` "
+        "(keep the 10 rows all models have) or `vocab: pad_from_base` (the base's 10 rows, missing ones taken "
+        "from the base) to the recipe, or merge models that share one tokenizer vocabulary"
     )
     c = write_model(tmp_path / "c", {"x.weight": torch.zeros(4, 2), "model.embed_tokens.weight": torch.zeros(10, 3)})
     r = recipe_file(tmp_path, f"base_model: {a}\nmodels: [{c}]\nmethod: task_arithmetic\n")

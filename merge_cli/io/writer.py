@@ -87,6 +87,7 @@ class ShardedWriter:
         self.digests: dict[str, tuple[str, int]] = {}
         self._shard = -1
         self._pos = 0
+        self._partial = 0  # bytes of the current tensor written so far (tensors may arrive in row chunks)
         self._file: _HashingFile | None = None
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -107,19 +108,27 @@ class ShardedWriter:
         self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next planned tensor; names, shapes and dtypes must follow the plan exactly."""
+        """Write the next planned tensor, whole or as its next block of rows; names, dtypes and shapes must
+        follow the plan exactly."""
         if self._file is None:
             self._next_shard()
         fname, entries = self.shards[self._shard]
         want_name, dtype, shape, nbytes = entries[self._pos]
         got_dtype = TORCH_TO_ST.get(tensor.dtype)
-        if name != want_name or tuple(tensor.shape) != tuple(shape) or got_dtype != dtype:
+        whole = tuple(tensor.shape) == tuple(shape) and self._partial == 0
+        rows_ok = len(shape) >= 1 and tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.dim() == len(shape)
+        size = tensor.numel() * tensor.element_size()
+        if name != want_name or got_dtype != dtype or not (whole or rows_ok) or self._partial + size > nbytes:
             raise RuntimeError(
                 f"writer expected {want_name} {dtype}{list(shape)} but got {name} {got_dtype}{list(tensor.shape)}"
             )
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
             self._file.write(t.view(torch.uint8).numpy())
+        self._partial += size
+        if self._partial < nbytes:
+            return
+        self._partial = 0
         self._pos += 1
         if self._pos == len(entries):
             self._close_shard()

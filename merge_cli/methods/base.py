@@ -9,6 +9,7 @@ source model, in order). Parameters are resolved at plan time; a kernel never pa
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,9 +69,15 @@ def seed_for(seed: int, name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+RNG_BLOCK = 1 << 20  # random draws come in blocks of this many elements, each seeded on its own
+
+
 @dataclass
 class TensorCtx:
-    """What a kernel may know about the tensor it merges, and where it reports statistics."""
+    """What a kernel may know about the tensor it merges, and where it reports statistics.
+
+    When the engine feeds a huge tensor in row chunks, `offset` is the flat index of the chunk's first
+    element and `shape` the whole tensor's shape (otherwise offset 0 and the tensor's own shape)."""
 
     name: str
     layer: int | None = None
@@ -80,17 +87,47 @@ class TensorCtx:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. whole-model statistics from a first pass
+    offset: int = 0
+    shape: tuple[int, ...] | None = None
 
-    def generator(self, model_index: int) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, tensor name, model index): order- and device-independent."""
+    def generator(self, model_index: int, block: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (recipe seed, tensor name, model index, block): order- and device-independent."""
         g = torch.Generator(device="cpu")
-        g.manual_seed(seed_for(self.seed, self.name, model_index))
+        g.manual_seed(seed_for(self.seed, self.name if block == 0 else f"{self.name}#{block}", model_index))
         return g
 
     def uniform(self, model_index: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """Uniform [0, 1) draws, made on the CPU (bitwise the same on every device) then moved to the device."""
-        u = torch.rand(tuple(shape), generator=self.generator(model_index), dtype=torch.float32)
-        return u.to(self.device)
+        """Uniform [0, 1) draws for the elements of this tensor (or chunk), made on the CPU in fixed blocks of
+        RNG_BLOCK elements seeded by their position, so they are bitwise the same on every device, in any
+        order, and whether the tensor is processed whole or in chunks."""
+        shape = tuple(shape)
+        n = math.prod(shape)
+        total = math.prod(self.shape) if self.shape is not None else n
+        start, stop = self.offset, self.offset + n
+        parts = []
+        for b in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1 if n else 0):
+            size = min(RNG_BLOCK, total - b * RNG_BLOCK)
+            block = torch.rand(size, generator=self.generator(model_index, b), dtype=torch.float32)
+            lo, hi = max(start - b * RNG_BLOCK, 0), min(stop - b * RNG_BLOCK, size)
+            parts.append(block[lo:hi])
+        u = torch.cat(parts) if parts else torch.empty(0)
+        return u.reshape(shape).to(self.device)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """How a method merges a tensor fed in row chunks (tensors too large to hold whole, like embeddings).
+
+    The engine calls init once, then for each statistics pass p < passes: gather(state, p, base, xs,
+    params, ctx) on every chunk in order and end_pass(state, p); then apply(state, base, xs, weights,
+    params, ctx) on every chunk in order, which returns that chunk of the output."""
+
+    init: Callable[..., Any]  # (params, ctx, n_models) -> state
+    apply: Callable[..., torch.Tensor]
+    passes: int = 0
+    gather: Callable[..., None] | None = None
+    end_pass: Callable[..., None] | None = None
+    finish: Callable[..., None] | None = None  # (state, ctx): write whole-tensor stats into ctx.stats
 
 
 Kernel = Callable[[torch.Tensor | None, list[torch.Tensor], list[float], ParamSet, TensorCtx], torch.Tensor]
@@ -109,6 +146,8 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    # the base model is optional: when the recipe names one it is passed as `base` (not as a source)
+    optional_base: bool = False
     summary: str = ""
     # optional plan-time check of one tensor's resolved parameters: returns an error text or None
     check: Callable[[ParamSet, int], str | None] | None = None
@@ -120,3 +159,6 @@ class MethodSpec:
     stats: type | None = None
     # optional plan-time check over every job of this method: (ParamSets, num_layers) -> error text or None
     plan_check: Callable[[list[ParamSet], int | None], str | None] | None = None
+    # chunked execution: elementwise kernels run on row chunks as they are; others may give a Streamed form
+    elementwise: bool = False
+    streamed: Streamed | None = None

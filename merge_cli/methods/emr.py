@@ -141,4 +141,6 @@ SPEC = MethodSpec(
     summary="output theta0 + tau_uni, tau_uni = gamma * max_i |M_i tau_i|; task i = theta0 + lambda_i M_i tau_uni "
     "(masks and rescalers in emr/, `merge-cli emr-materialize`)",
     stats=EmrStats,
+    mergekit_defaults={},
+    elementwise=True,
 )

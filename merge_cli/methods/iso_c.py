@@ -12,6 +12,7 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.tsv import task_vectors
+from merge_cli.methods.wholemodel import gathered
 
 
 class IsoCParams(MethodParams):
@@ -36,4 +37,6 @@ SPEC = MethodSpec(
     kernel=iso_c,
     needs_base=True,
     summary="per matrix: theta0 + alpha * U mean(sigma) V^T where U sigma V^T = sum_i tau_i; other tensors: mean tau",
+    mergekit_defaults={},
+    streamed=gathered(iso_c),
 )

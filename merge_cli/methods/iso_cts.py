@@ -14,6 +14,7 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.tsv import polar, task_vectors
+from merge_cli.methods.wholemodel import gathered
 
 
 class IsoCtsParams(MethodParams):
@@ -60,4 +61,6 @@ SPEC = MethodSpec(
     kernel=iso_cts,
     needs_base=True,
     summary="per matrix: theta0 + alpha * mean(s) polar([Uc, U_i,ks]) polar([Vc, V_i,ks]^T); other tensors: mean tau",
+    mergekit_defaults={},
+    streamed=gathered(iso_cts),
 )

@@ -76,4 +76,6 @@ SPEC = MethodSpec(
     max_models=1,
     summary="layer l: donor if l < bottom or l >= L - top; w*donor + (1-w)*base in the transition zones; else base",
     plan_check=plan_check,
+    mergekit_defaults={},
+    elementwise=True,
 )

@@ -20,11 +20,12 @@ def _check(p: ParamSet, n: int) -> str | None:
 
 
 def linear(base, tensors: list[torch.Tensor], weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weights, tensors):
-        out.add_(t, alpha=w)
+    # the same operations, in the same order, as the fused kernel (merge_cli/fused.py), so both agree bitwise
+    out = tensors[0] * weights[0]
+    for w, t in zip(weights[1:], tensors[1:]):
+        out = out + t * w
     if p.normalize:
-        out.div_(sum(weights))
+        out.div_(float(sum(weights)))
     return out
 
 
@@ -38,4 +39,5 @@ SPEC = MethodSpec(
     summary="theta = sum_i w_i theta_i / sum_i w_i (no base needed)",
     check=_check,
     mergekit_defaults={},
+    elementwise=True,
 )

@@ -26,4 +26,5 @@ SPEC = MethodSpec(
     max_models=1,
     summary="output tensor = the one source tensor (x scale); slices stack layer ranges of several models",
     mergekit_defaults={},
+    elementwise=True,
 )

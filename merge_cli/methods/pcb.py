@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats
+from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats, gathered
 
 CHUNK = 1 << 22  # coordinates per step: every step is elementwise given the per-task statistics
 
@@ -194,4 +194,6 @@ SPEC = MethodSpec(
     "W = minmax(drop(exp(N minmax(|tau|)^2) * tanh(tau * sum_j tau_j)))",
     stats=PcbStats,
     plan_check=plan_check,
+    mergekit_defaults={},
+    streamed=gathered(pcb),  # granularity tensor; granularity model is merged whole
 )

@@ -33,4 +33,5 @@ SPEC = MethodSpec(
     needs_base=True,
     summary="theta = theta0 + lambda * sum_i w_i (theta_i - theta0)",
     mergekit_defaults={},
+    elementwise=True,
 )

@@ -1,10 +1,11 @@
 """TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §3), per tensor.
 
 Trim keeps exactly int(density * numel) entries of each task vector by magnitude (ties at the threshold
-broken by lowest index). The sign is elected on the unweighted sum of trimmed task vectors (the paper),
-unless `weighted_election` is set (mergekit elects on the weighted sum). Coordinates whose sum is exactly
-0 take the tensor's majority sign. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max
-over the entries that agree with the elected sign.
+broken by lowest flat index). The sign is elected on the unweighted sum of trimmed task vectors (the
+paper), unless `weighted_election` is set (mergekit elects on the weighted sum); a coordinate whose sum is
+exactly 0 counts as positive. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max over
+the entries that agree with the elected sign. Huge tensors are merged in row chunks with an exact
+streamed threshold (two radix passes), bitwise equal to the whole-tensor result.
 """
 
 from __future__ import annotations
@@ -15,25 +16,21 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods import ties_model
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.selection import topk_mask
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask
 
 
 class TiesParams(MethodParams):
     weight: float = per_model(1.0, description="scale of this model's trimmed task vector")
-    density: float = per_model(
-        0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude"
-    )
+    density: float = per_model(0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     merge_func: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max")
     weighted_election: bool = Field(False, description="elect signs on weighted task vectors (mergekit)")
     granularity: Literal["tensor", "model"] = Field(
-        "tensor",
-        description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)",
+        "tensor", description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)"
     )
     topk: Literal["exact", "threshold"] = Field(
-        "exact",
-        description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth",
+        "exact", description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth"
     )
 
 
@@ -41,49 +38,120 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the int(density * numel) largest-magnitude entries."""
     if density >= 1.0:
         return delta
-    k = int(density * delta.numel())
-    return delta * topk_mask(delta.abs(), k)
+    return delta.mul_(topk_mask(delta.abs(), int(density * delta.numel())))
 
 
 def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
-    """+1/-1 per coordinate: sign of the sum over models; exact zeros take the tensor's majority sign."""
-    gamma = torch.sign(stacked.sum(dim=0))
-    majority = 1.0 if float(gamma.sum()) >= 0 else -1.0
-    return torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
+    """+1/-1 per coordinate: the sign of the sum over models (dim 0); an exact 0 counts as +1."""
+    return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_merge(
-    trimmed: torch.Tensor, weights: torch.Tensor, gamma: torch.Tensor, how: str
-) -> torch.Tensor:
-    """Merge the entries whose sign agrees with gamma. trimmed: [N, ...], weights: [N] (broadcast)."""
-    agree = (torch.sign(trimmed) == gamma.unsqueeze(0)).to(trimmed.dtype)
-    w = weights.reshape(-1, *([1] * (trimmed.dim() - 1)))
-    contrib = trimmed * w * agree
-    if how == "sum":
-        return contrib.sum(dim=0)
-    if how == "max":
-        idx = contrib.abs().argmax(dim=0, keepdim=True)
-        return contrib.gather(0, idx).squeeze(0)
-    denom = (w * agree).sum(dim=0)
-    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return contrib.sum(dim=0) / denom
+def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], sign: torch.Tensor, how: str, stats=None):
+    """Merge the entries whose sign agrees with the elected `sign` (+1/-1 per coordinate).
+
+    stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts (a
+    coordinate is touched when some entry is nonzero, in conflict when some entry opposes the election)."""
+    num = torch.zeros_like(trimmed[0])
+    den = torch.zeros_like(trimmed[0]) if how == "mean" else None
+    best_abs = torch.zeros_like(trimmed[0]) if how == "max" else None
+    touched = conflict = None
+    for i, (w, t) in enumerate(zip(weights, trimmed)):
+        along = t * sign  # > 0 where t agrees with the election, < 0 where it opposes it
+        agree = along > 0
+        if how == "max":
+            contrib = t * agree * w
+            better = contrib.abs() > best_abs
+            num = torch.where(better, contrib, num)
+            best_abs = torch.maximum(best_abs, contrib.abs())
+        else:
+            num.addcmul_(t, agree, value=w)
+        if den is not None:
+            den.add_(agree, alpha=w)
+        if stats is not None:
+            stats["kept"][i] += int(torch.count_nonzero(t))
+            opposes = along < 0
+            touched = agree if touched is None else touched.logical_or_(agree)
+            conflict = opposes if conflict is None else conflict.logical_or_(opposes)
+    if stats is not None:
+        # an opposing entry implies an agreeing one (the election follows the sum), so touched covers it
+        stats["touched"] += int(touched.sum())
+        stats["conflict"] += int(conflict.sum())
+    if den is not None:
+        num.div_(den.clamp_(min=torch.finfo(den.dtype).tiny) if all(w > 0 for w in weights) else torch.where(den == 0, 1.0, den))
+    return num
+
+
+def _merge(base, trimmed, weights, p: ParamSet, stats) -> torch.Tensor:
+    total = trimmed[0] * weights[0] if p.weighted_election else trimmed[0].clone()
+    for t, w in zip(trimmed[1:], weights[1:]):
+        total.add_(t, alpha=w if p.weighted_election else 1.0)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    del total
+    merged = disjoint_merge(trimmed, list(weights), sign, p.merge_func, stats)
+    return merged.mul_(p.lambda_).add_(base)
+
+
+def _new_stats(n: int) -> dict:
+    return {"kept": [0] * n, "touched": 0, "conflict": 0, "numel": 0}
+
+
+def _record(stats: dict, ctx: TensorCtx) -> None:
+    n = max(stats["numel"], 1)
+    ctx.stats["kept_fraction"] = [k / n for k in stats["kept"]]
+    ctx.stats["sign_conflict_rate"] = stats["conflict"] / max(stats["touched"], 1)
 
 
 def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     if p.granularity == "model":  # whole-model trim from the statistics passes (ties_model.py)
         return ties_model.ties_whole_model(base, tensors, weights, p, ctx)
-    trimmed = torch.stack([trim(t - base, d) for t, d in zip(tensors, p.density)])
-    w = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device)
-    elect_on = trimmed * w.reshape(-1, *([1] * (trimmed.dim() - 1))) if p.weighted_election else trimmed
-    gamma = elect_sign(elect_on)
-    merged = disjoint_merge(trimmed, w, gamma, p.merge_func)
-    nz = trimmed != 0
-    signs = torch.sign(trimmed)
-    touched = nz.any(dim=0)
-    conflict = ((signs > 0).any(dim=0) & (signs < 0).any(dim=0)).sum()
-    ctx.stats["kept_fraction"] = [float(x) for x in nz.reshape(len(tensors), -1).float().mean(dim=1)]
-    ctx.stats["sign_conflict_rate"] = float(conflict) / max(int(touched.sum()), 1)
-    return base + p.lambda_ * merged
+    stats = _new_stats(len(tensors))
+    stats["numel"] = base.numel()
+    out = _merge(base, [trim(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
+    _record(stats, ctx)
+    return out
+
+
+# -- the same, over row chunks -----------------------------------------------------------------------
+def _init(p: ParamSet, ctx: TensorCtx, n_models: int) -> dict:
+    numel = 1
+    for d in ctx.shape or ():
+        numel *= d
+    state = {"stats": _new_stats(n_models), "select": {}, "thresholds": {}, "seen": [0] * n_models}
+    state["stats"]["numel"] = numel
+    for i, d in enumerate(p.density):
+        k = int(d * numel)
+        if d < 1.0 and 0 < k < numel:
+            state["select"][i] = StreamingTopK(k, numel)
+    return state
+
+
+def _gather(state, pass_index, base, xs, p, ctx) -> None:
+    for i, sel in state["select"].items():
+        sel.update((xs[i] - base).abs())
+
+
+def _end_pass(state, pass_index) -> None:
+    for i, sel in state["select"].items():
+        if pass_index == 0:
+            sel.next_pass()
+        else:
+            state["thresholds"][i] = sel.result()
+
+
+def _apply(state, base, xs, weights, p: ParamSet, ctx) -> torch.Tensor:
+    trimmed = []
+    for i, (x, d) in enumerate(zip(xs, p.density)):
+        tau = x - base
+        if i in state["thresholds"]:
+            t = state["thresholds"][i]
+            a = tau.abs()
+            tau.mul_(mask_from_threshold(a, t, state["seen"][i]))
+            if not t.keep_all_equal:
+                state["seen"][i] += int((a == t.value).sum())
+        elif int(d * state["stats"]["numel"]) <= 0:
+            tau = torch.zeros_like(tau)
+        trimmed.append(tau)
+    return _merge(base, trimmed, weights, p, state["stats"])
 
 
 SPEC = MethodSpec(
@@ -95,6 +163,7 @@ SPEC = MethodSpec(
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
     mergekit_defaults={"density": 1.0, "weighted_election": True},
+    streamed=Streamed(init=_init, apply=_apply, passes=2, gather=_gather, end_pass=_end_pass, finish=lambda s, ctx: _record(s["stats"], ctx)),
     stats=ties_model.TiesModelStats,
     plan_check=ties_model.plan_check,
 )

@@ -150,7 +150,6 @@ def ties_whole_model(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> tor
     quotas = ctx.extra["quota"].get(ctx.name) if ctx.extra.get("quota") is not None else None
     taken = [0] * len(tensors)
     out = base.clone().reshape(-1)
-    w = torch.as_tensor(list(weights), dtype=base.dtype, device=base.device)
     n = out.numel()
     kept = torch.zeros(len(tensors), dtype=torch.float64)
     conflicts = touched = 0
@@ -159,7 +158,7 @@ def ties_whole_model(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> tor
         trimmed = _trimmed(base, tensors, thr, s, e, quotas, taken)
         gamma = torch.sign(_elect_on(trimmed, weights, p.weighted_election).sum(dim=0))
         gamma = torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
-        out[s:e] += p.lambda_ * disjoint_merge(trimmed, w, gamma, p.merge_func)
+        out[s:e] += p.lambda_ * disjoint_merge(list(trimmed), list(weights), gamma, p.merge_func)
         nz = trimmed != 0
         kept += nz.sum(dim=1).cpu().double()
         touched += int(nz.any(dim=0).sum())

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+from merge_cli.methods.wholemodel import gathered
 
 
 class TsvParams(MethodParams):
@@ -54,4 +55,6 @@ SPEC = MethodSpec(
     kernel=tsv,
     needs_base=True,
     summary="per matrix: theta0 + alpha * polar([U_i,k]) diag([s_i,k]) polar([V_i,k]^T); other tensors: mean tau",
+    mergekit_defaults={},
+    streamed=gathered(tsv),
 )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merge_cli.methods.base import ParamSet, TensorCtx
+from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
 
 if TYPE_CHECKING:
     from merge_cli.plan import TensorJob
@@ -140,3 +140,35 @@ class WholeModelStats:
 
 def job_params(job: TensorJob) -> ParamSet:
     return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
+
+
+def gathered(kernel) -> Streamed:
+    """A Streamed form for kernels that need the whole tensor at once (an SVD, per-tensor quantiles): one
+    pass collects the row chunks, then apply runs the kernel once on the whole tensor and returns each
+    chunk's part of the output. It meets the engine's row-chunk contract with the same result as the whole
+    path; it holds the whole tensors, so it saves no memory."""
+
+    def init(p, ctx, n_models):
+        return {"b": [], "xs": [[] for _ in range(n_models)], "out": None, "stats": {}}
+
+    def gather(state, pass_index, base, xs, p, ctx):
+        state["b"].append(base.clone())
+        for acc, x in zip(state["xs"], xs, strict=True):
+            acc.append(x.clone())
+
+    def end_pass(state, pass_index):
+        state["b"] = torch.cat(state["b"])
+        state["xs"] = [torch.cat(acc) for acc in state["xs"]]
+
+    def apply(state, base, xs, weights, p, ctx):
+        if state["out"] is None:
+            whole = TensorCtx(name=ctx.name, layer=ctx.layer, group=ctx.group, seed=ctx.seed, device=ctx.device,
+                              num_layers=ctx.num_layers, extra=ctx.extra, shape=ctx.shape)  # fmt: skip
+            state["out"] = kernel(state["b"], state["xs"], weights, p, whole).reshape(-1)
+            state["stats"], state["b"], state["xs"] = whole.stats, None, None
+        return state["out"][ctx.offset : ctx.offset + base.numel()].reshape(base.shape)
+
+    def finish(state, ctx):
+        ctx.stats.update(state["stats"])
+
+    return Streamed(init=init, apply=apply, passes=1, gather=gather, end_pass=end_pass, finish=finish)

@@ -1,0 +1,143 @@
+"""Engine: chunked (row-streamed) merges are bitwise equal to whole-tensor merges; memory budget; devices."""
+
+import pytest
+import torch
+from helpers import load_output, run_cli, write_model, write_recipe
+
+from merge_cli.engine import EngineOptions, resolve_device, working_bytes
+from merge_cli.errors import MergeCliError
+from merge_cli.merge import execute
+from merge_cli.plan import build_plan
+from merge_cli.recipe import load_recipe
+
+
+def _models(tmp_path):
+    """A base and two experts with a big 'embedding' (4000 x 64) that a small budget forces into chunks."""
+    g = torch.Generator().manual_seed(11)
+    base = {
+        "model.embed_tokens.weight": torch.randn(4000, 64, generator=g).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=g).bfloat16(),
+        "model.norm.weight": torch.ones(64).bfloat16(),
+    }
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i in range(2):
+        sd = {k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+        sd["model.embed_tokens.weight"][::5] = base["model.embed_tokens.weight"][::5]  # unchanged rows: exact ties
+        paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "method,params,top",
+    [
+        ("ties", "{density: 0.3}", "{}"),
+        ("ties", "{density: 0.7}", "{merge_func: max, weighted_election: true}"),
+        ("linear", "{weight: 0.6}", "{}"),
+        ("task_arithmetic", "{weight: 0.5}", "{lambda: 0.7}"),
+    ],
+)
+def test_chunked_merge_is_bitwise_equal_to_whole(tmp_path, method, params, top):
+    m = _models(tmp_path)
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"{base}models:\n  - model: {m['e0']}\n    parameters: {params}\n  - model: {m['e1']}\n    parameters: {params}\n"
+        f"method: {method}\nparameters: {top}\n",
+    )
+    outs = {}
+    for label, budget in (("whole", 1 << 30), ("chunked", 600_000)):
+        plan = build_plan(load_recipe(recipe))
+        result = execute(plan, tmp_path / label, options=EngineOptions(max_memory=budget))
+        plan.close()
+        outs[label] = (load_output(tmp_path / label), result)
+    assert outs["whole"][1].engine.chunked == []
+    assert outs["chunked"][1].engine.chunked == ["model.embed_tokens.weight"]
+    a, b = outs["whole"][0], outs["chunked"][0]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ra = {t["name"]: t for t in outs["whole"][1].report["tensors"]}
+    rb = {t["name"]: t for t in outs["chunked"][1].report["tensors"]}
+    emb = "model.embed_tokens.weight"
+    for key in ("kept_fraction", "sign_conflict_rate", "task_vector_norms"):
+        if key in ra[emb]:
+            assert rb[emb][key] == pytest.approx(ra[emb][key], rel=1e-5), key
+
+
+def test_working_bytes_counts_inputs_and_temporaries(tmp_path):
+    m = _models(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\n")
+    plan = build_plan(load_recipe(recipe))
+    job = next(j for j in plan.jobs if j.name == "model.embed_tokens.weight")
+    n = 4000 * 64
+    # 3 inputs read as bf16, each held in fp32, 4 temporaries, and the bf16 output
+    assert working_bytes(plan, job) == 3 * 2 * n + n * 4 * (3 + 4) + 2 * n
+    plan.close()
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(MergeCliError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeCliError) as e:
+            resolve_device("cuda")
+        assert str(e.value) == "--device cuda: no CUDA device is available here; use --device cpu or auto"
+
+
+def test_cli_max_memory_option(tmp_path):
+    m = _models(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}]\nmethod: ties\n")
+    r = run_cli("run", recipe, tmp_path / "o", "-q", "--max-memory", "600KB")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("run", recipe, tmp_path / "o2", "-q", "--max-memory", "lots")
+    assert r.exit_code == 2 and "--max-memory: cannot read size 'lots'" in r.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tmp_path):
+    m = _models(tmp_path)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\nout_dtype: float32\n"
+    )
+    for dev in ("cpu", "cuda"):
+        plan = build_plan(load_recipe(recipe))
+        execute(plan, tmp_path / dev, options=EngineOptions(device=dev))
+        plan.close()
+    a, b = load_output(tmp_path / "cpu"), load_output(tmp_path / "cuda")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "method,params,top",
+    [
+        ("ties", "{density: 0.3, weight: 0.7}", "{}"),
+        ("ties", "{density: 0.6}", "{merge_func: sum, weighted_election: true, lambda: 0.8}"),
+        ("linear", "{weight: 0.6}", "{}"),
+        ("task_arithmetic", "{weight: 0.5}", "{lambda: 0.7}"),
+    ],
+)
+def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, method, params, top):
+    """The compiled kernels (one pass) give the same bits as the eager kernels, whole and in row chunks."""
+    m = _models(tmp_path)
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"{base}models:\n  - model: {m['e0']}\n    parameters: {params}\n  - model: {m['e1']}\n"
+        f"method: {method}\nparameters: {top}\n",
+    )
+    outs = {}
+    for label, fused, budget in (("eager", "off", 1 << 30), ("fused", "on", 1 << 30), ("fused_chunked", "on", 600_000)):
+        plan = build_plan(load_recipe(recipe))
+        result = execute(plan, tmp_path / label, options=EngineOptions(max_memory=budget, fused=fused))
+        plan.close()
+        outs[label] = (load_output(tmp_path / label), {t["name"]: t for t in result.report["tensors"]})
+    ref, ref_stats = outs["eager"]
+    for label in ("fused", "fused_chunked"):
+        got, stats = outs[label]
+        for name in ref:
+            assert torch.equal(ref[name], got[name]), (label, name)
+            for key in ("kept_fraction", "sign_conflict_rate"):
+                if key in ref_stats[name]:
+                    assert stats[name][key] == pytest.approx(ref_stats[name][key]), (label, name, key)
