@@ -359,14 +359,14 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     _return_freed_memory()
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
+    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
+    big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
+    start = time.perf_counter()
     # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
     plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
         plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
     )
     result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
-    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
-    big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
-    start = time.perf_counter()
     stop = threading.Event()
     gate = _Gate(max(budget // 4, 1))
     read_q: queue.Queue = queue.Queue()
