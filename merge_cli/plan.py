@@ -432,11 +432,12 @@ def check_methods(jobs: list[TensorJob], num_layers: int | None, notes: list[str
         if problem:
             raise PlanError(f"method '{name}': {problem}")
         stats = METHODS[name].stats
-        n = sum(1 for ps in params if stats is not None and stats.applies(ps))
-        if n:
+        whole = [ps for ps in params if stats is not None and stats.applies(ps)]
+        if whole:
+            rounds = stats.rounds_for(whole[0])
             notes.append(
-                f"{name}: {len(stats.rounds)} whole-model statistics pass(es) over {n} tensor(s) before the merge: "
-                + "; ".join(stats.rounds)
+                f"{name}: {len(rounds)} whole-model statistics pass(es) over {len(whole)} tensor(s) before the "
+                "merge: " + "; ".join(rounds)
             )
 
 

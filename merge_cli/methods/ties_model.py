@@ -75,11 +75,16 @@ class TiesModelStats(WholeModelStats):
     def applies(params: ParamSet) -> bool:
         return params.granularity == "model"
 
+    @classmethod
+    def rounds_for(cls, params: ParamSet) -> tuple[str, ...]:
+        keys = ("hi", "lo", "ties", "sign") if params.topk == "exact" else ("hi", "lo", "sign")
+        return tuple(_LABELS[k] for k in keys)
+
     def __init__(self, jobs, n_models, side_dir):
         super().__init__(jobs, n_models, side_dir)
         self.exact = self.params.topk == "exact"
         self.keys = ("hi", "lo", "ties", "sign") if self.exact else ("hi", "lo", "sign")
-        self.rounds = tuple(_LABELS[k] for k in self.keys)
+        self.rounds = self.rounds_for(self.params)
         self.d = sum(j.numel for j in jobs)
         self.k = [int(self.d * dens) for dens in self.params.density]
         ranks = [trim_rank(self.d, dens, self.exact) for dens in self.params.density]

@@ -121,6 +121,11 @@ class WholeModelStats:
     def applies(params: ParamSet) -> bool:
         return True
 
+    @classmethod
+    def rounds_for(cls, params: ParamSet) -> tuple[str, ...]:
+        """The passes a merge with these (whole-model) parameters runs, for the plan's notes."""
+        return cls.rounds
+
     def gather(
         self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: ParamSet, ctx: TensorCtx
     ) -> None:
