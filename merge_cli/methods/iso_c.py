@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.tsv import task_vectors
+from merge_cli.methods.tsv import svd, task_vectors
 from merge_cli.methods.wholemodel import gathered
 
 
@@ -24,7 +24,7 @@ def iso_c(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     taus = task_vectors(base, tensors, weights)
     if base.dim() != 2:
         return base + p.alpha * torch.stack(taus).mean(dim=0)
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(taus).sum(dim=0))
     return base + p.alpha * ((u * s.mean()) @ vh).to(base.dtype)
 
 

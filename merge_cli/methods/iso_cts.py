@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.tsv import polar, task_vectors
+from merge_cli.methods.tsv import polar, svd, task_vectors
 from merge_cli.methods.wholemodel import gathered
 
 
@@ -35,13 +35,13 @@ def iso_cts(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor
     taus = task_vectors(base, tensors, weights)
     if base.dim() != 2:
         return base + p.alpha * torch.stack(taus).mean(dim=0)
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(taus).sum(dim=0))
     kc, ks = space_sizes(min(base.shape), len(taus), p.common_space_fraction)
     uc = u[:, :kc]
     us, ss, vhs = [uc], [s[:kc]], [vh[:kc]]
     if ks > 0:
         for tau in taus:
-            ui, si, vhi = torch.linalg.svd(tau - uc @ (uc.T @ tau), full_matrices=False)
+            ui, si, vhi = svd(tau - uc @ (uc.T @ tau))
             us.append(ui[:, :ks])
             ss.append(si[:ks])
             vhs.append(vhi[:ks])

@@ -20,9 +20,18 @@ class TsvParams(MethodParams):
     alpha: float = Field(1.0, description="scale of the merged task vector")
 
 
+def svd(x: torch.Tensor):
+    """Thin SVD in fp32; where LAPACK's divide-and-conquer fails to converge (ill-conditioned, e.g. a
+    near rank-deficient residual), retried in fp64 and cast back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return tuple(t.to(x.dtype) for t in torch.linalg.svd(x.double(), full_matrices=False))
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor P Q^T of x = P S Q^T (nearest matrix with orthonormal columns/rows)."""
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    u, _, vh = svd(x)
     return u @ vh
 
 
@@ -37,7 +46,7 @@ def tsv(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     k = max(1, min(base.shape) // len(taus))
     us, ss, vhs = [], [], []
     for tau in taus:
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
