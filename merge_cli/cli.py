@@ -205,6 +205,7 @@ def run(
         check_output(out_dir, [Path(m.path) for m in p.models], overwrite)  # before any progress bar shows
         with sigterm_as_interrupt(), progress_bar(p, disable=quiet) as advance:
             opts.progress = advance
+            opts.on_pass = None if quiet else _print_pass
             outcome = execute(
                 p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock", resume=resume
             )
@@ -231,6 +232,25 @@ def run(
 
         same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
         print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
+
+
+def _print_pass(rec: dict) -> None:
+    print(f"statistics pass {rec['pass']} ({rec['what']}): {rec['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+@app.command("emr-materialize")
+@handle_errors
+def emr_materialize(
+    out_dir: Path = typer.Argument(..., help="Output folder of an emr merge (holds emr/emr.json and the masks)."),
+    task: int = typer.Argument(..., help="Task index, 0-based, in the recipe's models order."),
+    new_out: Path = typer.Argument(..., help="Folder for the task's model (created)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+):
+    """Write one task's model from an EMR merge: base + rescaler * mask * (unified - base)."""
+    from merge_cli.emr_materialize import materialize
+
+    final = materialize(out_dir, task, new_out, overwrite)
+    print(f"wrote task {task} of {out_dir} to {final}")
 
 
 @app.command()

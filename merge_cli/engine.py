@@ -28,6 +28,7 @@ from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.selection import Threshold
 from merge_cli.plan import MergePlan, TensorJob, report_params
+from merge_cli.stats_pass import run_stats_passes, whole_model_job
 
 _DONE = object()
 
@@ -39,6 +40,7 @@ class EngineOptions:
     max_memory: int | None = None  # bytes; default: default_max_memory()
     fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
+    on_pass: Callable[[dict[str, Any]], None] | None = None  # called after each whole-model statistics pass
     # -- reliability (issue 6) --
     allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
     skip_shards: frozenset[int] = frozenset()  # shards completed by an interrupted run (--resume): not read
@@ -58,6 +60,8 @@ class EngineResult:
     device: str = "cpu"
     max_memory: int = 0
     chunked: list[str] = field(default_factory=list)
+    stats_passes: list[dict[str, Any]] = field(default_factory=list)  # whole-model statistics passes (stats_pass.py)
+    whole_model: dict[str, Any] = field(default_factory=dict)  # their statistics, per method
 
 
 def default_max_memory() -> int:
@@ -120,6 +124,8 @@ def working_bytes(plan: MergePlan, job: TensorJob) -> int:
 
 
 def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
+    if whole_model_job(job):  # merged whole, against its whole-model statistics (stats_pass.py)
+        return False
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
 
@@ -136,10 +142,13 @@ def read_job(plan: MergePlan, job: TensorJob, pin: bool = False) -> tuple[torch.
 
 
 def _ctx(plan: MergePlan, job: TensorJob, device: torch.device, offset: int = 0) -> TensorCtx:
-    return TensorCtx(
+    ctx = TensorCtx(
         name=job.name, layer=job.layer, group=job.group, seed=plan.recipe.seed, device=device,
         offset=offset, shape=tuple(job.shape),
     )  # fmt: skip
+    ctx.num_layers = plan.num_layers
+    ctx.extra = plan.whole_model_stats.get(job.method, {})  # set by run_merge's statistics passes
+    return ctx
 
 
 def _params(job: TensorJob) -> ParamSet:
@@ -164,7 +173,7 @@ class _Compute:
         from merge_cli import fused
         from merge_cli.fused_methods import FUSED_METHODS, whole
 
-        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()) or whole_model_job(job):
             return None
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
@@ -375,6 +384,11 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
     start = time.perf_counter()
+    # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
+    plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
+        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
+    )
+    result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
     stop = threading.Event()
     gate = _Gate(max(budget // 4, 1))
     read_q: queue.Queue = queue.Queue()

@@ -86,6 +86,9 @@ def execute(
             "bytes_written": result.bytes_written,
             "shards_reused": run.reused,
         }
+        if result.stats_passes:
+            engine["stats_passes"] = result.stats_passes
+            engine["whole_model"] = result.whole_model
         report = build_report(plan, result.tensors, engine)
         recipe_text = plan.recipe.path.read_text() if plan.recipe.path else ""
         writer.write_text("recipe.yaml", recipe_text)

@@ -17,7 +17,7 @@ from typing import Any
 from merge_cli.dtypes import ITEMSIZE, ST_TO_NAME, is_float, parse_dtype_name
 from merge_cli.errors import CheckpointError, PlanError
 from merge_cli.io.checkpoint import Checkpoint, open_checkpoint
-from merge_cli.methods import METHODS, MethodSpec
+from merge_cli.methods import METHODS, MethodSpec, ParamSet
 from merge_cli.modules import classify, layer_of, with_layer
 from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
@@ -82,6 +82,8 @@ class MergePlan:
     output_bytes: int
     peak_memory_bytes: int
     notes: list[str] = field(default_factory=list)
+    # filled by the engine's whole-model statistics passes (stats_pass.py): method -> what kernels get as ctx.extra
+    whole_model_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         for m in self.models:
@@ -429,12 +431,36 @@ def estimate_peak(jobs: list[TensorJob], models: list[ModelSlot], compute_bytes:
     return peak
 
 
+def check_methods(jobs: list[TensorJob], num_layers: int | None, notes: list[str]) -> None:
+    """Plan-time checks over all of a method's jobs (MethodSpec.plan_check), e.g. whole-model parameters;
+    notes the whole-model statistics passes the merge will run first (merge_cli/stats_pass.py)."""
+    by_method: dict[str, list[ParamSet]] = {}
+    for j in jobs:
+        by_method.setdefault(j.method, []).append(
+            ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in j.params.items()})
+        )
+    for name, params in by_method.items():
+        check = METHODS[name].plan_check
+        problem = check(params, num_layers) if check else None
+        if problem:
+            raise PlanError(f"method '{name}': {problem}")
+        stats = METHODS[name].stats
+        whole = [ps for ps in params if stats is not None and stats.applies(ps)]
+        if whole:
+            rounds = stats.rounds_for(whole[0])
+            notes.append(
+                f"{name}: {len(rounds)} whole-model statistics pass(es) over {len(whole)} tensor(s) before the "
+                "merge: " + "; ".join(rounds)
+            )
+
+
 def build_plan(
     recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None, allow_pickle: bool = False
 ) -> MergePlan:
     b = _Builder(recipe, allow_arch_mismatch, allow_pickle)
     try:
         ref, num_layers = b.build_slices() if recipe.slices else b.build_models()
+        check_methods(b.jobs, num_layers, b.notes)
     except (PlanError, CheckpointError):
         for m in b.models:
             m.checkpoint.close()

@@ -35,7 +35,7 @@ def recipe_file(tmp_path, text: str):
         ("models: [b]\nmethod: ties\n", "{p}:2: method 'ties' needs `base_model:`; add the pretrained model it fine-tunes from"),
         (
             "base_model: a\nmodels: [b]\nmethod: ties\nparameters: {lamda: 1}\n",
-            "{p}:4: unknown parameter 'lamda' for ties (did you mean 'lambda'?); known: density, lambda, merge_func, weight, weighted_election",
+            "{p}:4: unknown parameter 'lamda' for ties (did you mean 'lambda'?); known: density, granularity, lambda, merge_func, topk, weight, weighted_election",
         ),
         (
             "base_model: a\nmodels: [b]\nmethod: ties\noverrides:\n  - match: atention\n",

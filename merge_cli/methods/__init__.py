@@ -8,17 +8,23 @@ from merge_cli.methods import (
     breadcrumbs,
     dare,
     della,
+    emr,
+    iso_c,
+    iso_cts,
     karcher,
+    layer_swap,
     linear,
     model_stock,
     multislerp,
     nearswap,
     passthrough,
+    pcb,
     ram,
     sce,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 
@@ -41,6 +47,8 @@ METHODS.update({s.name: s for s in (
     ram.RAMPLUS_TL,
     arcee_fusion.SPEC,
 )})  # fmt: skip
+# issue 4: whole-model (pcb, ties granularity model, emr) and per-matrix SVD (tsv, iso_c, iso_cts) methods, layer swapping
+METHODS.update({m.SPEC.name: m.SPEC for m in (pcb, layer_swap, tsv, iso_c, iso_cts, emr)})
 
 
 def get_method(name: str, where: str = "method") -> MethodSpec:

@@ -83,6 +83,7 @@ class TensorCtx:
     layer: int | None = None
     group: str = "other"
     seed: int = 0
+    num_layers: int | None = None  # layers of the reference model (layer_swap)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. whole-model statistics from a first pass
@@ -153,6 +154,11 @@ class MethodSpec:
     # mergekit compatibility: the parameter values mergekit uses for this method when a mergekit-format
     # recipe leaves them unset (where they differ from ours). None: mergekit has no such method.
     mergekit_defaults: dict[str, Any] | None = None
+    # whole-model methods: a merge_cli.stats_pass.WholeModelStats subclass, gathered in streamed passes before
+    # the merge; kernels then find its statistics in ctx.extra
+    stats: type | None = None
+    # optional plan-time check over every job of this method: (ParamSets, num_layers) -> error text or None
+    plan_check: Callable[[list[ParamSet], int | None], str | None] | None = None
     # chunked execution: elementwise kernels run on row chunks as they are; others may give a Streamed form
     elementwise: bool = False
     streamed: Streamed | None = None

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merge_cli.methods import ties_model
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
 from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask
 
@@ -25,6 +26,12 @@ class TiesParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     merge_func: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max")
     weighted_election: bool = Field(False, description="elect signs on weighted task vectors (mergekit)")
+    granularity: Literal["tensor", "model"] = Field(
+        "tensor", description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)"
+    )
+    topk: Literal["exact", "threshold"] = Field(
+        "exact", description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth"
+    )
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -95,6 +102,8 @@ def _record(stats: dict, ctx: TensorCtx) -> None:
 
 
 def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    if p.granularity == "model":  # whole-model trim from the statistics passes (ties_model.py)
+        return ties_model.ties_whole_model(base, tensors, weights, p, ctx)
     stats = _new_stats(len(tensors))
     stats["numel"] = base.numel()
     out = _merge(base, [trim(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
@@ -155,4 +164,6 @@ SPEC = MethodSpec(
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
     mergekit_defaults={"density": 1.0, "weighted_election": True},
     streamed=Streamed(init=_init, apply=_apply, passes=2, gather=_gather, end_pass=_end_pass, finish=lambda s, ctx: _record(s["stats"], ctx)),
+    stats=ties_model.TiesModelStats,
+    plan_check=ties_model.plan_check,
 )

@@ -1,0 +1,179 @@
+"""Building blocks of whole-model methods: the WholeModelStats base class and exact streamed selection.
+
+`RadixSelect` gives exact order statistics (the k-th smallest value of a task vector over the whole model)
+in two passes with 2 x 65536 counters per requested rank: pass one histograms the high 16 bits of a
+monotone integer key of each fp32 value, pass two the low 16 bits of the values in the chosen bucket.
+No value is kept, so memory does not grow with the model. The driver is merge_cli/stats_pass.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
+
+if TYPE_CHECKING:
+    from merge_cli.plan import TensorJob
+
+CHUNK = 1 << 22  # values per histogram step: bounds the temporaries; smaller pieces are buffered
+
+_BINS = 1 << 16
+
+
+def float_keys(x: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
+    """int32 keys whose signed order is the order of the fp32 values. Non-negative floats are their own
+    keys; negative ones get their magnitude bits flipped. (-0.0 sorts just below +0.0; as floats they are
+    equal, so a selected -0.0 compares like 0.0.)"""
+    b = x.reshape(-1).to(torch.float32).contiguous().view(torch.int32)
+    return b if nonneg else b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def key_to_float(key: int) -> float:
+    k = torch.tensor([key], dtype=torch.int32)
+    return float((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32))
+
+
+class RadixSelect:
+    """Exact k-th smallest values (1-based ranks) of one stream of fp32 values, over two passes.
+
+    Call `add(values)` for every piece of the stream in pass 0, `advance()`, the same again in pass 1,
+    `advance()`; then `values` holds one float per requested rank. `count` is the stream length.
+    """
+
+    def __init__(self, ranks: list[int], nonneg: bool = False):
+        self.ranks = list(ranks)
+        self.nonneg = nonneg  # every value >= 0 (e.g. magnitudes): cheaper keys
+        self.phase = 0
+        self.count = 0
+        self.high = torch.zeros(_BINS, dtype=torch.int64)
+        self.buckets: list[int] = []
+        self.within: list[int] = []
+        self.low: dict[int, torch.Tensor] = {}
+        self.values: list[float] = []
+        self._pending: list[torch.Tensor] = []
+        self._pending_n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Count the values of x (small pieces are buffered and counted together: do not modify x after)."""
+        self._pending.append(x.reshape(-1))
+        self._pending_n += x.numel()
+        if self._pending_n >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        flat = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_n = [], 0
+        for s in range(0, flat.numel(), CHUNK):
+            k = float_keys(flat[s : s + CHUNK], self.nonneg)
+            hi = (k >> 16) + (_BINS // 2)
+            if self.phase == 0:
+                self.count += k.numel()
+                self.high += torch.bincount(hi, minlength=_BINS).cpu()
+            else:
+                for b, hist in self.low.items():
+                    sel = k[hi == b] & 0xFFFF
+                    if sel.numel():
+                        hist += torch.bincount(sel, minlength=_BINS).cpu()
+
+    def advance(self) -> None:
+        self._flush()
+        if self.phase == 0:
+            cum = torch.cumsum(self.high, 0)
+            for r in self.ranks:
+                if not 1 <= r <= self.count:
+                    raise ValueError(f"rank {r} outside 1..{self.count}")
+                b = int(torch.searchsorted(cum, torch.tensor([r]), right=False))
+                self.buckets.append(b)
+                self.within.append(r - (int(cum[b - 1]) if b > 0 else 0))
+                self.low.setdefault(b, torch.zeros(_BINS, dtype=torch.int64))
+        elif self.phase == 1:
+            for b, w in zip(self.buckets, self.within, strict=True):
+                cum = torch.cumsum(self.low[b], 0)
+                low = int(torch.searchsorted(cum, torch.tensor([w]), right=False))
+                self.values.append(key_to_float(((b - _BINS // 2) << 16) | low))
+            self.low.clear()
+        self.phase += 1
+
+
+class WholeModelStats:
+    """Base class of a method's whole-model statistics. One instance per merge, over the jobs it applies to.
+
+    Subclasses set `rounds` (labels of the passes, for progress and report) and implement `gather`
+    (called for every applicable job in every round, with tensors in the compute dtype on the device),
+    `extra` (the dict kernels get as ctx.extra) and `summary` (plain numbers for the report).
+    """
+
+    rounds: tuple[str, ...] = ()
+
+    def __init__(self, jobs: list[TensorJob], n_models: int, side_dir: Path | None):
+        self.jobs = jobs
+        self.n_models = n_models
+        self.side_dir = side_dir
+        self.round = 0
+        self.params = job_params(jobs[0])
+
+    @staticmethod
+    def applies(params: ParamSet) -> bool:
+        return True
+
+    @classmethod
+    def rounds_for(cls, params: ParamSet) -> tuple[str, ...]:
+        """The passes a merge with these (whole-model) parameters runs, for the plan's notes."""
+        return cls.rounds
+
+    def gather(
+        self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: ParamSet, ctx: TensorCtx
+    ) -> None:
+        raise NotImplementedError
+
+    def end_round(self) -> bool:
+        """Close the current round; True when another is needed."""
+        self.round += 1
+        return self.round < len(self.rounds)
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def job_params(job: TensorJob) -> ParamSet:
+    return ParamSet({k: (tuple(v) if isinstance(v, list) else v) for k, v in job.params.items()})
+
+
+def gathered(kernel) -> Streamed:
+    """A Streamed form for kernels that need the whole tensor at once (an SVD, per-tensor quantiles): one
+    pass collects the row chunks, then apply runs the kernel once on the whole tensor and returns each
+    chunk's part of the output. It meets the engine's row-chunk contract with the same result as the whole
+    path; it holds the whole tensors, so it saves no memory."""
+
+    def init(p, ctx, n_models):
+        return {"b": [], "xs": [[] for _ in range(n_models)], "out": None, "stats": {}}
+
+    def gather(state, pass_index, base, xs, p, ctx):
+        state["b"].append(base.clone())
+        for acc, x in zip(state["xs"], xs, strict=True):
+            acc.append(x.clone())
+
+    def end_pass(state, pass_index):
+        state["b"] = torch.cat(state["b"])
+        state["xs"] = [torch.cat(acc) for acc in state["xs"]]
+
+    def apply(state, base, xs, weights, p, ctx):
+        if state["out"] is None:
+            whole = TensorCtx(name=ctx.name, layer=ctx.layer, group=ctx.group, seed=ctx.seed, device=ctx.device,
+                              num_layers=ctx.num_layers, extra=ctx.extra, shape=ctx.shape)  # fmt: skip
+            state["out"] = kernel(state["b"], state["xs"], weights, p, whole).reshape(-1)
+            state["stats"], state["b"], state["xs"] = whole.stats, None, None
+        return state["out"][ctx.offset : ctx.offset + base.numel()].reshape(base.shape)
+
+    def finish(state, ctx):
+        ctx.stats.update(state["stats"])
+
+    return Streamed(init=init, apply=apply, passes=1, gather=gather, end_pass=end_pass, finish=finish)
