@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-cli-extra-args", default="")
     ap.add_argument("--merge-cli-format", choices=["native", "mergekit"], default="native")
     ap.add_argument(
-        "--mergekit-dtype", default="bfloat16", help="mergekit's compute dtype (default bfloat16; none: omit the key)"
+        "--mergekit-dtype",
+        default="bfloat16",
+        help="mergekit's compute dtype (default bfloat16; none: omit the key)",
     )
     ap.add_argument(
         "--merge-cli", type=Path, default=REPO / ".venv/bin/merge-cli", help="merge-cli executable"

@@ -60,7 +60,10 @@ def handle_errors(fn):
             raise
         except Exception:
             traceback.print_exc()
-            print("internal error: this is a bug in merge-cli; please report it with the lines above", file=sys.stderr)
+            print(
+                "internal error: this is a bug in merge-cli; please report it with the lines above",
+                file=sys.stderr,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -74,7 +77,9 @@ def _version(value: bool):
 
 @app.callback()
 def _main(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ):
     pass
 
@@ -112,9 +117,13 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
 @handle_errors
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole plan, one entry per tensor, as JSON."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the whole plan, one entry per tensor, as JSON."
+    ),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
-    shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
+    shard_size: Optional[str] = typer.Option(
+        None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."
+    ),
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Plan a merge from safetensors headers alone (no weight is read) and print a summary."""
@@ -122,7 +131,10 @@ def plan(
     from merge_cli.render import print_plan
 
     p = build_plan(
-        _load(recipe), allow_arch_mismatch=allow_arch_mismatch, shard_size=_size(shard_size), allow_pickle=allow_pickle
+        _load(recipe),
+        allow_arch_mismatch=allow_arch_mismatch,
+        shard_size=_size(shard_size),
+        allow_pickle=allow_pickle,
     )
     try:
         if as_json:
@@ -140,24 +152,37 @@ def run(
     out_dir: Path = typer.Argument(..., help="Output folder (created; must not exist unless --overwrite)."),
     device: str = typer.Option("auto", help="Compute device: auto (CUDA when present), cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch compute threads (default: all cores)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; one summary line (for CI logs)."),
-    shard_size: Optional[str] = typer.Option(None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing output folder (only once the new one is complete)."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar; one summary line (for CI logs)."
+    ),
+    shard_size: Optional[str] = typer.Option(
+        None, help="Output shard size, e.g. 5GB or 500MB (overrides the recipe)."
+    ),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (overrides the recipe)."),
     allow_arch_mismatch: bool = typer.Option(False, help="Merge models whose config architectures differ."),
     intermediate_dir: Optional[Path] = typer.Option(
-        None, help="Multi-stage recipes: folder of the named stages' outputs (default: OUT_DIR.intermediate beside it)."
+        None,
+        help="Multi-stage recipes: folder of the named stages' outputs (default: OUT_DIR.intermediate beside it).",
     ),
     max_memory: Optional[str] = typer.Option(
-        None, help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB)."
+        None,
+        help="Memory budget, e.g. 4GB: bigger tensors are merged in row chunks (default: 1/8 of free RAM, 1-16 GB).",
     ),
     locked: Optional[Path] = typer.Option(
-        None, "--locked", help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs."
+        None,
+        "--locked",
+        help="A recipe.lock.yaml: pin hub models to its commits and refuse to run if any input differs.",
     ),
     fused: str = typer.Option(
-        "auto", help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off."
+        "auto",
+        help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off.",
     ),
-    resume: bool = typer.Option(False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."),
+    resume: bool = typer.Option(
+        False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."
+    ),
     allow_nonfinite: bool = typer.Option(False, help="Merge even when a source tensor holds NaN or Inf."),
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
@@ -179,7 +204,9 @@ def run(
             plan_kwargs={"allow_arch_mismatch": allow_arch_mismatch, "shard_size": _size(shard_size), "allow_pickle": allow_pickle},
             overrides={"seed": seed} if seed is not None else None, log=lambda m: print(m, flush=True),
         )  # fmt: skip
-        print(f"ran {len(done)} stage(s) ({sum(d == 'reused' for _, d in done)} reused); final model in {out_dir}")
+        print(
+            f"ran {len(done)} stage(s) ({sum(d == 'reused' for _, d in done)} reused); final model in {out_dir}"
+        )
         return
 
     lock = load_lock(locked) if locked else None
@@ -207,12 +234,20 @@ def run(
             opts.progress = advance
             opts.on_pass = None if quiet else _print_pass
             outcome = execute(
-                p, out_dir, overwrite=overwrite, options=opts, locked=lock, lock_path=locked or "lock", resume=resume
+                p,
+                out_dir,
+                overwrite=overwrite,
+                options=opts,
+                locked=lock,
+                lock_path=locked or "lock",
+                resume=resume,
             )
     except KeyboardInterrupt as err:
         kept = getattr(err, "partial_kept", None)
         where = f"completed shards are kept in {kept}; " if kept else ""
-        print(f"interrupted: {out_dir} was not written; {where}{resume_hint(recipe, out_dir)}", file=sys.stderr)
+        print(
+            f"interrupted: {out_dir} was not written; {where}{resume_hint(recipe, out_dir)}", file=sys.stderr
+        )
         raise typer.Exit(130) from None
     except WriteError as err:
         kept = getattr(err, "partial_kept", None)
@@ -231,17 +266,23 @@ def run(
         from merge_cli.lock import LOCK_NAME
 
         same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
-        print(f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's")
+        print(
+            f"locked rebuild: output {'is bitwise identical to' if same else 'DIFFERS from'} the locked build's"
+        )
 
 
 def _print_pass(rec: dict) -> None:
-    print(f"statistics pass {rec['pass']} ({rec['what']}): {rec['seconds']:.1f} s", file=sys.stderr, flush=True)
+    print(
+        f"statistics pass {rec['pass']} ({rec['what']}): {rec['seconds']:.1f} s", file=sys.stderr, flush=True
+    )
 
 
 @app.command("emr-materialize")
 @handle_errors
 def emr_materialize(
-    out_dir: Path = typer.Argument(..., help="Output folder of an emr merge (holds emr/emr.json and the masks)."),
+    out_dir: Path = typer.Argument(
+        ..., help="Output folder of an emr merge (holds emr/emr.json and the masks)."
+    ),
     task: int = typer.Argument(..., help="Task index, 0-based, in the recipe's models order."),
     new_out: Path = typer.Argument(..., help="Folder for the task's model (created)."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
@@ -257,7 +298,9 @@ def emr_materialize(
 @handle_errors
 def verify(
     out_dir: Path = typer.Argument(..., help="A folder written by `merge-cli run`."),
-    no_finite: bool = typer.Option(False, "--no-finite", help="Skip reading every tensor to check for NaN/Inf."),
+    no_finite: bool = typer.Option(
+        False, "--no-finite", help="Skip reading every tensor to check for NaN/Inf."
+    ),
 ):
     """Check a merged model: manifest hashes and sizes, index against shards, shapes against config, finiteness."""
     from merge_cli.verify import verify_output
@@ -268,7 +311,9 @@ def verify(
 
 @app.command()
 @handle_errors
-def convert(recipe: Path = typer.Argument(..., help="A mergekit recipe YAML file (several documents: multi-stage).")):
+def convert(
+    recipe: Path = typer.Argument(..., help="A mergekit recipe YAML file (several documents: multi-stage)."),
+):
     """Print the equivalent native merge-cli recipe of a mergekit recipe (checked, but no model is opened)."""
     from merge_cli.mergekit_compat import convert_file
 

@@ -56,7 +56,10 @@ def llama_state_dict(cfg: dict, generator: torch.Generator) -> dict[str, torch.T
     def w(*shape):
         return torch.randn(*shape, generator=generator) * (1.0 / shape[-1] ** 0.5)
 
-    sd = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": 1 + 0.05 * torch.randn(h, generator=generator)}
+    sd = {
+        "model.embed_tokens.weight": w(v, h),
+        "model.norm.weight": 1 + 0.05 * torch.randn(h, generator=generator),
+    }
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         sd.update({
@@ -83,7 +86,9 @@ def fine_tune_like(base: dict[str, torch.Tensor], generator: torch.Generator, sc
             r = 2
             a = torch.randn(t.shape[0], r, generator=generator)
             b = torch.randn(r, t.shape[1], generator=generator)
-            noise = torch.randn(t.shape, generator=generator) * (torch.rand(t.shape, generator=generator) < 0.2)
+            noise = torch.randn(t.shape, generator=generator) * (
+                torch.rand(t.shape, generator=generator) < 0.2
+            )
             delta = (a @ b / r + noise) * scale * t.std()
         else:
             delta = torch.randn(t.shape, generator=generator) * scale * 0.5
@@ -100,7 +105,15 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i, s in enumerate(specials)
         ],
         "normalizer": {"type": "Lowercase"},
@@ -119,7 +132,9 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     }, indent=2))  # fmt: skip
 
 
-def save_hf(folder: Path, sd: dict[str, torch.Tensor], cfg: dict, dtype=torch.bfloat16, shards: int = 1) -> None:
+def save_hf(
+    folder: Path, sd: dict[str, torch.Tensor], cfg: dict, dtype=torch.bfloat16, shards: int = 1
+) -> None:
     """Write a state dict in HF layout with the safetensors library (single file, or `shards` files + index)."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
@@ -140,7 +155,13 @@ def save_hf(folder: Path, sd: dict[str, torch.Tensor], cfg: dict, dtype=torch.bf
         )
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"), "max_new_tokens": 16})
+        json.dumps(
+            {
+                "bos_token_id": cfg.get("bos_token_id"),
+                "eos_token_id": cfg.get("eos_token_id"),
+                "max_new_tokens": 16,
+            }
+        )
     )
     write_tokenizer(folder, cfg["vocab_size"])
 
@@ -207,12 +228,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         outs[path.stem] = out
-        table.add_row(path.name, plan.recipe.method, str(len(plan.jobs)), f"{result.engine.seconds:.2f}", str(out.relative_to(repo)))
+        table.add_row(
+            path.name,
+            plan.recipe.method,
+            str(len(plan.jobs)),
+            f"{result.engine.seconds:.2f}",
+            str(out.relative_to(repo)),
+        )
     console.print(table)
     if "ties" in outs:
         console.print(f"ties output: {_try_transformers(outs['ties'])}")
         console.print(f"report: {outs['ties'] / 'merge_report.md'}; card: {outs['ties'] / 'README.md'}")
-    console.print(f"demo done in {time.perf_counter() - t0:.1f} s; try `.venv/bin/merge-cli plan recipes/ties.yaml`")
+    console.print(
+        f"demo done in {time.perf_counter() - t0:.1f} s; try `.venv/bin/merge-cli plan recipes/ties.yaml`"
+    )
     return 0
 
 

@@ -45,7 +45,9 @@ def parse_dtype_name(name: str, where: str) -> str:
     """Recipe dtype name -> safetensors code, or a RecipeError naming the key."""
     code = NAME_TO_ST.get(str(name).lower())
     if code is None:
-        raise RecipeError(f"{where}: unknown dtype '{name}'{did_you_mean(name, NAME_TO_ST)}; use one of float32, float16, bfloat16")
+        raise RecipeError(
+            f"{where}: unknown dtype '{name}'{did_you_mean(name, NAME_TO_ST)}; use one of float32, float16, bfloat16"
+        )
     return code
 
 

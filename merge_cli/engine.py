@@ -60,7 +60,9 @@ class EngineResult:
     device: str = "cpu"
     max_memory: int = 0
     chunked: list[str] = field(default_factory=list)
-    stats_passes: list[dict[str, Any]] = field(default_factory=list)  # whole-model statistics passes (stats_pass.py)
+    stats_passes: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # whole-model statistics passes (stats_pass.py)
     whole_model: dict[str, Any] = field(default_factory=dict)  # their statistics, per method
 
 
@@ -101,7 +103,9 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise MergeCliError(f"--device {spec}: no CUDA device is available here; use --device cpu or auto")
+            raise MergeCliError(
+                f"--device {spec}: no CUDA device is available here; use --device cpu or auto"
+            )
         dev = torch.device(spec)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise MergeCliError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
@@ -129,7 +133,9 @@ def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
 
-def read_job(plan: MergePlan, job: TensorJob, pin: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def read_job(
+    plan: MergePlan, job: TensorJob, pin: bool = False
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """A job's input tensors as read; with pin (CUDA), in page-locked memory so the host-to-device copy is
     asynchronous (the pinning copy happens here, on the reader thread, overlapped with compute)."""
 
@@ -183,7 +189,9 @@ class _Compute:
             check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
         if out is not None and b is not None:
             bf = b.to(torch.float32)
-            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs]
+            stats["task_vector_norms"] = [
+                float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs
+            ]
         return out
 
     def prep(self, t: torch.Tensor) -> torch.Tensor:
@@ -219,7 +227,9 @@ class _Compute:
         ctx = _ctx(self.plan, job, self.device)
         out = spec.kernel(b, xs, list(job.weights), _params(job), ctx)
         if tuple(out.shape) != tuple(job.shape):
-            raise RuntimeError(f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}")
+            raise RuntimeError(
+                f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}"
+            )
         if b is not None:
             stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
         stats.update(ctx.stats)
@@ -288,7 +298,12 @@ class _Compute:
         out_dtype = ST_TO_TORCH[job.out_dtype]
         params, weights = _params(job), list(job.weights)
         ctx = _ctx(self.plan, job, self.device)
-        stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job), "chunked": True}
+        stats: dict[str, Any] = {
+            "name": job.name,
+            "method": job.method,
+            "params": report_params(job),
+            "chunked": True,
+        }
         st = spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
         for p in range(st.passes if st else 0):
@@ -382,7 +397,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
     compute.check_finite = not opts.allow_nonfinite
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
-    big = {id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2}
+    big = {
+        id(j) for j in plan.jobs if can_chunk(METHODS[j.method], j) and working_bytes(plan, j) > budget // 2
+    }
     start = time.perf_counter()
     # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
     plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
@@ -461,7 +478,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if inputs is None:
                 per_row = working_bytes(plan, job) / job.shape[0]
                 rows = max(1, int((budget // 4) / per_row))
-                stats = compute.chunked(job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers())
+                stats = compute.chunked(
+                    job, rows, lambda t, job=job: put(write_q, (job.name, t)) or check_workers()
+                )
                 result.chunked.append(job.name)
             else:
                 out, stats = compute.whole(job, base, inputs)

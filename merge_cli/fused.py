@@ -30,7 +30,10 @@ def _compile(fn):
             return compiled(*args)
         except Exception as e:  # no compiler, unsupported platform: the eager kernel takes over
             _failed = True
-            warnings.warn(f"merge-cli: fused kernels unavailable ({type(e).__name__}: {e}); using eager kernels", stacklevel=2)
+            warnings.warn(
+                f"merge-cli: fused kernels unavailable ({type(e).__name__}: {e}); using eager kernels",
+                stacklevel=2,
+            )
             return None
 
     return call
@@ -52,7 +55,9 @@ def _linear(xs: list[torch.Tensor], w: torch.Tensor, divisor: torch.Tensor, out_
     return (acc / divisor).to(out_dtype), _bad(xs)
 
 
-def _task_arithmetic(base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
+def _task_arithmetic(
+    base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+):
     b = base.to(torch.float32)
     delta = (xs[0].to(torch.float32) - b) * w[0]
     for i in range(1, len(xs)):
@@ -91,7 +96,13 @@ def _ties(
         touched = touched | agree
         conflict = conflict | (along < 0)
     merged = num / torch.where(den == 0, 1.0, den) if mean else num
-    return (b + merged * lam).to(out_dtype), torch.stack(kept), touched.sum(), conflict.sum(), _bad([base, *xs])
+    return (
+        (b + merged * lam).to(out_dtype),
+        torch.stack(kept),
+        touched.sum(),
+        conflict.sum(),
+        _bad([base, *xs]),
+    )
 
 
 def _band(base, x, lo: torch.Tensor, hi: torch.Tensor):

@@ -25,13 +25,17 @@ def _vec(values, device) -> torch.Tensor:
 
 def run_linear(base, xs, weights, p: ParamSet, out_dtype):
     divisor = float(sum(weights)) if p.normalize else 1.0
-    return fused.linear(xs, _vec(weights, xs[0].device), torch.tensor(divisor, device=xs[0].device), out_dtype)
+    return fused.linear(
+        xs, _vec(weights, xs[0].device), torch.tensor(divisor, device=xs[0].device), out_dtype
+    )
 
 
 def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype):
     s = sum(weights)
     scale = p.lambda_ / (s if abs(s) >= 1e-8 else 1.0) if p.normalize else p.lambda_
-    return fused.task_arithmetic(base, xs, _vec(weights, base.device), torch.tensor(scale, device=base.device), out_dtype)
+    return fused.task_arithmetic(
+        base, xs, _vec(weights, base.device), torch.tensor(scale, device=base.device), out_dtype
+    )
 
 
 def cutoff(t: Threshold | None, a: torch.Tensor | None, seen: int, offset: int, n: int) -> int:

@@ -45,7 +45,13 @@ class MergeOutcome:
 
 def shard_entries(plan: MergePlan) -> list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]]]:
     return [
-        (s.filename, [(plan.jobs[i].name, plan.jobs[i].out_dtype, plan.jobs[i].shape, plan.jobs[i].nbytes) for i in s.jobs])
+        (
+            s.filename,
+            [
+                (plan.jobs[i].name, plan.jobs[i].out_dtype, plan.jobs[i].shape, plan.jobs[i].nbytes)
+                for i in s.jobs
+            ],
+        )
         for s in plan.shards
     ]
 

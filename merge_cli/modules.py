@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 GROUPS = ("embed", "attention", "mlp", "norm", "lm_head", "other")
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(
+    r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)"
+)
 _ANY_NUM_RE = re.compile(r"\.(\d+)\.")
 
 # order matters: the first group whose pattern matches wins

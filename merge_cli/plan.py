@@ -273,7 +273,9 @@ class _Builder:
             entry_slot[i] = self.slot(m.model, m.label)
         ref = base if base is not None else entry_slot[0]
         self.check_architectures()
-        self.vocab_size = harmonize_vocab(self.models, ref, r.vocab, self.notes)  # issue 7: merge_cli/vocab.py
+        self.vocab_size = harmonize_vocab(
+            self.models, ref, r.vocab, self.notes
+        )  # issue 7: merge_cli/vocab.py
         self.out_dtype = self.choose_out_dtype(ref)
         ref_ck = self.ckpt(ref)
         num_layers = ref_ck.num_layers()
@@ -283,7 +285,11 @@ class _Builder:
         index_of = {id(m): i for i, m in enumerate(r.models)}
         for name in ref_ck.tensors:
             cls = classify(name)
-            t = cls.layer / (num_layers - 1) if (cls.layer is not None and num_layers and num_layers > 1) else 0.0
+            t = (
+                cls.layer / (num_layers - 1)
+                if (cls.layer is not None and num_layers and num_layers > 1)
+                else 0.0
+            )
             o = self.override_for(name, cls.group, cls.layer)
             spec = METHODS[o.method] if (o and o.method) else METHODS[r.method]
             entries: list[ModelEntry] = sources_for(r, spec)
@@ -292,7 +298,9 @@ class _Builder:
             sources = [(entry_slot[index_of[id(e)]], name) for e in entries]
             if o:
                 global_layers = [o.parameters, r.parameters]
-                model_layers = [[o.model_parameters.get(e.label), o.parameters, e.parameters] for e in entries]
+                model_layers = [
+                    [o.model_parameters.get(e.label), o.parameters, e.parameters] for e in entries
+                ]
             else:
                 global_layers = [r.parameters]
                 model_layers = [[e.parameters] for e in entries]
@@ -334,10 +342,14 @@ class _Builder:
                 l0 = first.layers[0] + j
                 names = [nm for nm in self.ckpt(tmpl_slot).tensors if layer_of(nm) == l0]
                 if not names:
-                    raise PlanError(f"slice {si}: model '{self.models[tmpl_slot].label}' has no tensors for layer {l0}")
+                    raise PlanError(
+                        f"slice {si}: model '{self.models[tmpl_slot].label}' has no tensors for layer {l0}"
+                    )
                 t = j / (n - 1) if n > 1 else 1.0  # a one-layer slice sits at t = 1 (as in mergekit)
                 for name in names:
-                    pairs = [(slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)]
+                    pairs = [
+                        (slot, with_layer(name, l0, src.layers[0] + j)) for slot, src in zip(slots, s.sources)
+                    ]
                     self.add_slice_job(si, s, spec, base, slots, pairs, with_layer(name, l0, offset + j), t)
             offset += n
         # tensors outside the layer stack (embeddings, final norm, head): from the reference model, or
@@ -362,9 +374,15 @@ class _Builder:
         base_in = None
         if spec.needs_base or (spec.optional_base and base is not None and base in slots):
             if base is None or base not in slots:
-                raise PlanError(f"slice {si}: method '{spec.name}' needs the base model among the slice's sources")
+                raise PlanError(
+                    f"slice {si}: method '{spec.name}' needs the base model among the slice's sources"
+                )
             k = slots.index(base)
-            base_in, pairs, src_params = pairs[k], pairs[:k] + pairs[k + 1 :], src_params[:k] + src_params[k + 1 :]
+            base_in, pairs, src_params = (
+                pairs[k],
+                pairs[:k] + pairs[k + 1 :],
+                src_params[:k] + src_params[k + 1 :],
+            )
         ref_slot, ref_name = base_in if base_in else pairs[0]
         self.add_job(
             out_name, ref_slot, ref_name, spec, base_in[0] if base_in else None, pairs, t,
@@ -455,7 +473,11 @@ def check_methods(jobs: list[TensorJob], num_layers: int | None, notes: list[str
 
 
 def build_plan(
-    recipe: Recipe, *, allow_arch_mismatch: bool = False, shard_size: int | None = None, allow_pickle: bool = False
+    recipe: Recipe,
+    *,
+    allow_arch_mismatch: bool = False,
+    shard_size: int | None = None,
+    allow_pickle: bool = False,
 ) -> MergePlan:
     b = _Builder(recipe, allow_arch_mismatch, allow_pickle)
     try:

@@ -104,9 +104,12 @@ class Recipe(_Strict):
     seed: int = 0
     shard_size: int | str = "5GB"
     donor: str | None = Field(None, description="model that donates config.json and tokenizer files")
-    chat_template: str | None = Field(None, description="jinja text, a built-in name, or a listed model's label")
+    chat_template: str | None = Field(
+        None, description="jinja text, a built-in name, or a listed model's label"
+    )
     vocab: Literal["error", "crop", "pad_from_base"] = Field(
-        "error", description="when vocabulary sizes differ: error, crop to the common size, or pad from the base"
+        "error",
+        description="when vocabulary sizes differ: error, crop to the common size, or pad from the base",
     )
     outer_tensors: Literal["reference", "slices"] = Field(
         "reference",
@@ -183,7 +186,10 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             return None
         ann = cls.model_fields[part].annotation
-        while typing.get_origin(ann) in (list, tuple, Union, dict) or str(typing.get_origin(ann)) == "types.UnionType":
+        while (
+            typing.get_origin(ann) in (list, tuple, Union, dict)
+            or str(typing.get_origin(ann)) == "types.UnionType"
+        ):
             args = [a for a in typing.get_args(ann) if a is not type(None)]
             models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
             ann = models[0] if models else (args[-1] if args else None)
@@ -207,7 +213,11 @@ def _one_line(err: ValidationError, src: YamlSource, doc: int = 0) -> RecipeErro
     e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # drop pydantic's union-branch tags such as 'str', 'list[...]'
-    loc = tuple(p for p in loc if isinstance(p, int) or not re.match(r"^(str|int|float|bool|list\[|tuple\[|dict\[)", p))
+    loc = tuple(
+        p
+        for p in loc
+        if isinstance(p, int) or not re.match(r"^(str|int|float|bool|list\[|tuple\[|dict\[)", p)
+    )
     where = src.where(loc, doc)
     key = loc_str(loc)
     if e["type"] == "extra_forbidden":
@@ -237,7 +247,9 @@ def _check_param_value(spec: MethodSpec, key: str, value: Any, where: str, what:
         except ValidationError as err:
             mine = [e for e in err.errors() if e["loc"] and e["loc"][0] in (key, spec.params.field_of(key))]
             if mine:
-                raise RecipeError(f"{where}: {what}={v!r} is invalid for {spec.name}: {mine[0]['msg']}") from None
+                raise RecipeError(
+                    f"{where}: {what}={v!r} is invalid for {spec.name}: {mine[0]['msg']}"
+                ) from None
 
 
 def _check_params(
@@ -251,9 +263,7 @@ def _check_params(
         if not owners:
             known = sorted({k for s in specs for k in s.params.recipe_keys()})
             if per_model_only:
-                known = sorted(
-                    {s.params.key_of(f) for s in specs for f in s.params.per_model_fields()}
-                )
+                known = sorted({s.params.key_of(f) for s in specs for f in s.params.per_model_fields()})
             kind = "per-model parameter" if per_model_only else "parameter"
             names = "/".join(s.name for s in specs)
             raise RecipeError(
@@ -277,9 +287,11 @@ def _check_match(pattern: str, where: str) -> None:
 
 
 def _semantic_checks(r: Recipe) -> None:
-    for loc, name in [(("method",), r.method)] + [
-        (("overrides", i, "method"), o.method) for i, o in enumerate(r.overrides) if o.method
-    ] + [(("slices", i, "method"), s.method) for i, s in enumerate(r.slices) if s.method]:
+    for loc, name in (
+        [(("method",), r.method)]
+        + [(("overrides", i, "method"), o.method) for i, o in enumerate(r.overrides) if o.method]
+        + [(("slices", i, "method"), s.method) for i, s in enumerate(r.slices) if s.method]
+    ):
         if name not in METHODS:
             raise RecipeError(
                 f"{r.where(loc)}: unknown merge method '{name}'{did_you_mean(name, METHODS)}; `merge-cli methods` lists them"
@@ -291,7 +303,9 @@ def _semantic_checks(r: Recipe) -> None:
     if r.models and r.slices:
         raise RecipeError(f"{r.where(('slices',))}: give either `models:` or `slices:`, not both")
     if top.needs_base and not r.base_model and not r.slices:
-        raise RecipeError(f"{r.where(('method',))}: method '{top.name}' needs `base_model:`; add the pretrained model it fine-tunes from")
+        raise RecipeError(
+            f"{r.where(('method',))}: method '{top.name}' needs `base_model:`; add the pretrained model it fine-tunes from"
+        )
     parse_dtype_name(r.dtype, r.where(("dtype",)))
     if r.out_dtype is not None:
         parse_dtype_name(r.out_dtype, r.where(("out_dtype",)))
@@ -299,7 +313,9 @@ def _semantic_checks(r: Recipe) -> None:
     labels = [m.label for m in r.models]
     for i, m in enumerate(r.models):
         if labels.count(m.label) > 1:
-            raise RecipeError(f"{r.where(('models', i))}: two models are named '{m.label}'; give them distinct `name:`s")
+            raise RecipeError(
+                f"{r.where(('models', i))}: two models are named '{m.label}'; give them distinct `name:`s"
+            )
         _check_params(m.parameters, used, ("models", i, "parameters"), r, per_model_only=True)
     _check_params(r.parameters, used, ("parameters",), r)
     for i, o in enumerate(r.overrides):
@@ -307,7 +323,9 @@ def _semantic_checks(r: Recipe) -> None:
         for p in o.patterns:
             _check_match(p, r.where(("overrides", i, "match")))
         if o.layers is not None and not 0 <= o.layers[0] < o.layers[1]:
-            raise RecipeError(f"{r.where(('overrides', i, 'layers'))}: layer range {list(o.layers)} must be [start, end) with 0 <= start < end")
+            raise RecipeError(
+                f"{r.where(('overrides', i, 'layers'))}: layer range {list(o.layers)} must be [start, end) with 0 <= start < end"
+            )
         _check_params(o.parameters, [spec], ("overrides", i, "parameters"), r)
         for label, ps in o.model_parameters.items():
             if label not in labels:
@@ -316,33 +334,55 @@ def _semantic_checks(r: Recipe) -> None:
                 )
             _check_params(ps, [spec], ("overrides", i, "model_parameters", label), r, per_model_only=True)
         if spec.needs_base and not r.base_model:
-            raise RecipeError(f"{r.where(('overrides', i, 'method'))}: method '{spec.name}' needs `base_model:`")
+            raise RecipeError(
+                f"{r.where(('overrides', i, 'method'))}: method '{spec.name}' needs `base_model:`"
+            )
     for i, s in enumerate(r.slices):
         spec = METHODS[s.method] if s.method else top
         _check_params(s.parameters, [spec], ("slices", i, "parameters"), r)
         n = {src.layers[1] - src.layers[0] for src in s.sources}
         for j, src in enumerate(s.sources):
-            _check_params(src.parameters, [spec], ("slices", i, "sources", j, "parameters"), r, per_model_only=True)
+            _check_params(
+                src.parameters, [spec], ("slices", i, "sources", j, "parameters"), r, per_model_only=True
+            )
             if not 0 <= src.layers[0] < src.layers[1]:
-                raise RecipeError(f"{r.where(('slices', i, 'sources', j))}: layer range {list(src.layers)} must be [start, end) with 0 <= start < end")
+                raise RecipeError(
+                    f"{r.where(('slices', i, 'sources', j))}: layer range {list(src.layers)} must be [start, end) with 0 <= start < end"
+                )
         if len(n) > 1:
-            raise RecipeError(f"{r.where(('slices', i, 'sources'))}: all sources of a slice must span the same number of layers")
-        if spec.max_models is not None and len(s.sources) > spec.max_models and not (spec.name == "passthrough"):
-            raise RecipeError(f"{r.where(('slices', i, 'sources'))}: method '{spec.name}' takes at most {spec.max_models} models")
+            raise RecipeError(
+                f"{r.where(('slices', i, 'sources'))}: all sources of a slice must span the same number of layers"
+            )
+        if (
+            spec.max_models is not None
+            and len(s.sources) > spec.max_models
+            and not (spec.name == "passthrough")
+        ):
+            raise RecipeError(
+                f"{r.where(('slices', i, 'sources'))}: method '{spec.name}' takes at most {spec.max_models} models"
+            )
         if spec.name == "passthrough" and len(s.sources) != 1:
-            raise RecipeError(f"{r.where(('slices', i, 'sources'))}: passthrough slices take exactly one source each")
+            raise RecipeError(
+                f"{r.where(('slices', i, 'sources'))}: passthrough slices take exactly one source each"
+            )
     if r.models:
         for spec, loc in [(top, ("method",))] + [
             (METHODS[o.method], ("overrides", i, "method")) for i, o in enumerate(r.overrides) if o.method
         ]:
             n = len(_sources_for(r, spec))
             if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-                want = f"{spec.min_models}" + (f"-{spec.max_models}" if spec.max_models != spec.min_models else "")
+                want = f"{spec.min_models}" + (
+                    f"-{spec.max_models}" if spec.max_models != spec.min_models else ""
+                )
                 if spec.max_models is None:
                     want = f"at least {spec.min_models}"
-                raise RecipeError(f"{r.where(loc)}: method '{spec.name}' takes {want} source model(s); the recipe gives {n}")
+                raise RecipeError(
+                    f"{r.where(loc)}: method '{spec.name}' takes {want} source model(s); the recipe gives {n}"
+                )
     if r.donor is not None and r.donor not in ("base", *labels, *(m.model for m in r.models), r.base_model):
-        raise RecipeError(f"{r.where(('donor',))}: donor '{r.donor}' is not 'base' or a listed model{did_you_mean(r.donor, ['base', *labels])}")
+        raise RecipeError(
+            f"{r.where(('donor',))}: donor '{r.donor}' is not 'base' or a listed model{did_you_mean(r.donor, ['base', *labels])}"
+        )
 
 
 def _sources_for(r: Recipe, spec: MethodSpec) -> list[ModelEntry]:
@@ -371,7 +411,9 @@ def match_tensor(patterns: list[str], name: str, group: str) -> bool:
 
 def parse_recipe(data: Any, source: YamlSource, path: Path | None = None, doc: int = 0) -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError(f"{source.name}: a recipe must be a YAML mapping of keys (got {type(data).__name__})")
+        raise RecipeError(
+            f"{source.name}: a recipe must be a YAML mapping of keys (got {type(data).__name__})"
+        )
     from merge_cli import mergekit_compat
 
     if mergekit_compat.is_mergekit(data):

@@ -73,7 +73,9 @@ def _defaults(method: str) -> dict[str, Any]:
 
     params = METHODS[method].params
     return {
-        params.key_of(n): f.default for n, f in params.model_fields.items() if f.default is not PydanticUndefined
+        params.key_of(n): f.default
+        for n, f in params.model_fields.items()
+        if f.default is not PydanticUndefined
     }
 
 
@@ -84,7 +86,13 @@ def print_plan(p: MergePlan, console: Console) -> None:
         models.add_column(col)
     for i, m in enumerate(p.models):
         tag = " (donor)" if i == p.donor else ""
-        models.add_row(str(i), m.label + tag, m.path, str(len(m.checkpoint.tensors)), human_bytes(m.checkpoint.total_bytes))
+        models.add_row(
+            str(i),
+            m.label + tag,
+            m.path,
+            str(len(m.checkpoint.tensors)),
+            human_bytes(m.checkpoint.total_bytes),
+        )
     console.print(models)
     rows: dict[tuple, list] = defaultdict(list)
     for job in p.jobs:
@@ -93,7 +101,9 @@ def print_plan(p: MergePlan, console: Console) -> None:
     for col in ("group", "layers", "method", "tensors", "parameters", "output"):
         table.add_column(col)
     order = {g: i for i, g in enumerate(GROUPS)}
-    for (group, outside, method), jobs in sorted(rows.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9), kv[0][2])):
+    for (group, outside, method), jobs in sorted(
+        rows.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9), kv[0][2])
+    ):
         layers = "outside layers" if outside else layer_ranges([j.layer for j in jobs])
         table.add_row(
             group, layers, method, str(len(jobs)), param_ranges([report_params(j) for j in jobs], _defaults(method)) or "-",
@@ -117,7 +127,12 @@ def print_methods(methods: dict[str, MethodSpec], console: Console) -> None:
         n = f"{spec.min_models}+" if spec.max_models is None else (
             str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}"
         )  # fmt: skip
-        table.add_row(spec.name, spec.title, "needed" if spec.needs_base else ("optional" if spec.optional_base else "-"), n)
+        table.add_row(
+            spec.name,
+            spec.title,
+            "needed" if spec.needs_base else ("optional" if spec.optional_base else "-"),
+            n,
+        )
     console.print(table)
     console.print("`merge-cli methods NAME` prints a method's parameters and paper.")
 
@@ -139,11 +154,16 @@ def print_method(spec: MethodSpec, console: Console) -> None:
     console.print(f"paper: {escape(spec.paper)}", highlight=False)
     if spec.summary:
         console.print(f"math: {escape(spec.summary)}", highlight=False)
-    needs = "needs base_model" if spec.needs_base else (
-        "base_model optional (used when given)" if spec.optional_base else "no base model needed"
+    needs = (
+        "needs base_model"
+        if spec.needs_base
+        else ("base_model optional (used when given)" if spec.optional_base else "no base model needed")
     )
     most = "any number of" if spec.max_models is None else f"at most {spec.max_models}"
-    console.print(f"{needs}; at least {spec.min_models}, {most} source model(s)" + ("; random (seeded)" if spec.random else ""))
+    console.print(
+        f"{needs}; at least {spec.min_models}, {most} source model(s)"
+        + ("; random (seeded)" if spec.random else "")
+    )
     table = Table(show_edge=False)
     for col in ("parameter", "scope", "type", "default", "range", "meaning"):
         table.add_column(col)

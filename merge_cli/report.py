@@ -72,7 +72,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     for note in report["notes"]:
         lines.append(f"\n> {note}")
-    lines.append("\nPer-tensor figures (task-vector norms, kept fractions, sign conflicts) are in merge_report.json.")
+    lines.append(
+        "\nPer-tensor figures (task-vector norms, kept fractions, sign conflicts) are in merge_report.json."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +92,11 @@ def model_card(plan: MergePlan, recipe_text: str, report: dict[str, Any]) -> str
     summary = "\n".join(
         f"- `{m}`: {row['tensors']} tensors"
         + (f", mean kept fraction {row['mean_kept_fraction']:.3f}" if "mean_kept_fraction" in row else "")
-        + (f", sign conflicts {row['mean_sign_conflict_rate']:.3f}" if "mean_sign_conflict_rate" in row else "")
+        + (
+            f", sign conflicts {row['mean_sign_conflict_rate']:.3f}"
+            if "mean_sign_conflict_rate" in row
+            else ""
+        )
         for m, row in report["summary"].items()
     )
     return (

@@ -95,7 +95,9 @@ def _json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: unreadable {path.name} ({e.__class__.__name__}); fix or remove it") from None
+        raise CheckpointError(
+            f"{path}: unreadable {path.name} ({e.__class__.__name__}); fix or remove it"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 

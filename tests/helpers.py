@@ -21,7 +21,9 @@ __all__ = [
 ]  # fmt: skip
 
 
-def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1) -> Path:
+def write_model(
+    folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1
+) -> Path:
     """An HF-layout folder holding exactly these tensors (in their own dtypes), single-file or sharded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,11 @@ def run_cli(*args: str):
 
 def run_cli_subprocess(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "merge_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+        [sys.executable, "-m", "merge_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
     )
 
 
@@ -68,10 +74,14 @@ def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiny_family(root: Path, n_experts: int = 3, dtype=torch.float32, cfg: dict | None = None) -> dict[str, Path]:
+def tiny_family(
+    root: Path, n_experts: int = 3, dtype=torch.float32, cfg: dict | None = None
+) -> dict[str, Path]:
     """A tiny Llama base plus n fine-tuned-like experts (the last one sharded), saved in `dtype`."""
     cfg = dict(cfg or TINY_CONFIG)
-    cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+        dtype
+    ]
     base = llama_state_dict(cfg, torch.Generator().manual_seed(7))
     paths = {"base": root / "base"}
     save_hf(paths["base"], base, cfg, dtype=dtype)

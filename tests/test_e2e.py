@@ -56,13 +56,13 @@ def test_ties_merge_loads_in_transformers_with_matching_logits(tmp_path, family)
     recipe = write_recipe(
         tmp_path / "ties.yaml",
         f"""
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - model: {family['expert0']}
+  - model: {family["expert0"]}
     parameters: {{density: 0.3, weight: 1.0}}
-  - model: {family['expert1']}
+  - model: {family["expert1"]}
     parameters: {{density: 0.5, weight: 0.5}}
-  - model: {family['expert2']}
+  - model: {family["expert2"]}
     parameters: {{density: 0.4}}
 method: ties
 out_dtype: float32
@@ -73,7 +73,15 @@ shard_size: 100KB
     r = run_cli("run", recipe, out, "--quiet", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
-    for name in ("config.json", "tokenizer.json", "generation_config.json", "README.md", "recipe.yaml", "merge_report.json", "manifest.json"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+        "recipe.yaml",
+        "merge_report.json",
+        "manifest.json",
+    ):
         assert (out / name).is_file(), name
     base, xs = _state(family["base"]), [_state(family[f"expert{i}"]) for i in range(3)]
     dens, ws = [0.3, 0.5, 0.4], [1.0, 0.5, 1.0]
@@ -92,7 +100,9 @@ shard_size: 100KB
     q = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
     n = merged["model.layers.0.self_attn.q_proj.weight"].numel()
     assert q["kept_fraction"] == pytest.approx([int(d * n) / n for d in dens], abs=1e-6)
-    assert q["task_vector_norms"][0] == pytest.approx(float((xs[0][q["name"]] - base[q["name"]]).norm()), rel=1e-5)
+    assert q["task_vector_norms"][0] == pytest.approx(
+        float((xs[0][q["name"]] - base[q["name"]]).norm()), rel=1e-5
+    )
     assert 0.0 <= q["sign_conflict_rate"] <= 1.0
 
 
@@ -132,7 +142,9 @@ def test_passthrough_slices_output_loads_with_rewritten_layer_count(tmp_path, fa
     got, e0, e1 = load_output(out), _state(family["expert0"]), _state(family["expert1"])
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
     assert torch.equal(got["model.layers.4.mlp.up_proj.weight"], e1["model.layers.2.mlp.up_proj.weight"])
-    assert torch.equal(got["model.layers.2.self_attn.q_proj.weight"], e0["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(
+        got["model.layers.2.self_attn.q_proj.weight"], e0["model.layers.2.self_attn.q_proj.weight"]
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -144,12 +156,17 @@ def test_overwrite_refused_then_allowed(tmp_path, family):
     out = tmp_path / "out"
     assert run_cli("run", recipe, out, "-q").exit_code == 0
     r = run_cli("run", recipe, out, "-q")
-    assert r.exit_code == 2 and r.stderr.strip() == f"error: output {out} already exists; pass --overwrite to replace it"
+    assert (
+        r.exit_code == 2
+        and r.stderr.strip() == f"error: output {out} already exists; pass --overwrite to replace it"
+    )
     assert run_cli("run", recipe, out, "-q", "--overwrite").exit_code == 0
 
 
 def test_plan_json_and_inspect(tmp_path, family):
-    recipe = write_recipe(tmp_path / "r.yaml", f"base_model: {family['base']}\nmodels: [{family['expert0']}]\nmethod: ties\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"base_model: {family['base']}\nmodels: [{family['expert0']}]\nmethod: ties\n"
+    )
     r = run_cli("plan", recipe, "--json")
     assert r.exit_code == 0
     plan = json.loads(r.stdout)
@@ -159,7 +176,12 @@ def test_plan_json_and_inspect(tmp_path, family):
     assert r.exit_code == 0 and "Tensors by module group" in r.stdout
     r = run_cli("inspect", family["expert2"], "--json")
     info = json.loads(r.stdout)
-    assert info["layers"] == 4 and info["tensors"] == 39 and info["tied_embeddings"] is False and len(info["files"]) == 2
+    assert (
+        info["layers"] == 4
+        and info["tensors"] == 39
+        and info["tied_embeddings"] is False
+        and len(info["files"]) == 2
+    )
     r = run_cli("methods", "ties")
     assert r.exit_code == 0 and "arXiv:2306.01708" in r.stdout and "density" in r.stdout
     r = run_cli("methods", "tie")

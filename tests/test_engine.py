@@ -22,7 +22,9 @@ def _models(tmp_path):
     paths = {"base": write_model(tmp_path / "base", base)}
     for i in range(2):
         sd = {k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
-        sd["model.embed_tokens.weight"][::5] = base["model.embed_tokens.weight"][::5]  # unchanged rows: exact ties
+        sd["model.embed_tokens.weight"][::5] = base["model.embed_tokens.weight"][
+            ::5
+        ]  # unchanged rows: exact ties
         paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
     return paths
 
@@ -65,7 +67,9 @@ def test_chunked_merge_is_bitwise_equal_to_whole(tmp_path, method, params, top):
 
 def test_working_bytes_counts_inputs_and_temporaries(tmp_path):
     m = _models(tmp_path)
-    recipe = write_recipe(tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\n"
+    )
     plan = build_plan(load_recipe(recipe))
     job = next(j for j in plan.jobs if j.name == "model.embed_tokens.weight")
     n = 4000 * 64
@@ -87,7 +91,9 @@ def test_device_resolution():
 
 def test_cli_max_memory_option(tmp_path):
     m = _models(tmp_path)
-    recipe = write_recipe(tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}]\nmethod: ties\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}]\nmethod: ties\n"
+    )
     r = run_cli("run", recipe, tmp_path / "o", "-q", "--max-memory", "600KB")
     assert r.exit_code == 0, r.stderr
     r = run_cli("run", recipe, tmp_path / "o2", "-q", "--max-memory", "lots")
@@ -98,7 +104,8 @@ def test_cli_max_memory_option(tmp_path):
 def test_cuda_matches_cpu(tmp_path):
     m = _models(tmp_path)
     recipe = write_recipe(
-        tmp_path / "r.yaml", f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\nout_dtype: float32\n"
+        tmp_path / "r.yaml",
+        f"base_model: {m['base']}\nmodels: [{m['e0']}, {m['e1']}]\nmethod: ties\nout_dtype: float32\n",
     )
     for dev in ("cpu", "cuda"):
         plan = build_plan(load_recipe(recipe))
@@ -128,7 +135,11 @@ def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, me
         f"method: {method}\nparameters: {top}\n",
     )
     outs = {}
-    for label, fused, budget in (("eager", "off", 1 << 30), ("fused", "on", 1 << 30), ("fused_chunked", "on", 600_000)):
+    for label, fused, budget in (
+        ("eager", "off", 1 << 30),
+        ("fused", "on", 1 << 30),
+        ("fused_chunked", "on", 600_000),
+    ):
         plan = build_plan(load_recipe(recipe))
         result = execute(plan, tmp_path / label, options=EngineOptions(max_memory=budget, fused=fused))
         plan.close()
@@ -152,10 +163,14 @@ def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
     bad["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
     write_model(tmp_path / "bad", bad)
     base = f"base_model: {m['base']}\n" if method != "linear" else ""
-    recipe = write_recipe(tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n"
+    )
     plan = build_plan(load_recipe(recipe))
     with pytest.raises(CheckpointError) as e:
         execute(plan, tmp_path / "out", options=EngineOptions(fused="on"))
     plan.close()
-    assert str(e.value).startswith("model 'bad': tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN value(s) out of 6144")
+    assert str(e.value).startswith(
+        "model 'bad': tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN value(s) out of 6144"
+    )
     assert not (tmp_path / "out").exists()

@@ -72,7 +72,10 @@ def test_index_escaping_folder_is_refused(tmp_path):
     index.write_text(json.dumps({"weight_map": {"w": "../evil.safetensors"}}))
     with pytest.raises(CheckpointError) as e:
         Checkpoint(folder)
-    assert str(e.value) == f"{index}: weight_map names file '../evil.safetensors' outside the model folder; refusing it"
+    assert (
+        str(e.value)
+        == f"{index}: weight_map names file '../evil.safetensors' outside the model folder; refusing it"
+    )
 
 
 def _shards(tensors, per_shard):
@@ -82,7 +85,21 @@ def _shards(tensors, per_shard):
     return [
         (
             f"model-{k + 1:05d}-of-{n:05d}.safetensors",
-            [(nm, {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.bool: "BOOL"}[tensors[nm].dtype], tuple(tensors[nm].shape), tensors[nm].numel() * tensors[nm].element_size()) for nm in g],
+            [
+                (
+                    nm,
+                    {
+                        torch.float32: "F32",
+                        torch.bfloat16: "BF16",
+                        torch.float16: "F16",
+                        torch.int64: "I64",
+                        torch.bool: "BOOL",
+                    }[tensors[nm].dtype],
+                    tuple(tensors[nm].shape),
+                    tensors[nm].numel() * tensors[nm].element_size(),
+                )
+                for nm in g
+            ],
         )  # fmt: skip
         for k, g in enumerate(groups)
     ]
@@ -100,9 +117,19 @@ def test_writer_round_trip_shards_index_and_atomic_rename(tmp_path):
     w.finish(overwrite=False)
     assert out.is_dir() and not temp_dir_for(out).exists()
     files = sorted(p.name for p in out.glob("*.safetensors"))
-    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert files == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"a.weight": files[0], "b.bias": files[0], "c.scalar": files[1], "d.ids": files[1], "e.flag": files[2]}
+    assert index["weight_map"] == {
+        "a.weight": files[0],
+        "b.bias": files[0],
+        "c.scalar": files[1],
+        "d.ids": files[1],
+        "e.flag": files[2],
+    }
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in TENSORS.values())
     for f in files:  # every shard holds exactly what the index says, read by the safetensors library
         with safe_open(str(out / f), "pt") as sf:
@@ -138,4 +165,6 @@ def test_output_checks(tmp_path):
     inside = model / "merged"
     with pytest.raises(OutputError) as e:
         check_output(inside, [model], overwrite=False)
-    assert str(e.value) == f"output {inside} is inside input model {model}; choose a folder outside every input"
+    assert (
+        str(e.value) == f"output {inside} is inside input model {model}; choose a folder outside every input"
+    )

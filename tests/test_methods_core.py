@@ -95,7 +95,10 @@ def test_task_arithmetic_hand_computed_and_invariants():
     avg = merge("task_arithmetic", base, [a, b], lambda_=0.5)[0]
     assert torch.allclose(avg, (a + b) / 2)
     # linear in lambda
-    o1, o2 = merge("task_arithmetic", base, [a, b], lambda_=0.3)[0], merge("task_arithmetic", base, [a, b], lambda_=0.6)[0]
+    o1, o2 = (
+        merge("task_arithmetic", base, [a, b], lambda_=0.3)[0],
+        merge("task_arithmetic", base, [a, b], lambda_=0.6)[0],
+    )
     assert torch.allclose(o2 - base, 2 * (o1 - base))
 
 
@@ -109,7 +112,8 @@ TAU1, TAU2 = T([1.0, -2.0, 3.0, 0.5]), T([-1.0, 1.5, 2.0, -4.0])
 
 
 @pytest.mark.parametrize(
-    "func,expected", [("mean", [1.0, -2.0, 2.5, -4.0]), ("sum", [1.0, -2.0, 5.0, -4.0]), ("max", [1.0, -2.0, 3.0, -4.0])]
+    "func,expected",
+    [("mean", [1.0, -2.0, 2.5, -4.0]), ("sum", [1.0, -2.0, 5.0, -4.0]), ("max", [1.0, -2.0, 3.0, -4.0])],
 )
 def test_ties_hand_computed(func, expected):
     out, _ = merge("ties", BASE, [BASE + TAU1, BASE + TAU2], density=0.75, merge_func=func)
@@ -146,16 +150,24 @@ def test_ties_invariants():
     # no sign conflict, k = 1, dis-sum -> task arithmetic
     pos = [base + t.abs() for t in taus]
     ta = merge("task_arithmetic", base, pos, lambda_=0.7)[0]
-    assert torch.allclose(merge("ties", base, pos, density=1.0, merge_func="sum", lambda_=0.7)[0], ta, atol=1e-5)
+    assert torch.allclose(
+        merge("ties", base, pos, density=1.0, merge_func="sum", lambda_=0.7)[0], ta, atol=1e-5
+    )
     # dis-mean with every tau nonzero and agreeing -> TA with lambda = 1/N
-    assert torch.allclose(merge("ties", base, pos, density=1.0)[0], merge("task_arithmetic", base, pos, lambda_=1 / 3)[0], atol=1e-5)
+    assert torch.allclose(
+        merge("ties", base, pos, density=1.0)[0],
+        merge("task_arithmetic", base, pos, lambda_=1 / 3)[0],
+        atol=1e-5,
+    )
     # positive homogeneity
     m1 = merge("ties", base, xs, density=0.4)[0] - base
     m2 = merge("ties", base, [base + 2.5 * t for t in taus], density=0.4)[0] - base
     assert torch.allclose(m2, 2.5 * m1, atol=1e-5)
     # permutation invariance
     for perm in itertools.permutations(range(3)):
-        assert torch.allclose(merge("ties", base, [xs[i] for i in perm], density=0.4)[0], m1 + base, atol=1e-6)
+        assert torch.allclose(
+            merge("ties", base, [xs[i] for i in perm], density=0.4)[0], m1 + base, atol=1e-6
+        )
     # kept fraction is int(k * n) / n per tensor
     ctx = TensorCtx(name="t")
     METHODS["ties"].kernel(base, xs, [1.0] * 3, params("ties", 3, density=0.4), ctx)
@@ -178,7 +190,9 @@ def test_passthrough_scale():
 def test_bracketed_selection_equals_stable_sort_on_large_tensors(n, k):
     g = torch.Generator().manual_seed(n + k)
     # bf16-derived deltas: many exact ties, like real task vectors of bf16 checkpoints
-    x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    x = (
+        torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()
+    ).abs()
     ref = torch.zeros(n, dtype=torch.bool)
     ref[torch.sort(-x, stable=True).indices[:k]] = True
     assert torch.equal(topk_mask(x, k), ref)

@@ -31,8 +31,14 @@ def recipe_file(tmp_path, text: str):
             "base_model: a\nmodels:\n  - model: b\n    parameters: {density: [0.3, 1.5]}\nmethod: ties\n",
             "{p}:4: models[0].parameters.density=1.5 is invalid for ties: Input should be less than or equal to 1",
         ),
-        ("base_model: a\nmodels: [b\nmethod: ties\n", "{p}:3:7: YAML syntax error: expected ',' or ']', but got ':'"),
-        ("models: [b]\nmethod: ties\n", "{p}:2: method 'ties' needs `base_model:`; add the pretrained model it fine-tunes from"),
+        (
+            "base_model: a\nmodels: [b\nmethod: ties\n",
+            "{p}:3:7: YAML syntax error: expected ',' or ']', but got ':'",
+        ),
+        (
+            "models: [b]\nmethod: ties\n",
+            "{p}:2: method 'ties' needs `base_model:`; add the pretrained model it fine-tunes from",
+        ),
         (
             "base_model: a\nmodels: [b]\nmethod: ties\nparameters: {lamda: 1}\n",
             "{p}:4: unknown parameter 'lamda' for ties (did you mean 'lambda'?); known: density, granularity, lambda, merge_func, topk, weight, weighted_election",
@@ -42,12 +48,21 @@ def recipe_file(tmp_path, text: str):
             "{p}:5: 'atention' is not a module group (did you mean 'attention'?); use one of embed, attention, mlp, norm, "
             "lm_head, other, a glob like '*.q_proj.*', or 're:REGEX'",
         ),
-        ("models: [b]\nmethod: linear\nshard_size: 5 potatoes\n", "{p}:3: cannot read size '5 potatoes'; write it like 5GB, 500MB or 2GiB"),
-        ("models: [b]\nmethod: linear\nout_dtype: fp8\n", "{p}:3: unknown dtype 'fp8'; use one of float32, float16, bfloat16"),
+        (
+            "models: [b]\nmethod: linear\nshard_size: 5 potatoes\n",
+            "{p}:3: cannot read size '5 potatoes'; write it like 5GB, 500MB or 2GiB",
+        ),
+        (
+            "models: [b]\nmethod: linear\nout_dtype: fp8\n",
+            "{p}:3: unknown dtype 'fp8'; use one of float32, float16, bfloat16",
+        ),
         ("models: [b]\nmethod: linear\nmethod: ties\n", "{p}:3: key 'method' appears twice"),
         ("- a\n- b\n", "{p}: a recipe must be a YAML mapping of keys (got list)"),
         ("", "{p}: the recipe is empty"),
-        ("models: [a, b]\nmethod: passthrough\n", "{p}:2: method 'passthrough' takes 1 source model(s); the recipe gives 2"),
+        (
+            "models: [a, b]\nmethod: passthrough\n",
+            "{p}:2: method 'passthrough' takes 1 source model(s); the recipe gives 2",
+        ),
     ],
 )
 def test_recipe_errors_are_one_exact_line(tmp_path, text, message):
@@ -99,12 +114,12 @@ def _jobs(plan):
 
 def test_plan_resolves_gradients_overrides_and_precedence(tmp_path, family):
     text = f"""
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - model: {family['expert0']}
+  - model: {family["expert0"]}
     name: e0
     parameters: {{density: [0.2, 0.8], weight: 2.0}}
-  - model: {family['expert1']}
+  - model: {family["expert1"]}
     name: e1
     parameters: {{density: 0.5}}
 method: ties
@@ -128,18 +143,28 @@ overrides:
     L = 4  # t = layer / 3
     q0 = jobs["model.layers.0.self_attn.q_proj.weight"]
     assert q0.method == "ties"
-    assert q0.params["density"] == [0.6, 0.7]  # override beats the model's own; model_parameters beat override
+    assert q0.params["density"] == [
+        0.6,
+        0.7,
+    ]  # override beats the model's own; model_parameters beat override
     assert q0.params["lambda_"] == 0.9 and q0.params["weight"] == [2.0, 1.0]
-    q3 = jobs["model.layers.3.self_attn.q_proj.weight"]  # no override (layers 0-1 only): model gradient at t = 1
+    q3 = jobs[
+        "model.layers.3.self_attn.q_proj.weight"
+    ]  # no override (layers 0-1 only): model gradient at t = 1
     assert q3.params["density"] == pytest.approx([0.8, 0.5])
     g2 = jobs["model.layers.2.mlp.gate_proj.weight"]  # t = 2/3 -> 0.2 + 0.6 * 2/3 = 0.6
     assert g2.params["density"] == pytest.approx([0.2 + 0.6 * 2 / (L - 1), 0.5])
     assert jobs["model.embed_tokens.weight"].method == "linear"
     assert jobs["lm_head.weight"].method == "linear" and jobs["lm_head.weight"].weights == [2.0, 1.0]
-    d3 = jobs["model.layers.3.mlp.down_proj.weight"]  # first match wins: the glob precedes the layer-3 mlp override
+    d3 = jobs[
+        "model.layers.3.mlp.down_proj.weight"
+    ]  # first match wins: the glob precedes the layer-3 mlp override
     assert d3.method == "task_arithmetic" and d3.params["lambda_"] == 0.5
     assert jobs["model.layers.3.mlp.up_proj.weight"].method == "linear"
-    assert jobs["model.norm.weight"].method == "ties" and jobs["model.norm.weight"].params["density"] == [0.2, 0.5]
+    assert jobs["model.norm.weight"].method == "ties" and jobs["model.norm.weight"].params["density"] == [
+        0.2,
+        0.5,
+    ]
     assert [m.label for m in plan.models] == ["base", "e0", "e1"]
     assert q0.base.model == 0 and [i.model for i in q0.inputs] == [1, 2]
     plan.close()
@@ -150,10 +175,14 @@ def test_plan_orders_tensors_and_assigns_shards(tmp_path, family):
     plan = build_plan(load_recipe(recipe_file(tmp_path, text)))
     names = [j.name for j in plan.jobs]
     assert names[0] == "model.embed_tokens.weight"
-    assert names.index("model.layers.2.mlp.up_proj.weight") < names.index("model.layers.10.mlp.up_proj.weight") if any(
-        "layers.10" in n for n in names
-    ) else True
-    assert names.index("model.layers.1.self_attn.q_proj.weight") < names.index("model.layers.2.input_layernorm.weight")
+    assert (
+        names.index("model.layers.2.mlp.up_proj.weight") < names.index("model.layers.10.mlp.up_proj.weight")
+        if any("layers.10" in n for n in names)
+        else True
+    )
+    assert names.index("model.layers.1.self_attn.q_proj.weight") < names.index(
+        "model.layers.2.input_layernorm.weight"
+    )
     for s in plan.shards:
         assert s.nbytes <= 40_000 or len(s.jobs) == 1
     assert len(plan.shards) > 1
@@ -164,14 +193,22 @@ def test_plan_orders_tensors_and_assigns_shards(tmp_path, family):
 
 
 def _pair(tmp_path, extra_b=None, shape_b=(4, 3)):
-    a = write_model(tmp_path / "a", {"x.weight": torch.zeros(4, 3), "model.embed_tokens.weight": torch.zeros(10, 3)})
-    tb = {"x.weight": torch.zeros(*shape_b), "model.embed_tokens.weight": torch.zeros(12, 3)} if extra_b is None else extra_b
+    a = write_model(
+        tmp_path / "a", {"x.weight": torch.zeros(4, 3), "model.embed_tokens.weight": torch.zeros(10, 3)}
+    )
+    tb = (
+        {"x.weight": torch.zeros(*shape_b), "model.embed_tokens.weight": torch.zeros(12, 3)}
+        if extra_b is None
+        else extra_b
+    )
     b = write_model(tmp_path / "b", tb)
     return a, b
 
 
 def test_plan_errors_shape_vocab_missing(tmp_path):
-    a, b = _pair(tmp_path, extra_b={"x.weight": torch.zeros(4, 3), "model.embed_tokens.weight": torch.zeros(12, 3)})
+    a, b = _pair(
+        tmp_path, extra_b={"x.weight": torch.zeros(4, 3), "model.embed_tokens.weight": torch.zeros(12, 3)}
+    )
     r = recipe_file(tmp_path, f"base_model: {a}\nmodels: [{b}]\nmethod: task_arithmetic\n")
     with pytest.raises(PlanError) as e:
         build_plan(load_recipe(r))
@@ -181,7 +218,9 @@ def test_plan_errors_shape_vocab_missing(tmp_path):
         "(keep the 10 rows all models have) or `vocab: pad_from_base` (the base's 10 rows, missing ones taken "
         "from the base) to the recipe, or merge models that share one tokenizer vocabulary"
     )
-    c = write_model(tmp_path / "c", {"x.weight": torch.zeros(4, 2), "model.embed_tokens.weight": torch.zeros(10, 3)})
+    c = write_model(
+        tmp_path / "c", {"x.weight": torch.zeros(4, 2), "model.embed_tokens.weight": torch.zeros(10, 3)}
+    )
     r = recipe_file(tmp_path, f"base_model: {a}\nmodels: [{c}]\nmethod: task_arithmetic\n")
     with pytest.raises(PlanError) as e:
         build_plan(load_recipe(r))
@@ -226,17 +265,20 @@ def test_integer_buffers_are_copied_from_base(tmp_path):
 
 def test_slices_plan_renames_layers_and_rewrites_config(tmp_path, family):
     text = f"""
-base_model: {family['base']}
+base_model: {family["base"]}
 method: passthrough
 slices:
-  - sources: [{{model: {family['expert0']}, layers: [0, 3]}}]
-  - sources: [{{model: {family['expert1']}, layers: [2, 4]}}]
+  - sources: [{{model: {family["expert0"]}, layers: [0, 3]}}]
+  - sources: [{{model: {family["expert1"]}, layers: [2, 4]}}]
 """
     plan = build_plan(load_recipe(recipe_file(tmp_path, text)))
     jobs = _jobs(plan)
     assert plan.num_layers == 5 and plan.config["num_hidden_layers"] == 5
     j = jobs["model.layers.3.mlp.up_proj.weight"]  # output layer 3 = expert1's layer 2
-    assert plan.models[j.inputs[0].model].label == "expert1" and j.inputs[0].name == "model.layers.2.mlp.up_proj.weight"
+    assert (
+        plan.models[j.inputs[0].model].label == "expert1"
+        and j.inputs[0].name == "model.layers.2.mlp.up_proj.weight"
+    )
     j = jobs["model.layers.4.self_attn.o_proj.weight"]
     assert j.inputs[0].name == "model.layers.3.self_attn.o_proj.weight"
     assert plan.models[jobs["model.embed_tokens.weight"].inputs[0].model].label == "base"

@@ -46,16 +46,28 @@ def _short(e: BaseException) -> str:
 
 def _safe_member(folder: Path, name: str, index_path: Path) -> Path:
     """A shard name from an index must stay inside the model folder (no '..', absolute paths or escaping links)."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
-        raise CheckpointError(f"{index_path}: weight_map names file {name!r} outside the model folder; refusing it")
+    if (
+        not isinstance(name, str)
+        or not name
+        or os.path.isabs(name)
+        or ".." in Path(name).parts
+        or "\\" in name
+    ):
+        raise CheckpointError(
+            f"{index_path}: weight_map names file {name!r} outside the model folder; refusing it"
+        )
     path = folder / name
     real_folder = folder.resolve()
     try:
         real = path.resolve()
     except (OSError, ValueError) as e:  # symlink loops, NUL bytes
-        raise CheckpointError(f"{index_path}: cannot resolve shard {name!r} ({getattr(e, 'strerror', None) or e})") from None
+        raise CheckpointError(
+            f"{index_path}: cannot resolve shard {name!r} ({getattr(e, 'strerror', None) or e})"
+        ) from None
     if real_folder != real and real_folder not in real.parents:
-        raise CheckpointError(f"{index_path}: shard {name!r} is a link that escapes the model folder; refusing it")
+        raise CheckpointError(
+            f"{index_path}: shard {name!r} is a link that escapes the model folder; refusing it"
+        )
     return path
 
 
@@ -89,7 +101,9 @@ class Checkpoint:
             try:
                 self.config = json.loads(cfg.read_text())
             except (OSError, ValueError, RecursionError) as e:
-                raise CheckpointError(f"{cfg}: unreadable config.json ({_short(e)}); fix or remove it") from None
+                raise CheckpointError(
+                    f"{cfg}: unreadable config.json ({_short(e)}); fix or remove it"
+                ) from None
             if not isinstance(self.config, dict):
                 raise CheckpointError(f"{cfg}: config.json is not a JSON object")
         index = folder / INDEX_NAME
@@ -116,7 +130,9 @@ class Checkpoint:
 
     def _pickle_loader(self):
         if not self.allow_pickle:
-            raise CheckpointError(f"model '{self.ref}': {self.path} has only pickled PyTorch weights; {PICKLE_HINT}")
+            raise CheckpointError(
+                f"model '{self.ref}': {self.path} has only pickled PyTorch weights; {PICKLE_HINT}"
+            )
         return PickleFile
 
     def _open_index(self, index: Path, loader) -> None:
@@ -130,7 +146,9 @@ class Checkpoint:
             raise CheckpointError(f"{index}: malformed index (no weight_map object); re-download the model")
         bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
         if bad is not None:
-            raise CheckpointError(f"{index}: weight_map maps '{bad[0]}' to {bad[1]!r}, not a file name; re-download the model")
+            raise CheckpointError(
+                f"{index}: weight_map maps '{bad[0]}' to {bad[1]!r}, not a file name; re-download the model"
+            )
         by_file: dict[str, list[str]] = {}
         for tname, fname in weight_map.items():
             by_file.setdefault(fname, []).append(tname)
@@ -140,14 +158,18 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: shard '{fname}' is missing from {folder}; download it again")
             self._add_file(shard, set(names), index, loader)
 
-    def _add_file(self, path: Path, expected: set[str] | None, index: Path | None = None, loader=SafetensorsFile) -> None:
+    def _add_file(
+        self, path: Path, expected: set[str] | None, index: Path | None = None, loader=SafetensorsFile
+    ) -> None:
         st = loader(path)
         self.files[path] = st
         if expected is not None:
             missing = expected - st.tensors.keys()
             if missing:
                 name = sorted(missing)[0]
-                raise CheckpointError(f"{index}: tensor '{name}' is mapped to {path.name} but that shard does not hold it")
+                raise CheckpointError(
+                    f"{index}: tensor '{name}' is mapped to {path.name} but that shard does not hold it"
+                )
         for name, info in st.tensors.items():
             if expected is not None and name not in expected:
                 continue  # the index decides which shard owns a name

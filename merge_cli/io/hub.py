@@ -243,7 +243,13 @@ class HubCheckpoint(Checkpoint):
             try:
                 wm = json.loads(self.repo.fetch(INDEX_NAME).read_text())["weight_map"]
                 names = sorted(set(wm.values()))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # issue 6: hostile index
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+                AttributeError,
+                RecursionError,
+            ) as e:  # issue 6: hostile index
                 raise CheckpointError(
                     f"hub model '{self.ref}': malformed {INDEX_NAME} ({e.__class__.__name__}: {str(e)[:120]})"
                 ) from None

@@ -60,15 +60,21 @@ class SafetensorsFile:
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
-                    raise self._fail(f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+                    raise self._fail(
+                        f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)"
+                    )
                 (hlen,) = struct.unpack("<Q", head)
                 if hlen > MAX_HEADER_BYTES:
                     raise self._fail(f"header length {hlen} is larger than the {MAX_HEADER_BYTES}-byte limit")
                 if 8 + hlen > size:
-                    raise self._fail(f"truncated: header length {hlen} runs past the end of the {size}-byte file")
+                    raise self._fail(
+                        f"truncated: header length {hlen} runs past the end of the {size}-byte file"
+                    )
                 raw = f.read(hlen)
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e}); check the path and permissions") from None
+            raise CheckpointError(
+                f"{self.path}: cannot read ({e.strerror or e}); check the path and permissions"
+            ) from None
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -99,7 +105,9 @@ class SafetensorsFile:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
             raise self._fail(f"tensor '{name}' has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise self._fail(f"tensor '{name}' has an invalid shape {shape!r}")
         if (
             not isinstance(offsets, list)
@@ -111,7 +119,9 @@ class SafetensorsFile:
         if not 0 <= begin <= end:
             raise self._fail(f"tensor '{name}' has data_offsets {offsets} out of order")
         if end > data_size:
-            raise self._fail(f"truncated: tensor '{name}' ends at byte {end} but the data section holds {data_size}")
+            raise self._fail(
+                f"truncated: tensor '{name}' ends at byte {end} but the data section holds {data_size}"
+            )
         want = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != want:
             raise self._fail(
@@ -126,7 +136,9 @@ class SafetensorsFile:
                 try:
                     self._fd = os.open(self.path, os.O_RDONLY)
                 except OSError as e:
-                    raise CheckpointError(f"{self.path}: cannot open ({e.strerror}); check the file") from None
+                    raise CheckpointError(
+                        f"{self.path}: cannot open ({e.strerror}); check the file"
+                    ) from None
             return self._fd
 
     def read_bytes(self, start: int, nbytes: int) -> bytearray:
@@ -137,7 +149,9 @@ class SafetensorsFile:
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], start + got)
             if n <= 0:
-                raise self._fail(f"file ended while reading bytes {start + got}..{start + nbytes} (truncated?)")
+                raise self._fail(
+                    f"file ended while reading bytes {start + got}..{start + nbytes} (truncated?)"
+                )
             got += n
         return buf
 

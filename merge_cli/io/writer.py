@@ -46,7 +46,9 @@ def check_output(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
         p = p.resolve()
         folder = p if p.is_dir() else p.parent
         if out == folder or folder in out.parents:
-            raise OutputError(f"output {out_dir} is inside input model {p}; choose a folder outside every input")
+            raise OutputError(
+                f"output {out_dir} is inside input model {p}; choose a folder outside every input"
+            )
         if out in p.parents and out.exists():
             raise OutputError(f"output {out_dir} contains input model {p}; choose another output folder")
     if out.exists() and not overwrite:
@@ -124,7 +126,9 @@ class ShardedWriter:
         self.shards = shards
         self.digests: dict[str, tuple[str, int]] = dict(reuse or {})
         self.on_shard_done = on_shard_done
-        self.manifest_extra: dict[str, Any] = {}  # e.g. the plan fingerprint, so --resume knows a finished run
+        self.manifest_extra: dict[
+            str, Any
+        ] = {}  # e.g. the plan fingerprint, so --resume knows a finished run
         self._shard = -1
         self._pos = 0
         self._partial = 0  # bytes of the current tensor written so far (tensors may arrive in row chunks)
@@ -164,7 +168,9 @@ class ShardedWriter:
         want_name, dtype, shape, nbytes = entries[self._pos]
         got_dtype = TORCH_TO_ST.get(tensor.dtype)
         whole = tuple(tensor.shape) == tuple(shape) and self._partial == 0
-        rows_ok = len(shape) >= 1 and tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.dim() == len(shape)
+        rows_ok = (
+            len(shape) >= 1 and tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.dim() == len(shape)
+        )
         size = tensor.numel() * tensor.element_size()
         if name != want_name or got_dtype != dtype or not (whole or rows_ok) or self._partial + size > nbytes:
             raise RuntimeError(
@@ -212,7 +218,10 @@ class ShardedWriter:
             if p.is_file() and p.name != JOURNAL:
                 rel = p.relative_to(self.tmp).as_posix()
                 files[rel] = self.digests.get(rel) or _digest(p)
-        manifest = {"files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()}, **self.manifest_extra}
+        manifest = {
+            "files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()},
+            **self.manifest_extra,
+        }
         self.write_json(MANIFEST, manifest)
         _fsync_dir(self.tmp)
         out = self.out_dir

@@ -94,9 +94,7 @@ def combine(
         total = sum(s * w for s, w in zip(sparse, weights, strict=True))
         signed = [s if w >= 0 else -s for s, w in zip(sparse, weights, strict=True)]
         how = "mean" if normalize else "sum"
-        mixed = disjoint_merge(
-            signed, [abs(w) for w in weights], elect_sign(total.unsqueeze(0)), how, stats
-        )
+        mixed = disjoint_merge(signed, [abs(w) for w in weights], elect_sign(total.unsqueeze(0)), how, stats)
     else:
         mixed = sum(s * w for s, w in zip(sparse, weights, strict=True))
         for i, s in enumerate(sparse):

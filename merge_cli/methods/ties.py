@@ -22,15 +22,19 @@ from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk
 
 class TiesParams(MethodParams):
     weight: float = per_model(1.0, description="scale of this model's trimmed task vector")
-    density: float = per_model(0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude")
+    density: float = per_model(
+        0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by magnitude"
+    )
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     merge_func: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max")
     weighted_election: bool = Field(False, description="elect signs on weighted task vectors (mergekit)")
     granularity: Literal["tensor", "model"] = Field(
-        "tensor", description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)"
+        "tensor",
+        description="trim per tensor (exactly k) or over the whole model (reference; streamed passes)",
     )
     topk: Literal["exact", "threshold"] = Field(
-        "exact", description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth"
+        "exact",
+        description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth",
     )
 
 
@@ -46,7 +50,9 @@ def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
     return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
-def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], sign: torch.Tensor, how: str, stats=None):
+def disjoint_merge(
+    trimmed: list[torch.Tensor], weights: list[float], sign: torch.Tensor, how: str, stats=None
+):
     """Merge the entries whose sign agrees with the elected `sign` (+1/-1 per coordinate).
 
     stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts (a
@@ -77,7 +83,11 @@ def disjoint_merge(trimmed: list[torch.Tensor], weights: list[float], sign: torc
         stats["touched"] += int(touched.sum())
         stats["conflict"] += int(conflict.sum())
     if den is not None:
-        num.div_(den.clamp_(min=torch.finfo(den.dtype).tiny) if all(w > 0 for w in weights) else torch.where(den == 0, 1.0, den))
+        num.div_(
+            den.clamp_(min=torch.finfo(den.dtype).tiny)
+            if all(w > 0 for w in weights)
+            else torch.where(den == 0, 1.0, den)
+        )
     return num
 
 
@@ -163,7 +173,14 @@ SPEC = MethodSpec(
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
     mergekit_defaults={"density": 1.0, "weighted_election": True},
-    streamed=Streamed(init=_init, apply=_apply, passes=2, gather=_gather, end_pass=_end_pass, finish=lambda s, ctx: _record(s["stats"], ctx)),
+    streamed=Streamed(
+        init=_init,
+        apply=_apply,
+        passes=2,
+        gather=_gather,
+        end_pass=_end_pass,
+        finish=lambda s, ctx: _record(s["stats"], ctx),
+    ),
     stats=ties_model.TiesModelStats,
     plan_check=ties_model.plan_check,
 )
