@@ -6,8 +6,6 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-import yaml
-
 from merge_cli import __version__
 from merge_cli.dtypes import ST_TO_NAME
 from merge_cli.methods import METHODS
@@ -76,37 +74,3 @@ def report_markdown(report: dict[str, Any]) -> str:
         "\nPer-tensor figures (task-vector norms, kept fractions, sign conflicts) are in merge_report.json."
     )
     return "\n".join(lines) + "\n"
-
-
-def model_card(plan: MergePlan, recipe_text: str, report: dict[str, Any]) -> str:
-    refs = [m.ref for m in plan.models]
-    front = {
-        "base_model": refs,
-        "library_name": "transformers",
-        "tags": ["merge", "merge-cli", *sorted({f"{m}-merge" for m in report["methods_used"]})],
-    }
-    name = plan.recipe.name or "Merged model"
-    methods = "\n".join(f"- `{m}`: {v['title']}. {v['paper']}" for m, v in report["methods_used"].items())
-    base = plan.recipe.base_model
-    models = "\n".join(f"- `{m.ref}`" + (" (base)" if base and m.ref == base else "") for m in plan.models)
-    summary = "\n".join(
-        f"- `{m}`: {row['tensors']} tensors"
-        + (f", mean kept fraction {row['mean_kept_fraction']:.3f}" if "mean_kept_fraction" in row else "")
-        + (
-            f", sign conflicts {row['mean_sign_conflict_rate']:.3f}"
-            if "mean_sign_conflict_rate" in row
-            else ""
-        )
-        for m, row in report["summary"].items()
-    )
-    return (
-        "---\n"
-        + yaml.safe_dump(front, sort_keys=False)
-        + "---\n\n"
-        + f"# {name}\n\n"
-        + "This model was made by merging pretrained language models with "
-        + "[merge-cli](https://pypi.org/project/merge-cli/).\n\n"
-        + f"## Method\n\n{methods}\n\n## Models merged\n\n{models}\n\n"
-        + f"## Merge summary\n\n{summary}\n\nSee `merge_report.json` for per-tensor figures.\n\n"
-        + f"## Recipe\n\n```yaml\n{recipe_text.rstrip()}\n```\n"
-    )
