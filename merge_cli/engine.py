@@ -235,6 +235,21 @@ class _Compute:
         stats.update(ctx.stats)
         return self.to_host(out, out_dtype), stats
 
+    def check_counts(self, job: TensorJob, bad, offset: int, b, xs) -> None:
+        """NaN/Inf counts from a fused kernel over a chunk ([base] + inputs, or inputs for linear): on any
+        hit, the exact check names the model, tensor and rows, and stops the merge."""
+        if not (self.check_finite and bad and any(bad)):
+            return
+        refs = ([job.base] if job.base is not None else []) + list(job.inputs)
+        tensors = ([b] if b is not None else []) + list(xs)
+        if len(bad) == len(job.inputs):  # linear: no base among the counts
+            refs, tensors = list(job.inputs), list(xs)
+        per_row = job.numel // job.shape[0]
+        r0 = offset // per_row
+        for ref, t, n in zip(refs, tensors, bad):
+            if n:
+                ensure_finite(self.plan, ref, t.cpu(), rows=(r0, r0 + t.shape[0]))
+
     def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
         """A per-chunk fused apply (offset, base, xs) -> out for linear / task_arithmetic / ties, or None."""
         from merge_cli import fused
@@ -243,7 +258,14 @@ class _Compute:
         if not (self.fused and job.method in FUSED_METHODS and fused.available()):
             return None
         if job.method != "ties":
-            return lambda offset, b, xs: whole(job.method, b, xs, weights, params, out_dtype, {})
+
+            def elementwise(offset, b, xs):
+                st: dict[str, Any] = {}
+                out = whole(job.method, b, xs, weights, params, out_dtype, st)
+                self.check_counts(job, st.get("_nonfinite"), offset, b, xs)
+                return out
+
+            return elementwise
         if params.merge_func not in ("mean", "sum"):
             return None
         numel = job.numel
@@ -265,7 +287,11 @@ class _Compute:
                 if a is not None:
                     state["seen"][i] += int((a == t.value).sum())
                 ts.append(t)
-            out, kept, touched, conflict, _ = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            res = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
+            if res is None:
+                return None
+            out, kept, touched, conflict, bad = res
+            self.check_counts(job, bad.tolist(), offset, b, xs)
             st = state["stats"]
             for i, k in enumerate(kept.tolist()):
                 st["kept"][i] += int(k)
@@ -314,10 +340,17 @@ class _Compute:
         sq = [0.0] * len(job.inputs)
         fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
         first = not (st and st.passes)  # the first pass over the rows checks them for NaN/Inf
-        for offset, b, xs in self.chunks(job, rows, raw=fused_apply is not None, check=first):
+        # the fused kernels count NaN/Inf in the same loop, so their rows need no separate check
+        for offset, b, xs in self.chunks(
+            job, rows, raw=fused_apply is not None, check=first and fused_apply is None
+        ):
             ctx.offset = offset
             if fused_apply is not None:
                 out = fused_apply(offset, b, xs)
+                if out is None:
+                    raise MergeCliError(
+                        f"tensor '{job.name}': the fused kernel failed mid-merge; run again with --fused off"
+                    )
                 b = b.to(self.dtype) if b is not None else None
                 xs = [x.to(self.dtype) for x in xs] if b is not None else xs
             elif st:

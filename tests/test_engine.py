@@ -174,3 +174,22 @@ def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
         "model 'bad': tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN value(s) out of 6144"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
+    from merge_cli.errors import CheckpointError
+
+    m = _models(tmp_path)
+    bad = load_output(m["e1"])
+    bad["model.embed_tokens.weight"][2500, 7] = float("inf")
+    write_model(tmp_path / "bad", bad)
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    recipe = write_recipe(tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n")
+    plan = build_plan(load_recipe(recipe))
+    with pytest.raises(CheckpointError) as e:
+        execute(plan, tmp_path / "out", options=EngineOptions(fused="on", max_memory=600_000))
+    plan.close()
+    msg = str(e.value)
+    assert msg.startswith("model 'bad': tensor 'model.embed_tokens.weight' holds 1 Inf value(s) out of ")
+    assert " in rows " in msg and not (tmp_path / "out").exists()
