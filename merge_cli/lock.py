@@ -12,7 +12,6 @@ LFS sha256 is used: it is the sha256 of the same content.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import yaml
 from merge_cli import __version__
 from merge_cli.errors import MergeCliError
 from merge_cli.io.checkpoint import INDEX_NAME, Checkpoint
+from merge_cli.io.writer import file_digest
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 1
@@ -60,11 +60,7 @@ def sha256_file(path: Path) -> str:
         cache = {}
     if isinstance(cache.get(key), str):
         return cache[key]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest, _ = file_digest(real)
     try:  # best effort: a read-only home simply means no cache
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from merge_cli import __version__
 from merge_cli.errors import MergeCliError, OutputError
-from merge_cli.io.writer import JOURNAL, ShardedWriter, WriteError, temp_dir_for, write_failed
+from merge_cli.io.writer import JOURNAL, ShardedWriter, WriteError, file_digest, temp_dir_for, write_failed
 from merge_cli.plan import MergePlan, TensorJob
 
 JOURNAL_FORMAT = 1
@@ -66,16 +66,6 @@ def plan_fingerprint(plan: MergePlan) -> str:
     }
     raw = json.dumps(doc, sort_keys=True, default=str).encode()
     return hashlib.sha256(raw).hexdigest()
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _read_journal(path: Path) -> tuple[dict | None, list[dict]]:
@@ -138,7 +128,7 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
         if not path.is_file() or [t.get("name") for t in stats if isinstance(t, dict)] != names[fname]:
             continue
         try:
-            if _sha256(path) != (rec.get("sha256"), rec.get("size")):
+            if file_digest(path) != (rec.get("sha256"), rec.get("size")):
                 continue  # changed or damaged since: compute it again
         except OSError:
             continue

@@ -8,7 +8,6 @@ skipped, that every floating tensor is finite. Every problem is collected, not j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from merge_cli.errors import CheckpointError, OutputError
 from merge_cli.finite import count_nonfinite, describe_nonfinite
 from merge_cli.io.safetensors_file import SafetensorsFile, TensorInfo
-from merge_cli.io.writer import INDEX, MANIFEST
+from merge_cli.io.writer import INDEX, MANIFEST, file_digest
 from merge_cli.modules import classify, layer_of
 
 
@@ -29,16 +28,6 @@ class VerifyResult:
 
     def summary(self) -> str:
         return f"{self.files} file(s) match the manifest; {self.tensors} tensor(s) agree with the index and config"
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _load_json(path: Path, what: str, problems: list[str]):
@@ -70,7 +59,7 @@ def check_manifest(out: Path, result: VerifyResult) -> None:
         if not path.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
             continue
-        sha, size = _sha256(path)
+        sha, size = file_digest(path)
         if size != want.get("size"):
             problems.append(f"{rel}: size {size} but the manifest says {want.get('size')}")
         elif sha != want.get("sha256"):

@@ -38,7 +38,7 @@ def rewrite_manifest(out) -> None:
     files = {}
     for p in sorted(out.iterdir()):
         if p.name != "manifest.json":
-            files[p.name] = dict(zip(("sha256", "size"), writer_mod._digest(p), strict=True))
+            files[p.name] = dict(zip(("sha256", "size"), writer_mod.file_digest(p), strict=True))
     (out / "manifest.json").write_text(json.dumps({"files": files}))
 
 

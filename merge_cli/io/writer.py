@@ -217,7 +217,7 @@ class ShardedWriter:
         for p in sorted(self.tmp.rglob("*")):
             if p.is_file() and p.name != JOURNAL:
                 rel = p.relative_to(self.tmp).as_posix()
-                files[rel] = self.digests.get(rel) or _digest(p)
+                files[rel] = self.digests.get(rel) or file_digest(p)
         manifest = {
             "files": {k: {"sha256": h, "size": n} for k, (h, n) in files.items()},
             **self.manifest_extra,
@@ -252,7 +252,8 @@ class ShardedWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _digest(path: Path) -> tuple[str, int]:
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
