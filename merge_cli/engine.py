@@ -187,11 +187,9 @@ class _Compute:
         bad = stats.pop("_nonfinite", None)
         if out is not None and self.check_finite and bad and any(bad):
             check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
-        if out is not None and b is not None:
-            bf = b.to(torch.float32)
-            stats["task_vector_norms"] = [
-                float(torch.linalg.vector_norm(x.to(torch.float32) - bf)) for x in xs
-            ]
+        sq = stats.pop("_sqnorms", None)
+        if out is not None and sq is not None:
+            stats["task_vector_norms"] = [math.sqrt(v) for v in sq]
         return out
 
     def prep(self, t: torch.Tensor) -> torch.Tensor:
@@ -251,7 +249,8 @@ class _Compute:
                 ensure_finite(self.plan, ref, t.cpu(), rows=(r0, r0 + t.shape[0]))
 
     def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
-        """A per-chunk fused apply (offset, base, xs) -> out for linear / task_arithmetic / ties, or None."""
+        """A per-chunk fused apply (offset, base, xs) -> (out, squared task-vector norms or None) for linear /
+        task_arithmetic / ties, or None when the fused kernels do not apply."""
         from merge_cli import fused
         from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
 
@@ -263,7 +262,7 @@ class _Compute:
                 st: dict[str, Any] = {}
                 out = whole(job.method, b, xs, weights, params, out_dtype, st)
                 self.check_counts(job, st.get("_nonfinite"), offset, b, xs)
-                return out
+                return out, st.get("_sqnorms")
 
             return elementwise
         if params.merge_func not in ("mean", "sum"):
@@ -289,15 +288,15 @@ class _Compute:
                 ts.append(t)
             res = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
             if res is None:
-                return None
-            out, kept, touched, conflict, bad = res
+                return None, None
+            out, kept, touched, conflict, bad, sq = res
             self.check_counts(job, bad.tolist(), offset, b, xs)
             st = state["stats"]
             for i, k in enumerate(kept.tolist()):
                 st["kept"][i] += int(k)
             st["touched"] += int(touched)
             st["conflict"] += int(conflict)
-            return out
+            return out, sq.tolist()
 
         return apply
 
@@ -346,20 +345,22 @@ class _Compute:
         ):
             ctx.offset = offset
             if fused_apply is not None:
-                out = fused_apply(offset, b, xs)
+                out, chunk_sq = fused_apply(offset, b, xs)  # task-vector norms come from the same loop
                 if out is None:
                     raise MergeCliError(
                         f"tensor '{job.name}': the fused kernel failed mid-merge; run again with --fused off"
                     )
-                b = b.to(self.dtype) if b is not None else None
-                xs = [x.to(self.dtype) for x in xs] if b is not None else xs
-            elif st:
-                out = st.apply(state, b, xs, weights, params, ctx)
+                for i, v in enumerate(chunk_sq or ()):
+                    sq[i] += v
             else:
-                out = spec.kernel(b, xs, weights, params, ctx)
-            if b is not None:
-                for i, x in enumerate(xs):
-                    sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
+                out = (
+                    st.apply(state, b, xs, weights, params, ctx)
+                    if st
+                    else spec.kernel(b, xs, weights, params, ctx)
+                )
+                if b is not None:
+                    for i, x in enumerate(xs):
+                        sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
             emit(self.to_host(out, out_dtype))
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]

@@ -48,6 +48,11 @@ def _bad(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(~torch.isfinite(t.to(torch.float32))).sum() for t in tensors])
 
 
+def _sq(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Squared norm of each task vector (float64 sums), for the report, from the same loop."""
+    return torch.stack([(t * t).to(torch.float64).sum() for t in taus])
+
+
 def _linear(xs: list[torch.Tensor], w: torch.Tensor, divisor: torch.Tensor, out_dtype: torch.dtype):
     acc = xs[0].to(torch.float32) * w[0]
     for i in range(1, len(xs)):
@@ -59,10 +64,11 @@ def _task_arithmetic(
     base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
 ):
     b = base.to(torch.float32)
-    delta = (xs[0].to(torch.float32) - b) * w[0]
+    taus = [x.to(torch.float32) - b for x in xs]
+    delta = taus[0] * w[0]
     for i in range(1, len(xs)):
-        delta = delta + (xs[i].to(torch.float32) - b) * w[i]
-    return (b + delta * scale).to(out_dtype), _bad([base, *xs])
+        delta = delta + taus[i] * w[i]
+    return (b + delta * scale).to(out_dtype), _bad([base, *xs]), _sq(taus)
 
 
 def _ties(
@@ -73,8 +79,10 @@ def _ties(
     b = base.to(torch.float32)
     index = torch.arange(b.numel(), device=b.device).reshape(b.shape) + offset
     trimmed = []
+    taus = []
     for i in range(len(xs)):
         t = xs[i].to(torch.float32) - b
+        taus.append(t)
         a = t.abs()
         keep = (a > thr[i]) | ((a == thr[i]) & (index < cutoff[i]))
         trimmed.append(torch.where(keep, t, 0.0))
@@ -102,6 +110,7 @@ def _ties(
         touched.sum(),
         conflict.sum(),
         _bad([base, *xs]),
+        _sq(taus),
     )
 
 

@@ -115,17 +115,21 @@ def applies(method: str, p: ParamSet) -> bool:
 
 
 def _out(res, stats: dict[str, Any]):
-    """Unpack (output, NaN/Inf counts of the inputs); the counts go to stats['_nonfinite']."""
+    """Unpack (output, NaN/Inf counts of the inputs[, squared task-vector norms]) into stats['_nonfinite']
+    and stats['_sqnorms']."""
     if res is None:
         return None
-    out, bad = res
+    out, bad, *sq = res
     stats["_nonfinite"] = bad.tolist()
+    if sq:
+        stats["_sqnorms"] = sq[0].tolist()
     return out
 
 
 def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any]):
     """One whole tensor through its fused kernel; None if the kernel is unavailable or does not apply.
-    stats['_nonfinite'] receives the NaN/Inf count of each input ([base] + xs when there is a base)."""
+    stats['_nonfinite'] receives the NaN/Inf count of each input ([base] + xs when there is a base), and
+    stats['_sqnorms'] the squared norm of each task vector when there is a base."""
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype), stats)
     if method == "task_arithmetic":
@@ -137,8 +141,9 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
         res = run_ties(base, xs, weights, p, out_dtype, *sel)
         if res is None:
             return None
-        out, kept, touched, conflict, bad = res
+        out, kept, touched, conflict, bad, sq = res
         stats["_nonfinite"] = bad.tolist()
+        stats["_sqnorms"] = sq.tolist()
         n = base.numel()
         stats["kept_fraction"] = [int(k) / n for k in kept]
         stats["sign_conflict_rate"] = int(conflict) / max(int(touched), 1)

@@ -29,6 +29,26 @@ def _models(tmp_path):
     return paths
 
 
+def _recipe(tmp_path, m, method: str, params: str, top: str, params_for_both: bool = True):
+    """Two experts (and the base, for methods that need it); `params` for e0, and for e1 if params_for_both."""
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    e1 = f"  - model: {m['e1']}\n" + (f"    parameters: {params}\n" if params_for_both else "")
+    return write_recipe(
+        tmp_path / "r.yaml",
+        f"{base}models:\n  - model: {m['e0']}\n    parameters: {params}\n{e1}method: {method}\nparameters: {top}\n",
+    )
+
+
+def _merge(tmp_path, recipe, label: str, **options):
+    """(output tensors, report stats by tensor name, MergeOutcome) of one merge into tmp_path / label."""
+    plan = build_plan(load_recipe(recipe))
+    try:
+        result = execute(plan, tmp_path / label, options=EngineOptions(**options))
+    finally:
+        plan.close()
+    return load_output(tmp_path / label), {t["name"]: t for t in result.report["tensors"]}, result
+
+
 @pytest.mark.parametrize(
     "method,params,top",
     [
@@ -40,25 +60,13 @@ def _models(tmp_path):
 )
 def test_chunked_merge_is_bitwise_equal_to_whole(tmp_path, method, params, top):
     m = _models(tmp_path)
-    base = f"base_model: {m['base']}\n" if method != "linear" else ""
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        f"{base}models:\n  - model: {m['e0']}\n    parameters: {params}\n  - model: {m['e1']}\n    parameters: {params}\n"
-        f"method: {method}\nparameters: {top}\n",
-    )
-    outs = {}
-    for label, budget in (("whole", 1 << 30), ("chunked", 600_000)):
-        plan = build_plan(load_recipe(recipe))
-        result = execute(plan, tmp_path / label, options=EngineOptions(max_memory=budget))
-        plan.close()
-        outs[label] = (load_output(tmp_path / label), result)
-    assert outs["whole"][1].engine.chunked == []
-    assert outs["chunked"][1].engine.chunked == ["model.embed_tokens.weight"]
-    a, b = outs["whole"][0], outs["chunked"][0]
+    recipe = _recipe(tmp_path, m, method, params, top)
+    a, ra, whole = _merge(tmp_path, recipe, "whole", max_memory=1 << 30)
+    b, rb, chunked = _merge(tmp_path, recipe, "chunked", max_memory=600_000)
+    assert whole.engine.chunked == []
+    assert chunked.engine.chunked == ["model.embed_tokens.weight"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    ra = {t["name"]: t for t in outs["whole"][1].report["tensors"]}
-    rb = {t["name"]: t for t in outs["chunked"][1].report["tensors"]}
     emb = "model.embed_tokens.weight"
     for key in ("kept_fraction", "sign_conflict_rate", "task_vector_norms"):
         if key in ra[emb]:
@@ -128,30 +136,20 @@ def test_cuda_matches_cpu(tmp_path):
 def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, method, params, top):
     """The compiled kernels (one pass) give the same bits as the eager kernels, whole and in row chunks."""
     m = _models(tmp_path)
-    base = f"base_model: {m['base']}\n" if method != "linear" else ""
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        f"{base}models:\n  - model: {m['e0']}\n    parameters: {params}\n  - model: {m['e1']}\n"
-        f"method: {method}\nparameters: {top}\n",
-    )
-    outs = {}
-    for label, fused, budget in (
-        ("eager", "off", 1 << 30),
-        ("fused", "on", 1 << 30),
-        ("fused_chunked", "on", 600_000),
-    ):
-        plan = build_plan(load_recipe(recipe))
-        result = execute(plan, tmp_path / label, options=EngineOptions(max_memory=budget, fused=fused))
-        plan.close()
-        outs[label] = (load_output(tmp_path / label), {t["name"]: t for t in result.report["tensors"]})
-    ref, ref_stats = outs["eager"]
-    for label in ("fused", "fused_chunked"):
-        got, stats = outs[label]
+    recipe = _recipe(tmp_path, m, method, params, top, params_for_both=False)
+    ref, ref_stats, _ = _merge(tmp_path, recipe, "eager", max_memory=1 << 30, fused="off")
+    for label, budget in (("fused", 1 << 30), ("fused_chunked", 600_000)):
+        got, stats, _ = _merge(tmp_path, recipe, label, max_memory=budget, fused="on")
         for name in ref:
             assert torch.equal(ref[name], got[name]), (label, name)
-            for key in ("kept_fraction", "sign_conflict_rate"):
+            for key in ("kept_fraction", "sign_conflict_rate", "task_vector_norms"):
                 if key in ref_stats[name]:
-                    assert stats[name][key] == pytest.approx(ref_stats[name][key]), (label, name, key)
+                    assert key in stats[name], (label, name, key)
+                    assert stats[name][key] == pytest.approx(ref_stats[name][key], rel=1e-5), (
+                        label,
+                        name,
+                        key,
+                    )
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
@@ -185,7 +183,9 @@ def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
     bad["model.embed_tokens.weight"][2500, 7] = float("inf")
     write_model(tmp_path / "bad", bad)
     base = f"base_model: {m['base']}\n" if method != "linear" else ""
-    recipe = write_recipe(tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n"
+    )
     plan = build_plan(load_recipe(recipe))
     with pytest.raises(CheckpointError) as e:
         execute(plan, tmp_path / "out", options=EngineOptions(fused="on", max_memory=600_000))
