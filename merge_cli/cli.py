@@ -178,7 +178,7 @@ def run(
     ),
     fused: str = typer.Option(
         "auto",
-        help="Compiled CPU kernels for linear/task_arithmetic/ties: auto (merges over 50M elements), on, off.",
+        help="Cache-blocked CPU kernels for linear/task_arithmetic/ties (bitwise equal to the plain ones): auto/on, off.",
     ),
     resume: bool = typer.Option(
         False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."

@@ -38,7 +38,7 @@ class EngineOptions:
     device: str = "auto"
     threads: int | None = None
     max_memory: int | None = None  # bytes; default: default_max_memory()
-    fused: str = "auto"  # auto | on | off: compiled CPU kernels for linear, task_arithmetic, ties
+    fused: str = "auto"  # auto | on | off: blocked CPU kernels (fused.py) for linear, task_arithmetic, ties
     progress: Callable[[TensorJob, int], None] | None = None  # called after each job with its input bytes
     on_pass: Callable[[dict[str, Any]], None] | None = None  # called after each whole-model statistics pass
     # -- reliability (issue 6) --
@@ -176,10 +176,9 @@ class _Compute:
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
     def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
-        from merge_cli import fused
         from merge_cli.fused_methods import FUSED_METHODS, whole
 
-        if not (self.fused and job.method in FUSED_METHODS and fused.available()) or whole_model_job(job):
+        if not (self.fused and job.method in FUSED_METHODS) or whole_model_job(job):
             return None
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
@@ -251,10 +250,9 @@ class _Compute:
     def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
         """A per-chunk fused apply (offset, base, xs) -> (out, squared task-vector norms or None) for linear /
         task_arithmetic / ties, or None when the fused kernels do not apply."""
-        from merge_cli import fused
         from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
 
-        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+        if not (self.fused and job.method in FUSED_METHODS):
             return None
         if job.method != "ties":
 
@@ -286,17 +284,16 @@ class _Compute:
                 if a is not None:
                     state["seen"][i] += int((a == t.value).sum())
                 ts.append(t)
-            res = run_ties(b, xs, weights, params, out_dtype, ts, cuts, offset)
-            if res is None:
-                return None, None
-            out, kept, touched, conflict, bad, sq = res
-            self.check_counts(job, bad.tolist(), offset, b, xs)
+            out, kept, touched, conflict, bad, sq = run_ties(
+                b, xs, weights, params, out_dtype, ts, cuts, offset
+            )
+            self.check_counts(job, bad, offset, b, xs)
             st = state["stats"]
-            for i, k in enumerate(kept.tolist()):
-                st["kept"][i] += int(k)
-            st["touched"] += int(touched)
-            st["conflict"] += int(conflict)
-            return out, sq.tolist()
+            for i, k in enumerate(kept):
+                st["kept"][i] += k
+            st["touched"] += touched
+            st["conflict"] += conflict
+            return out, sq
 
         return apply
 
@@ -346,10 +343,6 @@ class _Compute:
             ctx.offset = offset
             if fused_apply is not None:
                 out, chunk_sq = fused_apply(offset, b, xs)  # task-vector norms come from the same loop
-                if out is None:
-                    raise MergeCliError(
-                        f"tensor '{job.name}': the fused kernel failed mid-merge; run again with --fused off"
-                    )
                 for i, v in enumerate(chunk_sq or ()):
                     sq[i] += v
             else:
@@ -370,19 +363,11 @@ class _Compute:
         return stats
 
 
-FUSED_AUTO_ELEMENTS = 50_000_000  # below this a merge does not repay compiling
-
-
 def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
+    """The blocked CPU kernels (fused.py) serve linear, task_arithmetic and TIES on the CPU unless --fused off."""
     if mode not in ("auto", "on", "off"):
         raise MergeCliError(f"--fused {mode}: use auto, on or off")
-    if mode == "off" or device.type != "cpu":
-        return False
-    if mode == "on":
-        return True
-    from merge_cli.fused_methods import FUSED_METHODS
-
-    return sum(j.numel * len(j.inputs) for j in plan.jobs if j.method in FUSED_METHODS) >= FUSED_AUTO_ELEMENTS
+    return mode != "off" and device.type == "cpu"
 
 
 class _Gate:

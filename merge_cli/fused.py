@@ -1,126 +1,225 @@
-"""Fused CPU kernels (torch.compile / inductor) for the hot methods: linear, task_arithmetic and TIES.
+"""Cache-blocked CPU kernels for the hot methods: linear, task_arithmetic and TIES.
 
-An eager merge makes a dozen passes over memory per tensor (convert, subtract, compare, mask, ...); the
-compiled kernels do the whole chain in one loop over the raw (e.g. bf16) inputs, converting to fp32 in
-registers and writing the output dtype directly. Results are bitwise equal to the eager kernels (tested).
+An eager merge of a whole tensor makes a dozen passes over memory (convert, subtract, compare, mask, ...),
+each allocating a tensor-sized temporary whose fresh pages must be faulted in. These kernels walk the flat
+tensors in blocks of `BLOCK` elements (about 1 MB in fp32, so the block's working set stays in the CPU's
+L2 cache), run the same chain of eager ops on each block into reused buffers, and write the output dtype
+directly. Every element gets exactly the operations of the eager kernels, in the same order, so the
+results are bitwise equal to them (tested, whole and chunked, with blocks small enough that the tie
+cutoff of TIES falls inside a block). No compiler is involved: nothing to import or compile at start-up.
 
-Compiling costs seconds to a minute once per kernel shape family (inductor caches the code on disk for
-later runs), so the engine uses these only for large merges (`--fused auto`) or when asked (`--fused on`),
-and falls back to the eager kernels, with one warning, if compiling fails (no C compiler, say).
+NaN/Inf inputs are detected from sums the kernels compute anyway (the output's sum for linear, each task
+vector's squared norm otherwise): a non-finite input always makes those non-finite, and only then are
+the inputs counted exactly.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
+from collections.abc import Iterator
 
 import torch
 
-_failed = False
+BLOCK = 1 << 18  # elements per block (tests lower it to exercise block boundaries)
+
+_buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
-def _compile(fn):
-    compiled = None
-
-    def call(*args):
-        nonlocal compiled
-        global _failed
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        try:
-            return compiled(*args)
-        except Exception as e:  # no compiler, unsupported platform: the eager kernel takes over
-            _failed = True
-            warnings.warn(
-                f"merge-cli: fused kernels unavailable ({type(e).__name__}: {e}); using eager kernels",
-                stacklevel=2,
-            )
-            return None
-
-    return call
+def _buf(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reusable flat buffer of BLOCK elements (kernels run on one thread: the engine's compute thread)."""
+    t = _buffers.get((key, dtype))
+    if t is None or t.numel() != BLOCK:
+        t = _buffers[(key, dtype)] = torch.empty(BLOCK, dtype=dtype)
+    return t
 
 
-def available() -> bool:
-    return not _failed
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, BLOCK):
+        yield s, min(n, s + BLOCK)
 
 
-def _bad(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """NaN/Inf count of each input, computed in the same loop as the merge (no extra pass over memory)."""
-    return torch.stack([(~torch.isfinite(t.to(torch.float32))).sum() for t in tensors])
+def count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
+    """Exact NaN/Inf count of each tensor (only run when a kernel's sums say there is one)."""
+    return [int((~torch.isfinite(t)).sum()) for t in tensors]
 
 
-def _sq(taus: list[torch.Tensor]) -> torch.Tensor:
-    """Squared norm of each task vector (float64 sums), for the report, from the same loop."""
-    return torch.stack([(t * t).to(torch.float64).sum() for t in taus])
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
 
 
-def _linear(xs: list[torch.Tensor], w: torch.Tensor, divisor: torch.Tensor, out_dtype: torch.dtype):
-    acc = xs[0].to(torch.float32) * w[0]
-    for i in range(1, len(xs)):
-        acc = acc + xs[i].to(torch.float32) * w[i]
-    return (acc / divisor).to(out_dtype), _bad(xs)
+def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: torch.dtype):
+    """sum_i w_i * x_i / divisor, in fp32. Returns (output, NaN/Inf count of each input)."""
+    flat = [_flat(x) for x in xs]
+    n = flat[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    acc_b, tmp_b = _buf("acc"), _buf("t0")
+    total = 0.0
+    for s, e in _blocks(n):
+        acc, tmp = acc_b[: e - s], tmp_b[: e - s]
+        acc.copy_(flat[0][s:e]).mul_(w[0])
+        for i in range(1, len(flat)):
+            acc.add_(tmp.copy_(flat[i][s:e]).mul_(w[i]))
+        total += float(acc.sum())  # a NaN/Inf input makes this non-finite
+        if divisor != 1.0:
+            acc.div_(divisor)
+        out[s:e].copy_(acc)
+    bad = [0] * len(xs) if math.isfinite(total) else count_nonfinite(xs)
+    return out.reshape(xs[0].shape), bad
 
 
-def _task_arithmetic(
-    base, xs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
-):
-    b = base.to(torch.float32)
-    taus = [x.to(torch.float32) - b for x in xs]
-    delta = taus[0] * w[0]
-    for i in range(1, len(xs)):
-        delta = delta + taus[i] * w[i]
-    return (b + delta * scale).to(out_dtype), _bad([base, *xs]), _sq(taus)
+def task_arithmetic(base, xs: list[torch.Tensor], w: list[float], scale: float, out_dtype: torch.dtype):
+    """base + scale * sum_i w_i * (x_i - base), in fp32. Returns (output, NaN/Inf counts of [base, *xs],
+    squared norm of each task vector)."""
+    fb, flat = _flat(base), [_flat(x) for x in xs]
+    n = fb.numel()
+    out = torch.empty(n, dtype=out_dtype)
+    bb_b, acc_b, tmp_b = _buf("base"), _buf("acc"), _buf("t0")
+    sq = [0.0] * len(xs)
+    for s, e in _blocks(n):
+        bb, acc, tmp = bb_b[: e - s], acc_b[: e - s], tmp_b[: e - s]
+        bb.copy_(fb[s:e])
+        for i in range(len(flat)):
+            t = acc if i == 0 else tmp
+            t.copy_(flat[i][s:e]).sub_(bb)
+            sq[i] += float(torch.dot(t, t))
+            t.mul_(w[i])
+            if i:
+                acc.add_(tmp)
+        if scale != 1.0:
+            acc.mul_(scale)
+        out[s:e].copy_(acc.add_(bb))
+    bad = [0] * (len(xs) + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    return out.reshape(base.shape), bad, sq
 
 
-def _ties(
-    base, xs: list[torch.Tensor], thr: torch.Tensor, cutoff: torch.Tensor, offset: torch.Tensor,
-    w: torch.Tensor, lam: torch.Tensor, weighted: bool, mean: bool, out_dtype: torch.dtype,
+def _below(thr: float) -> float:
+    """The largest fp32 value below thr: |t| > _below(thr) is |t| >= thr."""
+    t = torch.tensor(thr, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(-math.inf)))
+
+
+def _count_sign(s: torch.Tensor) -> tuple[int, int]:
+    """For s with entries in {-1, 0, 1}: (how many are 1, how many are -1); exact (integer fp32 sums)."""
+    total, nonzero = float(s.sum()), float(torch.dot(s, s))
+    return int(nonzero + total) // 2, int(nonzero - total) // 2
+
+
+def ties(
+    base, xs: list[torch.Tensor], thr: list[float | None], cutoff: list[int], offset: int,
+    w: list[float], lam: float, weighted: bool, mean: bool, out_dtype: torch.dtype,
 ):  # fmt: skip
-    """TIES given each model's threshold: keep |tau| > thr, and |tau| == thr at flat index < cutoff."""
-    b = base.to(torch.float32)
-    index = torch.arange(b.numel(), device=b.device).reshape(b.shape) + offset
-    trimmed = []
-    taus = []
-    for i in range(len(xs)):
-        t = xs[i].to(torch.float32) - b
-        taus.append(t)
-        a = t.abs()
-        keep = (a > thr[i]) | ((a == thr[i]) & (index < cutoff[i]))
-        trimmed.append(torch.where(keep, t, 0.0))
-    total = trimmed[0] * w[0] if weighted else trimmed[0]
-    for i in range(1, len(xs)):
-        total = total + (trimmed[i] * w[i] if weighted else trimmed[i])
-    sign = torch.where(total >= 0, 1.0, -1.0)
-    num = torch.zeros_like(b)
-    den = torch.zeros_like(b)
-    kept = []
-    touched = torch.zeros_like(b, dtype=torch.bool)
-    conflict = torch.zeros_like(b, dtype=torch.bool)
-    for i in range(len(xs)):
-        along = trimmed[i] * sign
-        agree = along > 0
-        num = num + torch.where(agree, trimmed[i] * w[i], 0.0)
-        den = den + torch.where(agree, w[i], 0.0)
-        kept.append((trimmed[i] != 0).sum())
-        touched = touched | agree
-        conflict = conflict | (along < 0)
-    merged = num / torch.where(den == 0, 1.0, den) if mean else num
-    return (
-        (b + merged * lam).to(out_dtype),
-        torch.stack(kept),
-        touched.sum(),
-        conflict.sum(),
-        _bad([base, *xs]),
-        _sq(taus),
+    """TIES given each model's threshold (None: keep all): keep |tau| > thr, and |tau| == thr at flat index
+    (offset + position) < cutoff. Returns (output, kept count per model, touched count, sign-conflict count,
+    NaN/Inf counts of [base, *xs], squared norm of each task vector).
+
+    Only float arithmetic on the hot path (bool masks are several times slower on CPU): trimming is
+    hardshrink (t where |t| > thr, else 0), masks are sign() values in {-1, 0, 1} and {0, 1}."""
+    fb, flat = _flat(base), [_flat(x) for x in xs]
+    n, m = fb.numel(), len(xs)
+    out = torch.empty(n, dtype=out_dtype)
+    bb_b, a_b, sgn_b, num_b, den_b, hi_b, lo_b = (
+        _buf(k) for k in ("base", "abs", "sign", "num", "den", "smax", "smin")
     )
+    ts_b = [_buf(f"t{i}") for i in range(m)]
+    wt_b = [_buf(f"w{i}") for i in range(m)]
+    below = [None if v is None else _below(v) for v in thr]
+    sq = [0.0] * m
+    kept = [0] * m
+    touched = conflict = 0
+    for s, e in _blocks(n):
+        k = e - s
+        bb, a, sgn, num, den = bb_b[:k], a_b[:k], sgn_b[:k], num_b[:k], den_b[:k]
+        smax, smin = hi_b[:k], lo_b[:k]
+        bb.copy_(fb[s:e])
+        total = num  # the election's sum, before num accumulates the merge
+        for i in range(m):
+            t, wt = ts_b[i][:k], wt_b[i][:k]
+            t.copy_(flat[i][s:e]).sub_(bb)
+            sq[i] += float(torch.dot(t, t))
+            if thr[i] is not None:
+                g0, g1 = offset + s, offset + e
+                if cutoff[i] >= g1:  # every threshold-equal entry of the block is kept
+                    torch.hardshrink(t, below[i], out=wt)
+                    t.copy_(wt)
+                elif cutoff[i] <= g0:  # none is
+                    torch.hardshrink(t, thr[i], out=wt)
+                    t.copy_(wt)
+                else:  # the quota of equal entries ends inside this block
+                    at = t.abs()
+                    index = torch.arange(g0, g1, dtype=torch.int64)
+                    t.mul_((at > thr[i]) | ((at == thr[i]) & (index < cutoff[i])))
+            torch.sign(t, out=a)
+            kept[i] += int(float(torch.dot(a, a)))  # nonzero entries
+            torch.mul(t, w[i], out=wt)
+            if i == 0:
+                total.copy_(wt if weighted else t)
+            else:
+                total.add_(wt if weighted else t)
+        torch.sign(total, out=sgn).add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
+        num.zero_()
+        den.zero_()
+        for i in range(m):
+            t, wt = ts_b[i][:k], wt_b[i][:k]
+            torch.mul(t, sgn, out=a).sign_()  # 1: agrees with the elected sign, -1: opposes it, 0: zero
+            if i == 0:
+                smax.copy_(a)
+                smin.copy_(a)
+            else:
+                torch.maximum(smax, a, out=smax)
+                torch.minimum(smin, a, out=smin)
+            a.clamp_min_(0)
+            num.addcmul_(wt, a)
+            den.add_(a, alpha=w[i])
+        touched += _count_sign(smax)[0]
+        conflict += _count_sign(smin)[1]
+        if mean:  # den == 0 -> 1
+            den.add_(torch.abs(den, out=a).sign_().neg_().add_(1.0))
+            num.div_(den)
+        if lam != 1.0:
+            num.mul_(lam)
+        out[s:e].copy_(num.add_(bb))
+    bad = [0] * (m + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    return out.reshape(base.shape), kept, touched, conflict, bad, sq
 
 
-def _band(base, x, lo: torch.Tensor, hi: torch.Tensor):
-    """For |x - base|, one byte per entry: 0 below lo, 1 in [lo, hi], 2 above hi (one pointwise pass)."""
-    a = (x.to(torch.float32) - base.to(torch.float32)).abs()
-    return (a >= lo).to(torch.uint8) + (a > hi).to(torch.uint8)
+def band_counts(base, x, lo: float, hi: float, gather: bool):
+    """One blocked pass over |x - base|: how many entries lie above hi, how many lie in [lo, hi] in each
+    block (for locating the tie cutoff), and, when gather, the in-band values and their flat indices."""
+    fb, fx = _flat(base), _flat(x)
+    n = fb.numel()
+    bb_b, t_b, s_b = _buf("base"), _buf("t0"), _buf("sign")
+    above = 0
+    per_block: list[int] = []
+    vals: list[torch.Tensor] = []
+    idxs: list[torch.Tensor] = []
+    for s, e in _blocks(n):
+        k = e - s
+        t, sg = t_b[:k], s_b[:k]
+        t.copy_(fx[s:e]).sub_(bb_b[:k].copy_(fb[s:e])).abs_()
+        a_hi, b_hi = _count_sign(torch.sub(t, hi, out=sg).sign_())
+        if lo == hi:
+            in_band = k - a_hi - b_hi
+        else:
+            in_band = k - a_hi - _count_sign(torch.sub(t, lo, out=sg).sign_())[1]
+        above += a_hi
+        per_block.append(in_band)
+        if gather and in_band:
+            i = torch.nonzero((t >= lo) & (t <= hi)).squeeze(1)
+            vals.append(t[i])
+            idxs.append(i + s)
+    return above, per_block, vals, idxs
 
 
-band = _compile(_band)
-linear = _compile(_linear)
-task_arithmetic = _compile(_task_arithmetic)
-ties = _compile(_ties)
+def equal_position(base, x, value: float, block_counts: list[int], nth: int) -> int:
+    """Flat index just past the nth (1-based) entry with |x - base| == value, given each block's count of
+    such entries."""
+    fb, fx = _flat(base), _flat(x)
+    seen = 0
+    for b, c in enumerate(block_counts):
+        if seen + c >= nth:
+            s, e = b * BLOCK, min(fb.numel(), (b + 1) * BLOCK)
+            a = (fx[s:e].to(torch.float32) - fb[s:e].to(torch.float32)).abs()
+            at = torch.nonzero(a == value).squeeze(1)
+            return s + int(at[nth - seen - 1]) + 1
+        seen += c
+    raise AssertionError("threshold-equal entries miscounted")

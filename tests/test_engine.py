@@ -134,7 +134,7 @@ def test_cuda_matches_cpu(tmp_path):
     ],
 )
 def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, method, params, top):
-    """The compiled kernels (one pass) give the same bits as the eager kernels, whole and in row chunks."""
+    """The blocked kernels give the same bits as the eager kernels, whole and in row chunks."""
     m = _models(tmp_path)
     recipe = _recipe(tmp_path, m, method, params, top, params_for_both=False)
     ref, ref_stats, _ = _merge(tmp_path, recipe, "eager", max_memory=1 << 30, fused="off")
@@ -193,3 +193,89 @@ def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
     msg = str(e.value)
     assert msg.startswith("model 'bad': tensor 'model.embed_tokens.weight' holds 1 Inf value(s) out of ")
     assert " in rows " in msg and not (tmp_path / "out").exists()
+
+
+def _quantised_models(tmp_path):
+    """Experts whose deltas are small multiples of one step (as bf16 fine-tunes are): |tau| takes a handful
+    of values, so the top-k threshold sits on a value shared by thousands of entries (exact ties)."""
+    g = torch.Generator().manual_seed(5)
+    base = {
+        "model.embed_tokens.weight": torch.randn(4000, 64, generator=g).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=g).bfloat16(),
+        "model.norm.weight": torch.ones(64).bfloat16(),
+    }
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i in range(3):
+        sd = {
+            k: (v.float() + 2.0**-6 * torch.randint(-3, 4, v.shape, generator=g).float()).bfloat16()
+            for k, v in base.items()
+        }
+        paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "method,models_params,top",
+    [
+        ("ties", ["{density: 0.3}", "{density: 0.5, weight: 0.7}", "{density: 0.2, weight: 1.3}"], "{}"),
+        ("ties", ["{density: 0.45}", "{density: 1.0}", "{density: 0.3, weight: -0.5}"], "{merge_func: sum}"),
+        ("ties", ["{density: 0.6}", "{density: 0.6}", "{density: 0.6}"], "{weighted_election: false}"),
+        ("linear", ["{weight: 0.2}", "{weight: 0.5}", "{weight: 0.3}"], "{}"),
+        ("task_arithmetic", ["{weight: 0.5}", "{weight: -0.25}", "{weight: 1.0}"], "{lambda: 0.7}"),
+    ],
+)
+@pytest.mark.parametrize("block", [777, 4096])
+def test_blocked_kernels_equal_eager_across_block_boundaries(
+    tmp_path, monkeypatch, method, models_params, top, block
+):
+    """Blocks much smaller than the tensors (so TIES tie quotas end inside a block), on quantised deltas
+    (thresholds shared by thousands of entries): still bitwise equal to the eager kernels, whole and chunked."""
+    from merge_cli import fused
+
+    m = _quantised_models(tmp_path)
+    base = f"base_model: {m['base']}\n" if method != "linear" else ""
+    models = "".join(f"  - model: {m[f'e{i}']}\n    parameters: {p}\n" for i, p in enumerate(models_params))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"{base}models:\n{models}method: {method}\nparameters: {top}\n"
+    )
+    ref, ref_stats, _ = _merge(tmp_path, recipe, "eager", max_memory=1 << 30, fused="off")
+    monkeypatch.setattr(fused, "BLOCK", block)
+    for label, budget in (("blocked", 1 << 30), ("blocked_chunked", 600_000)):
+        got, stats, _ = _merge(tmp_path, recipe, label, max_memory=budget, fused="on")
+        for name in ref:
+            assert torch.equal(ref[name], got[name]), (label, name)
+            for key in ("kept_fraction", "sign_conflict_rate", "task_vector_norms"):
+                if key in ref_stats[name]:
+                    assert stats[name][key] == pytest.approx(ref_stats[name][key], rel=1e-5), (
+                        label,
+                        name,
+                        key,
+                    )
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.77])
+def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density):
+    """The blocked selection (sample bracket + one counting pass) finds the same threshold and tie cutoff as
+    a plain sort: keeping |tau| > value plus the first take_equal equal entries gives exactly the top k."""
+    from merge_cli import fused
+    from merge_cli.fused_methods import select
+
+    monkeypatch.setattr(fused, "BLOCK", 1000)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(70_000, generator=g).bfloat16()
+    if quantised:
+        x = (base.float() + 2.0**-5 * torch.randint(-4, 5, base.shape, generator=g).float()).bfloat16()
+    else:
+        x = (base.float() + 0.01 * torch.randn(base.shape, generator=g)).bfloat16()
+    a = (x.float() - base.float()).abs()
+    k = int(density * a.numel())
+    t, cut = select(base, x, k)
+    # independent: a stable descending sort; the k-th value and the index order of equal entries
+    order = torch.sort(-a, stable=True).indices
+    kth = float(a[order[k - 1]])
+    assert t.value == kth
+    keep = torch.zeros(a.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    mine = (a > t.value) | ((a == t.value) & (torch.arange(a.numel()) < cut))
+    assert torch.equal(mine, keep)

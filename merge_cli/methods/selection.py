@@ -39,13 +39,17 @@ class Threshold:
 
 def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[float, float]:
     """Bounds (lo, hi) likely to contain the k-th largest of n values, from a sample of them."""
-    s = torch.sort(sample.reshape(-1).float(), descending=True).values
+    s = sample.reshape(-1).float()
     m = s.numel()
     q = k / n
     margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 4.0 / m
     hi_i, lo_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-    hi = float(s[hi_i]) if hi_i >= 0 else math.inf
-    lo = float(s[lo_i]) if lo_i < m else -math.inf
+
+    def largest(j: int) -> float:  # the (j+1)-th largest of the sample (two selections, no sort)
+        return float(torch.kthvalue(s, m - j).values)
+
+    hi = largest(hi_i) if hi_i >= 0 else math.inf
+    lo = largest(lo_i) if lo_i < m else -math.inf
     return lo, hi
 
 
