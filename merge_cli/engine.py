@@ -24,9 +24,10 @@ import torch
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.finite import check_finite_inputs, ensure_finite
+from merge_cli.fused import NonFinite
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
-from merge_cli.methods.selection import Threshold
+from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import MergePlan, TensorJob, report_params
 from merge_cli.stats_pass import run_stats_passes, whole_model_job
 
@@ -182,7 +183,12 @@ class _Compute:
             return None
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
-        out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        try:
+            out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+        except NonFinite:  # a NaN/Inf input reached a count
+            if self.check_finite:
+                check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
+            return None  # --allow-nonfinite: the plain kernels merge it
         bad = stats.pop("_nonfinite", None)
         if out is not None and self.check_finite and bad and any(bad):
             check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
@@ -247,10 +253,11 @@ class _Compute:
             if n:
                 ensure_finite(self.plan, ref, t.cpu(), rows=(r0, r0 + t.shape[0]))
 
-    def fused_chunk_apply(self, job: TensorJob, state, params: ParamSet, weights, out_dtype):
+    def fused_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype):
         """A per-chunk fused apply (offset, base, xs) -> (out, squared task-vector norms or None) for linear /
-        task_arithmetic / ties, or None when the fused kernels do not apply."""
-        from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
+        task_arithmetic / ties, or None when the fused kernels do not apply. For ties, the exact thresholds
+        and tie cutoffs are found first, over the chunks (fused_methods.select_thresholds)."""
+        from merge_cli.fused_methods import FUSED_METHODS, run_ties, select_thresholds, whole
 
         if not (self.fused and job.method in FUSED_METHODS):
             return None
@@ -265,28 +272,48 @@ class _Compute:
             return elementwise
         if params.merge_func not in ("mean", "sum"):
             return None
-        numel = job.numel
-        keep_nothing = Threshold(math.inf, 0, 0, 0)
+        models = self.plan.models
+        per_row = job.numel // job.shape[0]
 
-        def threshold(i: int, d: float) -> Threshold | None:
-            k = int(d * numel)
-            if d >= 1.0 or k >= numel:
-                return None  # keep everything
-            return keep_nothing if k <= 0 else state["thresholds"][i]
+        def read(ref, r0: int, r1: int) -> torch.Tensor:
+            return models[ref.model].checkpoint.read_rows(ref.name, r0, r1).reshape(-1)
+
+        def samples(i: int) -> torch.Tensor:  # whole rows at a fixed stride, about SAMPLE entries
+            step = max(1, job.shape[0] * per_row // SAMPLE // per_row)
+            picked = range(0, job.shape[0], step)
+            b = torch.cat([read(job.base, r, r + 1) for r in picked]).to(torch.float32)
+            x = torch.cat([read(job.inputs[i], r, r + 1) for r in picked]).to(torch.float32)
+            return (x - b).abs()
+
+        def region(i: int, g0: int, g1: int):
+            r0, r1 = g0 // per_row, -(-g1 // per_row)
+            lo, hi = g0 - r0 * per_row, g1 - r0 * per_row
+            return read(job.base, r0, r1)[lo:hi], read(job.inputs[i], r0, r1)[lo:hi]
+
+        try:
+            ts, cuts = select_thresholds(
+                job.numel,
+                params.density,
+                samples,
+                lambda: self.chunks(job, rows, raw=True, check=False),
+                region,
+            )
+        except NonFinite:  # a NaN/Inf input reached a count
+            if self.check_finite:
+                for _ in self.chunks(job, rows, raw=True):  # names the model, tensor and rows, and raises
+                    pass
+            return None  # --allow-nonfinite: the plain streamed kernels merge it
 
         def apply(offset, b, xs):
-            bf = b.to(torch.float32)
-            ts, cuts = [], []
-            for i, (x, d) in enumerate(zip(xs, params.density)):
-                t = threshold(i, d)
-                a = None if t is None or t.keep_all_equal else (x.to(torch.float32) - bf).abs()
-                cuts.append(cutoff(t, a, state["seen"][i], offset, b.numel()))
-                if a is not None:
-                    state["seen"][i] += int((a == t.value).sum())
-                ts.append(t)
-            out, kept, touched, conflict, bad, sq = run_ties(
-                b, xs, weights, params, out_dtype, ts, cuts, offset
-            )
+            try:
+                out, kept, touched, conflict, bad, sq = run_ties(
+                    b, xs, weights, params, out_dtype, ts, cuts, offset
+                )
+            except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly
+                self.check_counts(job, [1] * (len(xs) + 1), offset, b, xs)
+                raise MergeCliError(
+                    f"tensor '{job.name}': NaN/Inf values met in the merge; run again with --fused off"
+                ) from None
             self.check_counts(job, bad, offset, b, xs)
             st = state["stats"]
             for i, k in enumerate(kept):
@@ -328,14 +355,15 @@ class _Compute:
         }
         st = spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
-        for p in range(st.passes if st else 0):
+        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype)
+        passes = st.passes if st and fused_apply is None else 0
+        for p in range(passes):
             for offset, b, xs in self.chunks(job, rows, check=p == 0):
                 ctx.offset = offset
                 st.gather(state, p, b, xs, params, ctx)
             st.end_pass(state, p)
         sq = [0.0] * len(job.inputs)
-        fused_apply = self.fused_chunk_apply(job, state, params, weights, out_dtype)
-        first = not (st and st.passes)  # the first pass over the rows checks them for NaN/Inf
+        first = not passes  # the first pass over the rows checks them for NaN/Inf
         # the fused kernels count NaN/Inf in the same loop, so their rows need no separate check
         for offset, b, xs in self.chunks(
             job, rows, raw=fused_apply is not None, check=first and fused_apply is None

@@ -98,10 +98,22 @@ def _below(thr: float) -> float:
     return float(torch.nextafter(t, torch.tensor(-math.inf)))
 
 
+class NonFinite(Exception):
+    """A NaN/Inf reached a count: the caller names the input that holds it (or, when non-finite inputs are
+    allowed, merges this tensor with the plain kernels)."""
+
+
+def _int(v: torch.Tensor) -> int:
+    f = float(v)
+    if not math.isfinite(f):
+        raise NonFinite
+    return int(f)
+
+
 def _count_sign(s: torch.Tensor) -> tuple[int, int]:
     """For s with entries in {-1, 0, 1}: (how many are 1, how many are -1); exact (integer fp32 sums)."""
-    total, nonzero = float(s.sum()), float(torch.dot(s, s))
-    return int(nonzero + total) // 2, int(nonzero - total) // 2
+    total, nonzero = _int(s.sum()), _int(torch.dot(s, s))
+    return (nonzero + total) // 2, (nonzero - total) // 2
 
 
 def ties(
@@ -149,7 +161,7 @@ def ties(
                     index = torch.arange(g0, g1, dtype=torch.int64)
                     t.mul_((at > thr[i]) | ((at == thr[i]) & (index < cutoff[i])))
             torch.sign(t, out=a)
-            kept[i] += int(float(torch.dot(a, a)))  # nonzero entries
+            kept[i] += _int(torch.dot(a, a))  # nonzero entries
             torch.mul(t, w[i], out=wt)
             if i == 0:
                 total.copy_(wt if weighted else t)
@@ -210,16 +222,7 @@ def band_counts(base, x, lo: float, hi: float, gather: bool):
     return above, per_block, vals, idxs
 
 
-def equal_position(base, x, value: float, block_counts: list[int], nth: int) -> int:
-    """Flat index just past the nth (1-based) entry with |x - base| == value, given each block's count of
-    such entries."""
-    fb, fx = _flat(base), _flat(x)
-    seen = 0
-    for b, c in enumerate(block_counts):
-        if seen + c >= nth:
-            s, e = b * BLOCK, min(fb.numel(), (b + 1) * BLOCK)
-            a = (fx[s:e].to(torch.float32) - fb[s:e].to(torch.float32)).abs()
-            at = torch.nonzero(a == value).squeeze(1)
-            return s + int(at[nth - seen - 1]) + 1
-        seen += c
-    raise AssertionError("threshold-equal entries miscounted")
+def nth_equal(base, x, value: float, nth: int) -> int:
+    """Position of the nth (1-based) entry with |x - base| == value in these flat tensors."""
+    a = (x.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)).abs()
+    return int(torch.nonzero(a == value).squeeze(1)[nth - 1])

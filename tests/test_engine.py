@@ -253,15 +253,17 @@ def test_blocked_kernels_equal_eager_across_block_boundaries(
                     )
 
 
+@pytest.mark.parametrize("miss", [False, True])
 @pytest.mark.parametrize("quantised", [False, True])
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.77])
-def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density):
+def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density, miss):
     """The blocked selection (sample bracket + one counting pass) finds the same threshold and tie cutoff as
     a plain sort: keeping |tau| > value plus the first take_equal equal entries gives exactly the top k."""
-    from merge_cli import fused
-    from merge_cli.fused_methods import select
+    from merge_cli import fused, fused_methods
 
     monkeypatch.setattr(fused, "BLOCK", 1000)
+    if miss:  # a bracket that misses the threshold: the radix fallback must give the same answer
+        monkeypatch.setattr(fused_methods, "bracket", lambda sample, k, n: (5.0, 6.0))
     g = torch.Generator().manual_seed(3)
     base = torch.randn(70_000, generator=g).bfloat16()
     if quantised:
@@ -270,7 +272,7 @@ def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density):
         x = (base.float() + 0.01 * torch.randn(base.shape, generator=g)).bfloat16()
     a = (x.float() - base.float()).abs()
     k = int(density * a.numel())
-    t, cut = select(base, x, k)
+    (t,), (cut,) = fused_methods.ties_thresholds(base, [x], [density])
     # independent: a stable descending sort; the k-th value and the index order of equal entries
     order = torch.sort(-a, stable=True).indices
     kth = float(a[order[k - 1]])
@@ -279,3 +281,19 @@ def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density):
     keep[order[:k]] = True
     mine = (a > t.value) | ((a == t.value) & (torch.arange(a.numel()) < cut))
     assert torch.equal(mine, keep)
+
+
+def test_chunked_ties_with_a_missed_bracket_is_still_exact(tmp_path, monkeypatch):
+    """Row-chunked TIES whose sample bracket misses every threshold (forced): the radix fallback and the
+    recount give the eager result bit for bit."""
+    from merge_cli import fused, fused_methods
+
+    m = _quantised_models(tmp_path)
+    recipe = _recipe(tmp_path, m, "ties", "{density: 0.35}", "{}")
+    ref, _, _ = _merge(tmp_path, recipe, "eager", max_memory=1 << 30, fused="off")
+    monkeypatch.setattr(fused, "BLOCK", 3000)
+    monkeypatch.setattr(fused_methods, "bracket", lambda sample, k, n: (-2.0, -1.0))
+    got, _, res = _merge(tmp_path, recipe, "chunked", max_memory=600_000, fused="on")
+    assert res.engine.chunked == ["model.embed_tokens.weight"]
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
