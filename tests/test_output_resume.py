@@ -59,8 +59,8 @@ def fill_disk_after(monkeypatch, nbytes: int) -> None:
     budget = [nbytes]
     real_init = writer_mod._HashingFile.__init__
 
-    def init(self, path):
-        real_init(self, path)
+    def init(self, path, *args):
+        real_init(self, path, *args)
         self.f = FaultyFile(self.f, budget)
 
     monkeypatch.setattr(writer_mod._HashingFile, "__init__", init)

@@ -7,6 +7,8 @@ through os.pread into private buffers, so mapped file pages never pile up in the
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import json
 import math
 import os
@@ -22,6 +24,9 @@ from merge_cli.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+
+MAP_MIN_BYTES = 1 << 20  # tensors from this size up are mapped, smaller ones read
+_MADV_POPULATE_READ = 22  # Linux 5.14+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -141,10 +146,14 @@ class SafetensorsFile:
                     ) from None
             return self._fd
 
-    def read_bytes(self, start: int, nbytes: int) -> bytearray:
+    def read_bytes(self, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes [start, start + nbytes) of the file, read straight into a new uint8 tensor (torch's
+        allocator: uninitialised, and on huge pages where enabled, so no page is touched twice)."""
         fd = self._open()
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes == 0:
+            return buf
+        view = memoryview((ctypes.c_char * nbytes).from_address(buf.data_ptr())).cast("B")
         got = 0
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], start + got)
@@ -166,8 +175,29 @@ class SafetensorsFile:
             buf = self.read_bytes(info.start, info.nbytes)
             return _from_buffer(buf, dtype).reshape(())
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-        buf = self.read_bytes(info.start + row_start * row_bytes, (row_stop - row_start) * row_bytes)
+        start, nbytes = info.start + row_start * row_bytes, (row_stop - row_start) * row_bytes
+        buf = self.map_bytes(start, nbytes) if nbytes >= MAP_MIN_BYTES else self.read_bytes(start, nbytes)
         return _from_buffer(buf, dtype).reshape((row_stop - row_start, *info.shape[1:]))
+
+    def map_bytes(self, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes [start, start + nbytes) of the file as a uint8 tensor over a private mapping of just that
+        range: no copy (the page cache's pages are mapped), and the mapping goes away with the tensor, so
+        mapped pages count in RSS only while the tensor lives. Writes stay private (copy on write). The page
+        tables are filled here (MADV_POPULATE_READ), so the reader thread, not the kernels, pays for them."""
+        fd = self._open()
+        lead = start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(
+                fd, nbytes + lead, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start - lead,
+            )  # fmt: skip
+        except (OSError, ValueError):
+            return self.read_bytes(start, nbytes)
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except OSError:  # older kernels: pages fault in on first touch instead
+            pass
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=lead)
 
     def close(self) -> None:
         with self._lock:
@@ -176,9 +206,9 @@ class SafetensorsFile:
                 self._fd = None
 
 
-def _from_buffer(buf: bytearray, dtype: torch.dtype) -> torch.Tensor:
-    if len(buf) == 0:
+def _from_buffer(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if buf.numel() == 0:
         return torch.empty(0, dtype=dtype)
     if dtype == torch.bool:
-        return torch.frombuffer(buf, dtype=torch.uint8).to(torch.bool)
-    return torch.frombuffer(buf, dtype=dtype)
+        return buf.to(torch.bool)
+    return buf.view(dtype)

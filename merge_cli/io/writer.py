@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,14 +72,33 @@ def shard_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
 
 
 class _HashingFile:
-    def __init__(self, path: Path):
+    """A file written sequentially whose sha256 is computed on a helper thread, beside the writes (hashing
+    costs about as much as writing; hashlib releases the GIL, so the two overlap on two cores)."""
+
+    PENDING_CAP = 256 << 20  # bytes written but not yet hashed
+
+    def __init__(self, path: Path, size: int | None = None):
         self.path = path
         try:
             self.f = open(path, "wb")  # noqa: SIM115
+            if size:  # reserve the extents up front: the kernel then has no block allocation per write
+                os.posix_fallocate(self.f.fileno(), 0, size)
         except OSError as e:
             raise write_failed(path, e) from None
         self.sha = hashlib.sha256()
         self.size = 0
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._hasher = threading.Thread(target=self._hash_loop, name="merge-cli-hash", daemon=True)
+        self._hasher.start()
+
+    def _hash_loop(self) -> None:
+        while (mv := self._todo.get()) is not None:
+            self.sha.update(mv)
+            with self._cond:
+                self._pending -= len(mv)
+                self._cond.notify_all()
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
@@ -85,10 +106,19 @@ class _HashingFile:
             self.f.write(mv)
         except OSError as e:
             raise write_failed(self.path, e) from None
-        self.sha.update(mv)
+        with self._cond:
+            while self._pending and self._pending + len(mv) > self.PENDING_CAP:
+                self._cond.wait()
+            self._pending += len(mv)
+        self._todo.put(mv)  # the view keeps the data alive until hashed
         self.size += len(mv)
 
+    def _stop_hasher(self) -> None:
+        self._todo.put(None)
+        self._hasher.join()
+
     def close(self) -> tuple[str, int]:
+        self._stop_hasher()
         try:
             self.f.flush()
             os.fsync(self.f.fileno())
@@ -99,6 +129,7 @@ class _HashingFile:
 
     def discard(self) -> None:
         """Close and delete an unfinished file."""
+        self._stop_hasher()
         try:
             self.f.close()
         except OSError:
@@ -146,8 +177,9 @@ class ShardedWriter:
             self._shard += 1
         self._pos = 0
         fname, entries = self.shards[self._shard]
-        self._file = _HashingFile(self.tmp / fname)
-        self._file.write(shard_header(entries, {"format": "pt"}))
+        header = shard_header(entries, {"format": "pt"})
+        self._file = _HashingFile(self.tmp / fname, len(header) + sum(e[3] for e in entries))
+        self._file.write(header)
         if not entries:
             self._close_shard()
 
