@@ -8,9 +8,9 @@ through os.pread into private buffers, so mapped file pages never pile up in the
 from __future__ import annotations
 
 import ctypes
-import mmap
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -27,6 +27,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 MAP_MIN_BYTES = 1 << 20  # tensors from this size up are mapped, smaller ones read
 _MADV_POPULATE_READ = 22  # Linux 5.14+
+
 
 @dataclass(frozen=True)
 class TensorInfo:
