@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from merge_cli import fused
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.finite import check_finite_inputs, ensure_finite
@@ -184,7 +185,10 @@ class _Compute:
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
         try:
-            out = whole(job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats)
+            out = whole(
+                job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats,
+                _ctx(self.plan, job, self.device),
+            )  # fmt: skip
         except NonFinite:  # a NaN/Inf input reached a count
             if self.check_finite:
                 check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
@@ -254,14 +258,22 @@ class _Compute:
                 ensure_finite(self.plan, ref, t.cpu(), rows=(r0, r0 + t.shape[0]))
 
     def fused_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype):
-        """A per-chunk fused apply (offset, base, xs) -> (out, squared task-vector norms or None) for linear /
-        task_arithmetic / ties, or None when the fused kernels do not apply. For ties, the exact thresholds
-        and tie cutoffs are found first, over the chunks (fused_methods.select_thresholds)."""
-        from merge_cli.fused_methods import FUSED_METHODS, run_ties, select_thresholds, whole
+        """A per-chunk blocked apply (offset, base, xs) -> (out, squared task-vector norms or None), or None
+        when the blocked kernels do not apply. For ties, dare_* and breadcrumbs*, what needs the whole
+        tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
+        from merge_cli.fused_methods import (
+            applies,
+            counts_for,
+            gta_sparsify,
+            run_gta,
+            select_thresholds,
+            trims,
+            whole,
+        )  # fmt: skip
 
-        if not (self.fused and job.method in FUSED_METHODS):
+        if not (self.fused and applies(job.method, params)):
             return None
-        if job.method != "ties":
+        if job.method in ("linear", "task_arithmetic"):
 
             def elementwise(offset, b, xs):
                 st: dict[str, Any] = {}
@@ -270,8 +282,6 @@ class _Compute:
                 return out, st.get("_sqnorms")
 
             return elementwise
-        if params.merge_func not in ("mean", "sum"):
-            return None
         models = self.plan.models
         per_row = job.numel // job.shape[0]
 
@@ -290,14 +300,13 @@ class _Compute:
             lo, hi = g0 - r0 * per_row, g1 - r0 * per_row
             return read(job.base, r0, r1)[lo:hi], read(job.inputs[i], r0, r1)[lo:hi]
 
+        views = (samples, lambda: self.chunks(job, rows, raw=True, check=False), region)
+        ctx = _ctx(self.plan, job, self.device)
         try:
-            ts, cuts = select_thresholds(
-                job.numel,
-                params.density,
-                samples,
-                lambda: self.chunks(job, rows, raw=True, check=False),
-                region,
-            )
+            if job.method == "ties":
+                steps = trims(*select_thresholds(job.numel, counts_for(job.numel, params.density), *views))
+            else:
+                steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views)
         except NonFinite:  # a NaN/Inf input reached a count
             if self.check_finite:
                 for _ in self.chunks(job, rows, raw=True):  # names the model, tensor and rows, and raises
@@ -306,20 +315,27 @@ class _Compute:
 
         def apply(offset, b, xs):
             try:
-                out, kept, touched, conflict, bad, sq = run_ties(
-                    b, xs, weights, params, out_dtype, ts, cuts, offset
-                )
+                if job.method == "ties":
+                    res = fused.consensus(
+                        b, xs, steps, offset, [float(w) for w in weights], float(params.lambda_),
+                        bool(params.weighted_election), params.merge_func == "mean", out_dtype,
+                    )  # fmt: skip
+                else:
+                    res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset)
             except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly
                 self.check_counts(job, [1] * (len(xs) + 1), offset, b, xs)
                 raise MergeCliError(
                     f"tensor '{job.name}': NaN/Inf values met in the merge; run again with --fused off"
                 ) from None
+            out, kept, touched, conflict, bad, sq = res
             self.check_counts(job, bad, offset, b, xs)
             st = state["stats"]
+            st["numel"] = job.numel
             for i, k in enumerate(kept):
                 st["kept"][i] += k
-            st["touched"] += touched
-            st["conflict"] += conflict
+            if touched is not None:
+                st["touched"] += touched
+                st["conflict"] += conflict
             return out, sq
 
         return apply

@@ -16,7 +16,7 @@ the inputs counted exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -116,16 +116,75 @@ def _count_sign(s: torch.Tensor) -> tuple[int, int]:
     return (nonzero + total) // 2, (nonzero - total) // 2
 
 
-def ties(
-    base, xs: list[torch.Tensor], thr: list[float | None], cutoff: list[int], offset: int,
-    w: list[float], lam: float, weighted: bool, mean: bool, out_dtype: torch.dtype,
+Sparsify = Callable[[torch.Tensor, int, int], None]  # (fp32 block of tau, flat start, flat end): in place
+
+
+def trim(thr: float, cutoff: int) -> Sparsify:
+    """TIES trim: keep |t| > thr, and |t| == thr at flat index < cutoff (hardshrink off the cutoff block)."""
+    below = _below(thr)
+
+    def run(t: torch.Tensor, g0: int, g1: int) -> None:
+        if cutoff >= g1:  # every threshold-equal entry of the block is kept
+            t.copy_(torch.hardshrink(t, below, out=_buf("trim")[: t.numel()]))
+        elif cutoff <= g0:  # none is
+            t.copy_(torch.hardshrink(t, thr, out=_buf("trim")[: t.numel()]))
+        else:  # the quota of equal entries ends inside this block
+            a = t.abs()
+            index = torch.arange(g0, g1, dtype=torch.int64)
+            t.mul_((a > thr) | ((a == thr) & (index < cutoff)))
+
+    return run
+
+
+def band(hi: Sparsify, top: Sparsify) -> Sparsify:
+    """Breadcrumbs band: the entries `hi` keeps minus those `top` keeps (t_hi - t_top: exact)."""
+
+    def run(t: torch.Tensor, g0: int, g1: int) -> None:
+        t_top = _buf("top")[: t.numel()].copy_(t)
+        top(t_top, g0, g1)
+        hi(t, g0, g1)
+        t.sub_(t_top)
+
+    return run
+
+
+def keep_below(
+    uniform: Callable[[int, int], torch.Tensor],
+    density: float,
+    mul: float | None = None,
+    div: float | None = None,
+) -> Sparsify:
+    """DARE: keep t where u < density (u = uniform(g0, g1): the method's own seeded draws), then rescale as
+    the plain kernel does: (t * m) * mul (L1 factor) or (t * m) / div (1 / keep probability)."""
+
+    def run(t: torch.Tensor, g0: int, g1: int) -> None:
+        m = torch.sub(uniform(g0, g1), density, out=_buf("mask")[: t.numel()])  # < 0 where u < density
+        t.mul_(m.sign_().neg_().clamp_min_(0))
+        if mul is not None:
+            t.mul_(mul)
+        if div is not None:
+            t.div_(div)
+
+    return run
+
+
+def negate(t: torch.Tensor, g0: int, g1: int) -> None:
+    t.neg_()
+
+
+def consensus(
+    base, xs: list[torch.Tensor], sparsify: list[list[Sparsify]], offset: int, w: list[float], lam: float,
+    weighted: bool, mean: bool, out_dtype: torch.dtype,
 ):  # fmt: skip
-    """TIES given each model's threshold (None: keep all): keep |tau| > thr, and |tau| == thr at flat index
-    (offset + position) < cutoff. Returns (output, kept count per model, touched count, sign-conflict count,
+    """TIES election and disjoint merge of the sparsified task vectors: for each model, tau = x - base goes
+    through its sparsify steps (trim, band, random drop, ...), then the elected sign (of sum_i w_i tau_i,
+    or of sum_i tau_i unless weighted; 0 -> +) keeps the agreeing entries, merged as sum_i w_i tau_i over
+    the agreeing ones (divided by sum_i w_i over them when mean; 0 -> 1). `offset`: the flat index of this
+    chunk's first element. Returns (output, kept count per model, touched count, sign-conflict count,
     NaN/Inf counts of [base, *xs], squared norm of each task vector).
 
-    Only float arithmetic on the hot path (bool masks are several times slower on CPU): trimming is
-    hardshrink (t where |t| > thr, else 0), masks are sign() values in {-1, 0, 1} and {0, 1}."""
+    Only float arithmetic on the hot path (bool masks are several times slower on CPU): masks are sign()
+    values in {-1, 0, 1} and {0, 1}."""
     fb, flat = _flat(base), [_flat(x) for x in xs]
     n, m = fb.numel(), len(xs)
     out = torch.empty(n, dtype=out_dtype)
@@ -134,7 +193,6 @@ def ties(
     )
     ts_b = [_buf(f"t{i}") for i in range(m)]
     wt_b = [_buf(f"w{i}") for i in range(m)]
-    below = [None if v is None else _below(v) for v in thr]
     sq = [0.0] * m
     kept = [0] * m
     touched = conflict = 0
@@ -148,18 +206,8 @@ def ties(
             t, wt = ts_b[i][:k], wt_b[i][:k]
             t.copy_(flat[i][s:e]).sub_(bb)
             sq[i] += float(torch.dot(t, t))
-            if thr[i] is not None:
-                g0, g1 = offset + s, offset + e
-                if cutoff[i] >= g1:  # every threshold-equal entry of the block is kept
-                    torch.hardshrink(t, below[i], out=wt)
-                    t.copy_(wt)
-                elif cutoff[i] <= g0:  # none is
-                    torch.hardshrink(t, thr[i], out=wt)
-                    t.copy_(wt)
-                else:  # the quota of equal entries ends inside this block
-                    at = t.abs()
-                    index = torch.arange(g0, g1, dtype=torch.int64)
-                    t.mul_((at > thr[i]) | ((at == thr[i]) & (index < cutoff[i])))
+            for step in sparsify[i]:
+                step(t, offset + s, offset + e)
             torch.sign(t, out=a)
             kept[i] += _int(torch.dot(a, a))  # nonzero entries
             torch.mul(t, w[i], out=wt)
@@ -192,6 +240,63 @@ def ties(
         out[s:e].copy_(num.add_(bb))
     bad = [0] * (m + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
     return out.reshape(base.shape), kept, touched, conflict, bad, sq
+
+
+def sparse_sum(
+    base, xs: list[torch.Tensor], sparsify: list[list[Sparsify]], offset: int, w: list[float], lam: float,
+    divisor: float, out_dtype: torch.dtype,
+):  # fmt: skip
+    """base + lam * (sum_i w_i sparsify_i(x_i - base)) / divisor, the no-consensus form (dare_linear,
+    breadcrumbs). Returns (output, kept count per model, NaN/Inf counts of [base, *xs], squared norms)."""
+    fb, flat = _flat(base), [_flat(x) for x in xs]
+    n, m = fb.numel(), len(xs)
+    out = torch.empty(n, dtype=out_dtype)
+    bb_b, a_b, acc_b, t_b = _buf("base"), _buf("abs"), _buf("acc"), _buf("t0")
+    sq = [0.0] * m
+    kept = [0] * m
+    for s, e in _blocks(n):
+        k = e - s
+        bb, a, acc, t = bb_b[:k], a_b[:k], acc_b[:k], t_b[:k]
+        bb.copy_(fb[s:e])
+        for i in range(m):
+            t.copy_(flat[i][s:e]).sub_(bb)
+            sq[i] += float(torch.dot(t, t))
+            for step in sparsify[i]:
+                step(t, offset + s, offset + e)
+            kept[i] += _int(torch.dot(torch.sign(t, out=a), a))
+            t.mul_(w[i])
+            if i == 0:
+                acc.copy_(t)
+            else:
+                acc.add_(t)
+        if divisor != 1.0:
+            acc.div_(divisor)
+        if lam != 1.0:
+            acc.mul_(lam)
+        out[s:e].copy_(acc.add_(bb))
+    bad = [0] * (m + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    return out.reshape(base.shape), kept, bad, sq
+
+
+def l1_sums(
+    base, xs: list[torch.Tensor], sparsify: list[list[Sparsify]], offset: int
+) -> list[tuple[float, float]]:
+    """Per model: (||tau||_1, ||sparsify(tau)||_1) summed in float64, for the L1 rescale (one pass)."""
+    fb, flat = _flat(base), [_flat(x) for x in xs]
+    n = fb.numel()
+    bb_b, t_b = _buf("base"), _buf("t0")
+    sums = [[0.0, 0.0] for _ in xs]
+    for s, e in _blocks(n):
+        k = e - s
+        bb, t = bb_b[:k], t_b[:k]
+        bb.copy_(fb[s:e])
+        for i in range(len(xs)):
+            t.copy_(flat[i][s:e]).sub_(bb)
+            sums[i][0] += float(torch.sum(t.abs(), dtype=torch.float64))
+            for step in sparsify[i]:
+                step(t, offset + s, offset + e)
+            sums[i][1] += float(torch.sum(t.abs_(), dtype=torch.float64))
+    return [(a, b) for a, b in sums]
 
 
 def band_counts(base, x, lo: float, hi: float, gather: bool):

@@ -15,9 +15,18 @@ import torch
 
 from merge_cli import fused
 from merge_cli.methods import ParamSet
+from merge_cli.methods.base import RNG_BLOCK
 from merge_cli.methods.selection import SAMPLE, StreamingTopK, Threshold, bracket, finish_threshold
 
-FUSED_METHODS = ("linear", "task_arithmetic", "ties")
+FUSED_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+)
 
 
 def run_linear(base, xs, weights, p: ParamSet, out_dtype):
@@ -35,74 +44,80 @@ Chunks = Callable[[], Iterable[tuple[int, torch.Tensor, list[torch.Tensor]]]]
 Region = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+def counts_for(n: int, densities) -> list[int | None]:
+    """TIES' top-k counts: None keeps everything (density >= 1), else int(density * n)."""
+    return [None if d >= 1.0 or int(d * n) >= n else int(d * n) for d in densities]
+
+
 def select_thresholds(
-    n: int, densities, samples: Callable[[int], torch.Tensor], chunks: Chunks, region: Region
-) -> tuple[list[Threshold | None], list[int]]:
-    """Per model i: the exact top-k threshold of |x_i - base| (k = int(density * n); None keeps all) and
-    the flat-index cutoff of its tie quota (entries equal to the threshold are kept below it).
+    n: int, ks: list[int | None], samples: Callable[[int], torch.Tensor], chunks: Chunks, region: Region,
+    which: list[int] | None = None,
+) -> tuple[list[Threshold | None], list[int]]:  # fmt: skip
+    """Per selection j: the exact top-ks[j] threshold of |x - base| for x = xs[which[j]] (default: xs[j];
+    None: keep all) and the flat-index cutoff of its tie quota (entries equal to the threshold are kept
+    below it).
 
     The tensor is seen through `chunks()` ((flat offset, base, xs) in order: one whole chunk, or rows),
-    `samples(i)` (a sample of |x_i - base| that brackets each threshold) and `region(i, g0, g1)` (base and
-    x_i over the flat range [g0, g1)). One blocked pass counts, per model, the entries above the bracket
-    and those inside it per block; with quantised bf16 deltas the bracket usually collapses onto the
-    threshold value itself and the counts are the answer, else the in-band values are gathered. A bracket
-    that misses (rare) costs a radix selection (two passes) and one more counting pass: always exact."""
+    `samples(i)` (a sample of |xs[i] - base| that brackets each threshold) and `region(i, g0, g1)` (base
+    and xs[i] over the flat range [g0, g1)). One blocked pass counts, per selection, the entries above the
+    bracket and those inside it per block; with quantised bf16 deltas the bracket usually collapses onto
+    the threshold value itself and the counts are the answer, else the in-band values are gathered. A
+    bracket that misses (rare) costs a radix selection (two passes) and one more counting pass: always exact."""
+    which = list(range(len(ks))) if which is None else which
     ts: list[Threshold | None] = []
-    cuts = [n] * len(densities)
+    cuts = [n] * len(ks)
     todo: dict[int, tuple[float, float]] = {}
-    for i, d in enumerate(densities):
-        k = int(d * n)
-        if d >= 1.0 or k >= n:
+    for j, k in enumerate(ks):
+        if k is None or k >= n:
             ts.append(None)
         elif k <= 0:
             ts.append(Threshold(math.inf, 0, 0, 0))
         else:
             ts.append(None)
-            todo[i] = bracket(samples(i), k, n)
+            todo[j] = bracket(samples(which[j]), k, n)
     while todo:
-        found = _count_pass(n, todo, densities, chunks)
+        found = _count_pass(n, todo, ks, which, chunks)
         todo = {}
-        for i, (t, blocks, cut) in found.items():
-            k = int(densities[i] * n)
+        for j, (t, blocks, cut) in found.items():
             if t is None:  # the bracket missed: radix-select the value, then count its ties
-                value = _radix_value(i, k, n, chunks)
-                todo[i] = (value, value)
+                value = _radix_value(which[j], ks[j], n, chunks)
+                todo[j] = (value, value)
                 continue
-            ts[i] = t
+            ts[j] = t
             if not t.keep_all_equal:
-                cuts[i] = cut if cut is not None else _equal_cutoff(i, t, blocks, region)
+                cuts[j] = cut if cut is not None else _equal_cutoff(which[j], t, blocks, region)
     return ts, cuts
 
 
-def _count_pass(n: int, todo: dict[int, tuple[float, float]], densities, chunks: Chunks) -> dict:
-    acc = {i: [0, [], [], []] for i in todo}  # above, blocks (g0, g1, in-band), values, flat indices
+def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks: Chunks) -> dict:
+    acc = {j: [0, [], [], []] for j in todo}  # above, blocks (g0, g1, in-band), values, flat indices
     for offset, b, xs in chunks():
-        for i, (lo, hi) in todo.items():
-            above, per_block, vals, idxs = fused.band_counts(b, xs[i], lo, hi, gather=lo != hi)
-            a = acc[i]
+        for j, (lo, hi) in todo.items():
+            above, per_block, vals, idxs = fused.band_counts(b, xs[which[j]], lo, hi, gather=lo != hi)
+            a = acc[j]
             a[0] += above
             size = b.numel()
             a[1] += [
-                (offset + j * fused.BLOCK, offset + min(size, (j + 1) * fused.BLOCK), c)
-                for j, c in enumerate(per_block)
+                (offset + q * fused.BLOCK, offset + min(size, (q + 1) * fused.BLOCK), c)
+                for q, c in enumerate(per_block)
             ]
             a[2] += vals
             a[3] += [ix + offset for ix in idxs]
     out = {}
-    for i, (lo, hi) in todo.items():
-        above, blocks, vals, idxs = acc[i]
-        k = int(densities[i] * n)
+    for j, (lo, hi) in todo.items():
+        above, blocks, vals, idxs = acc[j]
+        k = ks[j]
         in_band = sum(c for _, _, c in blocks)
         if lo == hi:
             t = Threshold(lo, above, k - above, in_band) if above < k <= above + in_band else None
-            out[i] = (t, blocks, None)
+            out[j] = (t, blocks, None)
             continue
         cands = torch.cat(vals) if vals else torch.empty(0)
         t = finish_threshold(cands, above, k)
         cut = None
         if t is not None and not t.keep_all_equal:
             cut = int(torch.cat(idxs)[cands == t.value][t.take_equal - 1]) + 1
-        out[i] = (t, blocks, cut)
+        out[j] = (t, blocks, cut)
     return out
 
 
@@ -127,8 +142,8 @@ def _radix_value(i: int, k: int, n: int, chunks: Chunks) -> float:
     return sel.result().value
 
 
-def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[int]]:
-    """select_thresholds for whole tensors (samples: a fixed stride through the flat tensor)."""
+def whole_views(base, xs):
+    """(samples, chunks, region) of select_thresholds for whole tensors (samples: a fixed flat stride)."""
     n = base.numel()
     fb = base.reshape(-1)
     step = max(1, n // SAMPLE)
@@ -139,19 +154,133 @@ def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[i
     def region(i: int, g0: int, g1: int):
         return fb[g0:g1], xs[i].reshape(-1)[g0:g1]
 
-    return select_thresholds(n, densities, samples, lambda: [(0, base, xs)], region)
+    return samples, (lambda: [(0, base, xs)]), region
+
+
+def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[int]]:
+    return select_thresholds(base.numel(), counts_for(base.numel(), densities), *whole_views(base, xs))
+
+
+def trims(thresholds, cutoffs) -> list[list[fused.Sparsify]]:
+    return [[] if t is None else [fused.trim(t.value, c)] for t, c in zip(thresholds, cutoffs)]
 
 
 def run_ties(base, xs, weights, p: ParamSet, out_dtype, thresholds, cutoffs, offset: int = 0):
-    return fused.ties(
-        base, xs, [None if t is None else t.value for t in thresholds], list(cutoffs), offset,
-        [float(w) for w in weights], float(p.lambda_), bool(p.weighted_election), p.merge_func == "mean",
-        out_dtype,
+    return fused.consensus(
+        base, xs, trims(thresholds, cutoffs), offset, [float(w) for w in weights], float(p.lambda_),
+        bool(p.weighted_election), p.merge_func == "mean", out_dtype,
     )  # fmt: skip
 
 
-def applies(method: str, p: ParamSet) -> bool:
-    return method in ("linear", "task_arithmetic") or (method == "ties" and p.merge_func in ("mean", "sum"))
+# -- the generalized task arithmetic family (gta.py): dare_*, breadcrumbs* ----------------------------
+GTA_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
+
+
+class _Draws:
+    """ctx.uniform's draws of model i by flat range, one RNG block generated at a time (cached)."""
+
+    def __init__(self, ctx, i: int, total: int):
+        self.ctx, self.i, self.total = ctx, i, total
+        self.block, self.u = -1, None
+
+    def _get(self, b: int) -> torch.Tensor:
+        if b != self.block:
+            self.block, self.u = b, self.ctx.uniform_block(self.i, b, self.total)
+        return self.u
+
+    def __call__(self, g0: int, g1: int) -> torch.Tensor:
+        b0, b1 = g0 // RNG_BLOCK, (g1 - 1) // RNG_BLOCK
+        if b0 == b1:
+            return self._get(b0)[g0 - b0 * RNG_BLOCK : g1 - b0 * RNG_BLOCK]
+        parts = []
+        for b in range(b0, b1 + 1):
+            lo, hi = max(g0, b * RNG_BLOCK), min(g1, (b + 1) * RNG_BLOCK)
+            parts.append(self._get(b)[lo - b * RNG_BLOCK : hi - b * RNG_BLOCK])
+        return torch.cat(parts)
+
+
+def gta_applies(method: str, p: ParamSet) -> bool:
+    if method.startswith("dare_"):
+        return getattr(p, "trim_density", 1.0) >= 1.0  # MergeLM's extra trim runs on the plain kernels
+    return method.startswith("breadcrumbs") and p.granularity == "tensor"
+
+
+def gta_sparsify(method: str, p: ParamSet, n: int, m: int, ctx, views) -> list[list[fused.Sparsify]]:
+    """Each model's sparsify steps for a tensor of n elements seen through views = (samples, chunks,
+    region): DARE's seeded drop and rescale (the L1 factor takes one counting pass), or Breadcrumbs'
+    magnitude band (two exact selections per model, in one pass). Negative weights flip the task vector
+    for the consensus (gta.combine's sign(w_i) tau_i with weight |w_i|)."""
+    from merge_cli.methods.breadcrumbs import band_counts
+    from merge_cli.methods.gta import l1_factor
+
+    steps: list[list[fused.Sparsify]] = [[] for _ in range(m)]
+    if method.startswith("dare_"):
+        how = getattr(p, "rescale", "none")
+        for i in range(m):
+            d = float(p.density[i])
+            if d < 1.0:
+                draws = _Draws(ctx, i, n)
+                div = d if how == "inv_p" and d > 0 else None
+                steps[i] = [fused.keep_below(draws, d, div=div)]
+                if how == "inv_p" and d <= 0:
+                    steps[i] = [fused.keep_below(draws, 0.0)]
+        if how == "l1":
+            samples, chunks, region = views
+            sums = [[0.0, 0.0] for _ in range(m)]
+            for offset, b, xs in chunks():
+                for i, (a, c) in enumerate(fused.l1_sums(b, xs, steps, offset)):
+                    sums[i][0] += a
+                    sums[i][1] += c
+            for i in range(m):
+                factor = l1_factor(*sums[i]) if steps[i] else None
+                if steps[i] and factor is not None:
+                    steps[i] = [fused.keep_below(_Draws(ctx, i, n), float(p.density[i]), mul=factor)]
+    else:
+        ks: list[int | None] = []
+        which: list[int] = []
+        for i in range(m):
+            if p.density[i] < 1.0:
+                k_hi, k_top = band_counts(n, p.density[i], p.gamma[i])
+                ks += [k_hi if k_hi < n else None, k_top]
+                which += [i, i]
+        ts, cuts = select_thresholds(n, ks, *views, which=which)
+        j = 0
+        for i in range(m):
+            if p.density[i] < 1.0:
+                hi, top = (trims(ts[j : j + 2], cuts[j : j + 2]) + [[]])[:2]
+                steps[i] = [fused.band(_chain(hi), _chain(top))]
+                j += 2
+    return steps
+
+
+def _chain(steps: list[fused.Sparsify]) -> fused.Sparsify:
+    def run(t, g0, g1):
+        for s in steps:
+            s(t, g0, g1)
+
+    return run
+
+
+def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
+    """(output, kept per model, touched, conflict, NaN/Inf counts, squared norms) of a GTA-family chunk."""
+    w = [float(x) for x in weights]
+    if method.endswith("_ties"):
+        flipped = [s + [fused.negate] if wi < 0 else s for s, wi in zip(steps, w)]
+        return fused.consensus(
+            base,
+            xs,
+            flipped,
+            offset,
+            [abs(x) for x in w],
+            float(p.lambda_),
+            True,
+            bool(p.normalize),
+            out_dtype,
+        )
+    tot = sum(w)
+    divisor = (tot if abs(tot) >= 1e-8 else 1.0) if p.normalize else 1.0
+    out, kept, bad, sq = fused.sparse_sum(base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype)
+    return out, kept, None, None, bad, sq
 
 
 def _out(res, stats: dict[str, Any]):
@@ -164,22 +293,37 @@ def _out(res, stats: dict[str, Any]):
     return out
 
 
-def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any]):
-    """One whole tensor through its fused kernel; None if the kernel is unavailable or does not apply.
-    stats['_nonfinite'] receives the NaN/Inf count of each input ([base] + xs when there is a base), and
-    stats['_sqnorms'] the squared norm of each task vector when there is a base."""
+def _merge_stats(stats: dict[str, Any], res, n: int) -> torch.Tensor:
+    out, kept, touched, conflict, bad, sq = res
+    stats["_nonfinite"] = bad
+    stats["_sqnorms"] = sq
+    stats["kept_fraction"] = [k / n for k in kept]
+    if touched is not None:
+        stats["sign_conflict_rate"] = conflict / max(touched, 1)
+    return out
+
+
+def applies(method: str, p: ParamSet) -> bool:
+    if method == "ties":
+        return p.merge_func in ("mean", "sum")
+    if method in GTA_METHODS:
+        return gta_applies(method, p)
+    return method in FUSED_METHODS
+
+
+def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any], ctx=None):
+    """One whole tensor through its blocked kernel; None if the kernel does not apply. stats['_nonfinite']
+    receives the NaN/Inf count of each input ([base] + xs when there is a base), stats['_sqnorms'] the
+    squared norm of each task vector when there is a base, and the methods' own statistics. ctx: the
+    tensor's TensorCtx (the seeded draws of dare_*)."""
+    if not applies(method, p):
+        return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype), stats)
     if method == "task_arithmetic":
         return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
-    if method == "ties" and p.merge_func in ("mean", "sum"):
-        out, kept, touched, conflict, bad, sq = run_ties(
-            base, xs, weights, p, out_dtype, *ties_thresholds(base, xs, p.density)
-        )
-        stats["_nonfinite"] = bad
-        stats["_sqnorms"] = sq
-        n = base.numel()
-        stats["kept_fraction"] = [k / n for k in kept]
-        stats["sign_conflict_rate"] = conflict / max(touched, 1)
-        return out
-    return None
+    if method == "ties":
+        res = run_ties(base, xs, weights, p, out_dtype, *ties_thresholds(base, xs, p.density))
+        return _merge_stats(stats, res, base.numel())
+    steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs))
+    return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps), base.numel())

@@ -222,6 +222,32 @@ def _quantised_models(tmp_path):
         ("ties", ["{density: 0.6}", "{density: 0.6}", "{density: 0.6}"], "{weighted_election: false}"),
         ("linear", ["{weight: 0.2}", "{weight: 0.5}", "{weight: 0.3}"], "{}"),
         ("task_arithmetic", ["{weight: 0.5}", "{weight: -0.25}", "{weight: 1.0}"], "{lambda: 0.7}"),
+        (
+            "dare_ties",
+            ["{density: 0.3}", "{density: 0.5, weight: 0.7}", "{density: 1.0, weight: -0.4}"],
+            "{rescale: l1, trim_density: 1.0, normalize: false}",
+        ),
+        (
+            "dare_ties",
+            ["{density: 0.3}", "{density: 0.6}", "{density: 0.0}"],
+            "{trim_density: 1.0, lambda: 0.8}",
+        ),
+        ("dare_linear", ["{density: 0.3}", "{density: 0.5, weight: 0.7}", "{density: 0.9}"], "{rescale: l1}"),
+        (
+            "dare_linear",
+            ["{density: 0.2}", "{density: 0.5}", "{density: 0.9}"],
+            "{rescale: none, normalize: true}",
+        ),
+        (
+            "breadcrumbs_ties",
+            ["{density: 0.3, gamma: 0.01}", "{density: 0.5, weight: -0.7}", "{density: 0.9, gamma: 0.1}"],
+            "{granularity: tensor, normalize: true}",
+        ),
+        (
+            "breadcrumbs",
+            ["{density: 0.3, gamma: 0.01}", "{density: 1.0}", "{density: 0.9, gamma: 0.0}"],
+            "{granularity: tensor, lambda: 0.9}",
+        ),
     ],
 )
 @pytest.mark.parametrize("block", [777, 4096])

@@ -96,6 +96,11 @@ class TensorCtx:
         g.manual_seed(seed_for(self.seed, self.name if block == 0 else f"{self.name}#{block}", model_index))
         return g
 
+    def uniform_block(self, model_index: int, block: int, total: int) -> torch.Tensor:
+        """The draws of flat positions [block * RNG_BLOCK, ...) of a tensor of `total` elements (CPU)."""
+        size = min(RNG_BLOCK, total - block * RNG_BLOCK)
+        return torch.rand(size, generator=self.generator(model_index, block), dtype=torch.float32)
+
     def uniform(self, model_index: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform [0, 1) draws for the elements of this tensor (or chunk), made on the CPU in fixed blocks of
         RNG_BLOCK elements seeded by their position, so they are bitwise the same on every device, in any
@@ -106,9 +111,8 @@ class TensorCtx:
         start, stop = self.offset, self.offset + n
         parts = []
         for b in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1 if n else 0):
-            size = min(RNG_BLOCK, total - b * RNG_BLOCK)
-            block = torch.rand(size, generator=self.generator(model_index, b), dtype=torch.float32)
-            lo, hi = max(start - b * RNG_BLOCK, 0), min(stop - b * RNG_BLOCK, size)
+            block = self.uniform_block(model_index, b, total)
+            lo, hi = max(start - b * RNG_BLOCK, 0), min(stop - b * RNG_BLOCK, block.numel())
             parts.append(block[lo:hi])
         u = torch.cat(parts) if parts else torch.empty(0)
         return u.reshape(shape).to(self.device)
