@@ -1,7 +1,8 @@
 """Arcee Fusion (mergekit `arcee_fusion`): take the other model's update only where it matters most.
 
     d = theta1 - theta0
-    KL_row = sum_j softmax(theta1)_j (log softmax(theta1)_j - log softmax(theta0)_j)   (over the last dim)
+    KL_row = sum_j softmax(theta1)_j (log softmax(theta1)_j - log softmax(theta0)_j)   (over the last dim,
+             in float64: the KL of two nearly equal rows is ~1e-6 and fp32 would lose most of its digits)
     importance = |d| * KL_row                        (each entry times the KL of its row)
     threshold = median(importance) + 1.5 IQR(importance)
     theta = theta0 + [importance >= threshold] * d
@@ -77,13 +78,15 @@ def quantile(x: torch.Tensor, q: float) -> float:
 
 
 def importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """|d| times the KL divergence of each row (softmax over the last dim); KL clamped >= 0 against rounding."""
+    """|d| times the KL divergence of each row (softmax over the last dim), the KL evaluated in float64 and
+    clamped >= 0 against rounding. In fp32 the KL of two nearly equal rows (~1e-6) would lose most of its
+    digits: each log-softmax carries an error of about one ulp of its log-sum-exp (~5e-7)."""
     if base.dim() == 0:
         return torch.zeros_like(base)
-    logp = torch.log_softmax(other, dim=-1)
-    logq = torch.log_softmax(base, dim=-1)
+    logp = torch.log_softmax(other.double(), dim=-1)
+    logq = torch.log_softmax(base.double(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(dim=-1, keepdim=True).clamp_min(0.0)
-    return (other - base).abs() * kl
+    return (other - base).abs() * kl.to(other.dtype)
 
 
 MK_EPS = 1e-8  # mergekit adds this to both softmax outputs
