@@ -9,8 +9,8 @@ in its own virtual environment, `.venv-mergekit/`, see mergekit_env.py) and thro
   dtype at that magnitude; flips = elements further apart. Pass: >= 99.99 % and the same tensor names
   ("1 ulp", or "bitwise"), or else >= 99.99 % within 4 ulps at the magnitude of the inputs ("rounding":
   slerp-like formulas whose sin/arccos coefficients numpy and torch round differently, see compare_exact).
-  When the two tools write a tensor in different dtypes (mergekit's arcee_fusion writes float32 under
-  `dtype: bfloat16`), both are rounded to the coarser dtype first and the row is marked (‡).
+  When the two tools write a tensor in different dtypes (mergekit's arcee_fusion and ramplus_tl write
+  float32 under `dtype: bfloat16`), both are rounded to the coarser dtype first and the row is marked (‡).
 - random methods (DARE/DELLA: different random generators by design): per tensor, the kept fraction
   (elements that differ from the base) and the norm of the merged delta; pass when the kept fractions
   agree within 5 sampling standard deviations and the delta norms within 2 %.

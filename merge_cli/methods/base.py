@@ -60,7 +60,7 @@ def numerics_param(exact: str, mergekit: str) -> Any:
     """The `numerics` parameter of a method with an exact and a mergekit-compatible evaluation."""
     return Field(
         "exact",
-        description=f"exact: {exact}; mergekit: {mergekit} (the default of mergekit-format recipes)",
+        description=f"exact: {exact}; mergekit (the default of mergekit-format recipes): {mergekit}",
     )
 
 
