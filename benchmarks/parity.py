@@ -9,6 +9,8 @@ in its own virtual environment, `.venv-mergekit/`, see mergekit_env.py) and thro
   dtype at that magnitude; flips = elements further apart. Pass: >= 99.99 % and the same tensor names
   ("1 ulp", or "bitwise"), or else >= 99.99 % within 4 ulps at the magnitude of the inputs ("rounding":
   slerp-like formulas whose sin/arccos coefficients numpy and torch round differently, see compare_exact).
+  When the two tools write a tensor in different dtypes (mergekit's arcee_fusion and ramplus_tl write
+  float32 under `dtype: bfloat16`), both are rounded to the coarser dtype first and the row is marked (‡).
 - random methods (DARE/DELLA: different random generators by design): per tensor, the kept fraction
   (elements that differ from the base) and the norm of the merged delta; pass when the kept fractions
   agree within 5 sampling standard deviations and the delta norms within 2 %.
@@ -350,11 +352,16 @@ def compare_exact(a: dict, b: dict, inputs: list[dict]) -> dict:
     are much larger than its result (slerp coefficients from sin/arccos, cancellation) differ by that much."""
     total = close = close_in = close_in4 = 0
     worst, worst_name, worst_in = 0.0, "", 0.0
+    dtypes: set[str] = set()
     for name in sorted(set(a) & set(b)):
         x, y = a[name], b[name]
         if x.shape != y.shape:
             return {"error": f"{name}: shape {list(x.shape)} vs {list(y.shape)}"}
         dt = x.dtype
+        if x.dtype != y.dtype:  # compared in the coarser dtype, both rounded to it (reported in the row)
+            dtypes.add(f"mergekit {str(x.dtype)[6:]}, merge-cli {str(y.dtype)[6:]}")
+            dt = min(x.dtype, y.dtype, key=lambda d: MANTISSA.get(d, 23))
+            x, y = x.to(dt), y.to(dt)
         xf, yf = x.float(), y.float()
         both_nan = torch.isnan(xf) & torch.isnan(yf)
         diff = torch.nan_to_num((xf - yf).abs(), nan=float("inf"))
@@ -375,7 +382,7 @@ def compare_exact(a: dict, b: dict, inputs: list[dict]) -> dict:
     strict, rounding = close / n >= 0.9999, close_in4 / n >= 0.9999
     return {"elements": total, "flips": total - close, "agree": close / n, "agree_input_scale": close_in / n,
             "agree_input_scale_4ulp": close_in4 / n, "max_ulps_input_scale": worst_in, "max_abs_diff": worst,
-            "worst_tensor": worst_name, "pass": total > 0 and (strict or rounding),
+            "worst_tensor": worst_name, "pass": total > 0 and (strict or rounding), "dtypes": sorted(dtypes),
             "kind": "bitwise" if total == close and worst == 0 else ("1 ulp" if strict else "rounding")}  # fmt: skip
 
 
@@ -454,6 +461,10 @@ def compare(row: dict, mk_out: Path, mc_out: Path, paths: dict, text: str) -> di
         return {"status": f"tensor names differ ({len(only)}, e.g. {only[0]})"}
     used = [load_dir(p) for k, p in paths.items() if "{" + k + "}" in text]
     row.update(compare_random(a, b, load_dir(paths["B"])) if rnd else compare_exact(a, b, used))
+    if row.get("dtypes"):
+        row["note"] = (
+            "output dtypes differ (" + "; ".join(row["dtypes"]) + "): compared after rounding to the coarser"
+        )
     if not row.get("pass"):
         row["status"] = "FAIL: " + row.get("error", "numbers differ")
     elif rnd:
@@ -477,7 +488,10 @@ def table(rows: list[dict]) -> str:
         elif "tensors" in r:
             m = f"mergekit {r['kept_mergekit']:.4f}, merge-cli {r['kept_merge_cli']:.4f} (worst tensor {r['worst_kept_sigma']:.1f} sd)"
             x = f"{100 * r['worst_norm_rel']:.2f} % (worst tensor)"
-        out.append(f"| {r['dtype']} | {r['case']} | {r['method']} | {r['status']} | {m} | {s} | {x} |")
+        status = r["status"] + (" ‡" if r.get("note") else "")
+        out.append(f"| {r['dtype']} | {r['case']} | {r['method']} | {status} | {m} | {s} | {x} |")
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    out += [""] + [f"‡ {n}" for n in notes] if notes else []
     return "\n".join(out)
 
 

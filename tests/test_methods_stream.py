@@ -55,6 +55,10 @@ CASES = [
     ("sce", {"select_topk": 0.3}),
     ("multislerp", {}),
     ("multislerp", {"normalize_weights": False}),
+    ("slerp", {"t": 0.3, "numerics": "mergekit"}),
+    ("arcee_fusion", {"numerics": "mergekit"}),
+    ("karcher", {"numerics": "mergekit"}),
+    ("multislerp", {"numerics": "mergekit"}),
 ]
 
 
@@ -79,6 +83,10 @@ def test_chunked_equals_whole(models, tmp_path, method, params):
         assert torch.equal(a != 0, b != 0)
     if method in ("ram", "ramplus_tl", "nearswap", "breadcrumbs", "breadcrumbs_ties", "arcee_fusion"):
         assert torch.equal(a, b)
+    elif method in ("karcher", "multislerp") and params.get("numerics") == "mergekit":
+        # chunked: the exact coefficients; whole: mergekit's fp32 arithmetic, whose fp32 norms of a
+        # 96,000-element tensor are off by ~1e-5 relative (as mergekit's own)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * float(a.abs().max()))
     else:  # float64 sums (L1 norms, dot products) differ in the last bits between one sum and chunk sums
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     keys = (

@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +48,20 @@ class MethodParams(BaseModel):
 def per_model(default: Any, **kw) -> Any:
     """A parameter given per source model (in `models[].parameters`); a top-level value is the default."""
     return Field(default, json_schema_extra={"per_model": True}, **kw)
+
+
+# How a method evaluates its internal coefficients: "exact" (merge-cli's default: float64, closed forms)
+# or "mergekit" (mergekit 0.1.5's arithmetic: its formula, order and dtype, rounding included). A method
+# that has it sets `mergekit_defaults={"numerics": "mergekit"}`, so mergekit-format recipes get the latter.
+Numerics = Literal["exact", "mergekit"]
+
+
+def numerics_param(exact: str, mergekit: str) -> Any:
+    """The `numerics` parameter of a method with an exact and a mergekit-compatible evaluation."""
+    return Field(
+        "exact",
+        description=f"exact: {exact}; mergekit (the default of mergekit-format recipes): {mergekit}",
+    )
 
 
 class ParamSet:

@@ -12,6 +12,13 @@ Every iterate lies in the span of the u_i, so we iterate on its coefficients (u 
 float64 Gram matrix of the inputs: exact, K-dimensional, and one pass over the tensor (huge tensors are
 merged in row chunks after one pass that sums the Gram matrix). Weights a_i are the per-model `weight`s
 normalised to sum 1 (mergekit: equal weights, the default).
+
+`numerics: mergekit` (the default of mergekit-format recipes) runs the iteration above the way mergekit
+0.1.5 does, on the full tensors in the compute dtype (fp32, or bf16 with `dtype: bfloat16`): unit vectors
+rounded to that dtype, torch.dot products, arccos/sin of 0-dim tensors, the tangent and the exp map
+rounded at every step, norms in fp32, no clamp of sin near antipodes, output (sum_i a_i n_i) * u. Its
+iterates (and so where the tol test stops them) then carry mergekit's rounding. Tensors merged in row
+chunks (too large to merge whole) use the exact coefficient-space iteration either way.
 """
 
 from __future__ import annotations
@@ -21,7 +28,16 @@ import math
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 from merge_cli.methods.model_stock import gram
 
 
@@ -29,6 +45,11 @@ class KarcherParams(MethodParams):
     weight: float = per_model(1.0, ge=0.0, description="relative weight of this model (normalised to sum 1)")
     max_iter: int = Field(10, ge=1, description="maximum Riemannian gradient steps")
     tol: float = Field(1e-5, gt=0.0, description="convergence tolerance and zero-norm threshold")
+    numerics: Numerics = numerics_param(
+        "iterate on coefficients from the float64 Gram matrix",
+        "iterate on the full tensors in the compute dtype as mergekit 0.1.5 does, to match its output bits"
+        " (row-chunked tensors: exact)",
+    )
 
 
 def _check(p: ParamSet, n: int) -> str | None:
@@ -89,7 +110,58 @@ def _combine(xs: list[torch.Tensor], coef: list[float]) -> torch.Tensor:
     return out
 
 
+def karcher_mergekit(
+    tensors: list[torch.Tensor], weights: list[float], max_iter: int, tol: float
+) -> tuple[torch.Tensor, int]:
+    """The Karcher mean with mergekit 0.1.5's arithmetic (numerics: mergekit): (output, steps taken)."""
+    dt = tensors[0].dtype
+    work = torch.float64 if dt == torch.float64 else torch.float32
+    if len(tensors) == 1:
+        return tensors[0].clone(), 0
+    total = sum(weights)
+    a = [w / total for w in weights]
+    norms = [torch.linalg.vector_norm(x.to(work)) for x in tensors]
+    units = [
+        torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(dt)
+        for x, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol and a[i] > 0]
+    if not valid:
+        return torch.zeros_like(tensors[0]), 0
+    va = [a[i] for i in valid]
+    va_sum = sum(va)
+    alphas = [x / va_sum for x in va]
+    us = [units[i] for i in valid]
+    u = torch.zeros_like(us[0])
+    for al, ui in zip(alphas, us, strict=True):
+        u += al * ui
+    un = torch.linalg.vector_norm(u.to(work))
+    u = us[0].clone() if un.item() < tol else (u / un).to(dt)
+    steps = 0
+    for _ in range(max_iter):
+        steps += 1
+        tangent = torch.zeros_like(u)
+        for al, ui in zip(alphas, us, strict=True):
+            c = torch.clamp(torch.dot(u.reshape(-1), ui.reshape(-1)), -1.0, 1.0)
+            phi = torch.arccos(c)
+            if phi.item() < tol:
+                continue
+            tangent += al * (phi / torch.sin(phi)) * (ui - c * u)
+        tn = torch.linalg.vector_norm(tangent.to(work))
+        if tn.item() < tol:
+            break
+        u = (torch.cos(tn) * u + torch.sin(tn) * (tangent / tn)).to(dt)
+        un = torch.linalg.vector_norm(u.to(work))
+        if un.item() > tol:
+            u = (u / un).to(dt)
+    scale = sum(al * n for al, n in zip(a, norms, strict=True))
+    return scale * u, steps
+
+
 def karcher(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    if p.numerics == "mergekit":
+        out, ctx.stats["iterations"] = karcher_mergekit(tensors, list(weights), p.max_iter, p.tol)
+        return out
     coef, steps = karcher_coefficients(flat_gram(tensors), list(weights), p.max_iter, p.tol)
     ctx.stats["iterations"] = steps
     return _combine(tensors, coef)
@@ -128,5 +200,5 @@ SPEC = MethodSpec(
     min_models=2,
     check=_check,
     summary="theta = (sum_i a_i |theta_i|) * argmin_u sum_i a_i d_sphere(u, theta_i/|theta_i|)^2",
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
 )

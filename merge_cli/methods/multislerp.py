@@ -9,6 +9,12 @@ Since m is parallel to sum_i w_i u_i, tau is exactly zero (mergekit computes it 
 the result is the weighted mean direction scaled to the weighted mean norm, computed as sum_i c_i x_i with
 the c_i from the float64 Gram matrix of the inputs (one pass; huge tensors then merge in row chunks).
 When sum_i w_i u_i is ~0 (opposed inputs) it falls back to sum_i w_i x_i.
+
+`numerics: mergekit` (the default of mergekit-format recipes) evaluates the formula above literally, as
+mergekit 0.1.5 does, on the full tensors in the compute dtype (fp32, or bf16 with `dtype: bfloat16`):
+u_i = x_i / (n_i + eps), m, the tangent component tau (rounding noise, not zero) and its exp map, each
+rounded in that dtype. Tensors merged in row chunks (too large to merge whole) use the exact
+coefficients either way.
 """
 
 from __future__ import annotations
@@ -18,7 +24,16 @@ import math
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 from merge_cli.methods.karcher import flat_gram
 
 
@@ -26,6 +41,11 @@ class MultiSlerpParams(MethodParams):
     weight: float = per_model(1.0, ge=0.0, description="weight of this model")
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, gt=0.0, description="norms below this count as zero")
+    numerics: Numerics = numerics_param(
+        "coefficients from the float64 Gram matrix (the tangent term is exactly zero)",
+        "the literal formula on the full tensors in the compute dtype as mergekit 0.1.5 evaluates it,"
+        " to match its output bits (row-chunked tensors: exact)",
+    )
 
 
 def _check(p: ParamSet, n: int) -> str | None:
@@ -60,7 +80,38 @@ def _combine(base, xs: list[torch.Tensor], coef: list[float]) -> torch.Tensor:
     return out
 
 
+def multislerp_mergekit(base, tensors, weights: list[float], normalize: bool, eps: float) -> torch.Tensor:
+    """The literal formula with mergekit 0.1.5's arithmetic, in the tensors' dtype (numerics: mergekit)."""
+    x = torch.stack(tensors)
+    if base is not None:
+        x -= base
+    flat = x.reshape(x.shape[0], -1)
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
+    if normalize:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    m = (units * w.view(-1, 1)).sum(0)
+    m_norm = torch.linalg.vector_norm(m)
+    if m_norm < eps:  # opposed inputs: the weighted sum
+        out = flat[0] * w[0]
+        for k in range(1, len(tensors)):
+            out = out + flat[k] * w[k]
+    else:
+        del flat
+        m = m / m_norm
+        dots = (units * m).sum(-1, keepdim=True)
+        tau = units.sub_(dots * m).mul_(w.view(-1, 1)).sum(0)  # units are not needed any more
+        tau_norm = torch.linalg.vector_norm(tau) + eps
+        out = m * torch.cos(tau_norm) + tau * (torch.sin(tau_norm) / tau_norm)
+        out = out * (norms.squeeze(-1) * w).sum()
+    out = out.reshape(x.shape[1:])
+    return out if base is None else out + base
+
+
 def multislerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    if p.numerics == "mergekit":
+        return multislerp_mergekit(base, list(tensors), list(weights), p.normalize_weights, p.eps)
     xs = _inputs(base, tensors)
     return _combine(base, xs, coefficients(flat_gram(xs), list(weights), p.normalize_weights, p.eps))
 
@@ -93,5 +144,5 @@ SPEC = MethodSpec(
     min_models=2,
     check=_check,
     summary="theta = [theta0 +] normalise(sum_i w_i x_i/|x_i|) * sum_i w_i |x_i|,  x_i = theta_i [- theta0]",
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
 )

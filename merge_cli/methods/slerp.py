@@ -10,6 +10,12 @@ interpolates the task vectors (theta0 + slerp(t, tau_1, tau_2)); without `nusler
 slerp per vector along the last dim, or along dim 0 with `nuslerp_row_wise` (flatten wins over row_wise).
 Norms and dot products are summed in float64 and the two coefficients computed in float64; huge tensors
 are merged in row chunks after one pass that gathers those sums.
+
+slerp `numerics: mergekit` (the default of mergekit-format recipes) evaluates the same formula the way
+mergekit 0.1.5 does, rounding included: everything in fp32 (float64 for float64 inputs), norms as the
+norm of per-2^20-element chunk norms, dot = sum of (v0/|v0|)(v1/|v1|), then arccos, sin and the two
+coefficients in fp32. In row chunks the three sums come from the float64 gathering pass and the
+coefficients are evaluated in fp32 from them.
 """
 
 from __future__ import annotations
@@ -17,10 +23,20 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
+MK_CHUNK = 1 << 20  # mergekit reduces norms and dots over chunks of this many elements
 
 
 def _dims(x: torch.Tensor, mode: str) -> tuple[int, ...]:
@@ -56,14 +72,75 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str = "fla
     return slerp_apply(t, v0, v1, *slerp_sums(v0, v1, mode))
 
 
+def _mk_work(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mk_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot_of) -> tuple[torch.Tensor, ...]:
+    """mergekit's coefficient chain in the work dtype of na: norms <= EPS count as 1, dot = dot_of(na, nb)
+    clamped, lerp above the threshold, else sin((1-t) theta)/sin theta and sin(t theta)/sin theta."""
+    na = torch.where(na > EPS, na, 1)
+    nb = torch.where(nb > EPS, nb, 1)
+    dot = dot_of(na, nb).clamp(-1, 1)
+    lerp = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(lerp, 0, dot))
+    s = torch.sin(theta)
+    tt = torch.full_like(dot, t)
+    c0 = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / s)
+    c1 = torch.where(lerp, tt, torch.sin(tt * theta) / s)
+    return c0, c1
+
+
+def slerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Slerp of the whole flattened tensors with mergekit 0.1.5's arithmetic (numerics: mergekit)."""
+    work = _mk_work(v0.dtype)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    n = a.shape[1]
+    if n == 0:
+        return v0.clone()
+    spans = [(s, min(s + MK_CHUNK, n)) for s in range(0, n, MK_CHUNK)]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # the norm of the chunk norms
+        parts = [torch.linalg.vector_norm(x[:, i:j].to(work), dim=1, keepdim=True) for i, j in spans]
+        return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+    def dot(na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:  # normalised before multiplying
+        parts = [
+            ((a[:, i:j].to(work) / na) * (b[:, i:j].to(work) / nb)).sum(dim=1, keepdim=True) for i, j in spans
+        ]
+        return torch.stack(parts).sum(dim=0)
+
+    c0, c1 = _mk_coefficients(t, norm(a), norm(b), dot)
+    return (c0 * a.to(work) + c1 * b.to(work)).reshape(v0.shape).to(v0.dtype)
+
+
+def slerp_mergekit_from_sums(t: float, a: torch.Tensor, b: torch.Tensor, aa, bb, ab) -> torch.Tensor:
+    """numerics: mergekit in row chunks: the float64 sums of the gathering pass, the coefficients in fp32."""
+    work = _mk_work(a.dtype)
+    na, nb = aa.sqrt().to(work), bb.sqrt().to(work)
+    c0, c1 = _mk_coefficients(t, na, nb, lambda x, y: ab.to(work) / x / y)
+    return (c0 * a.to(work) + c1 * b.to(work)).to(a.dtype)
+
+
 class SlerpParams(MethodParams):
     t: float = Field(
         0.5, ge=0.0, le=1.0, description="interpolation position: 0 = base model, 1 = the other model"
     )
+    numerics: Numerics = numerics_param(
+        "norms, dot and coefficients in float64",
+        "mergekit 0.1.5's fp32 evaluation (chunked norms, fp32 arccos/sin), to match its output bits",
+    )
 
 
 def slerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    if p.numerics == "mergekit":
+        return slerp_mergekit(p.t, base, tensors[0])
     return slerp_vectors(p.t, base, tensors[0])
+
+
+def _slerp_chunk(st, b, xs, w, p, ctx) -> torch.Tensor:
+    apply = slerp_mergekit_from_sums if p.numerics == "mergekit" else slerp_apply
+    return apply(p.t, b, xs[0], *st["sums"])
 
 
 def _accumulate(st: dict, a: torch.Tensor, b: torch.Tensor, mode: str) -> None:
@@ -79,7 +156,7 @@ SLERP_STREAM = Streamed(
     passes=1,
     gather=lambda st, k, b, xs, p, ctx: _accumulate(st, b, xs[0], "flat"),
     end_pass=lambda st, k: None,
-    apply=lambda st, b, xs, w, p, ctx: slerp_apply(p.t, b, xs[0], *st["sums"]),
+    apply=_slerp_chunk,
 )
 
 
@@ -142,7 +219,7 @@ SLERP = MethodSpec(
     min_models=1,
     max_models=1,
     summary="theta = sin((1-t) W)/sin W theta0 + sin(t W)/sin W theta1,  cos W = <theta0, theta1>/(|theta0||theta1|)",
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
 )
 
 NUSLERP = MethodSpec(
