@@ -177,7 +177,22 @@ class _Compute:
         self.fused = fused and self.dtype == torch.float32
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
-    def try_fused(self, job: TensorJob, base, inputs, stats) -> torch.Tensor | None:
+    def predraw(self, job: TensorJob):
+        """dare_* draws for a whole-tensor blocked merge, made on the reader thread (fused_methods.predraw)."""
+        if not self.fused or whole_model_job(job):
+            return None
+        from merge_cli.fused_methods import predraw
+
+        return predraw(job.method, _params(job), job.numel, _ctx(self.plan, job, self.device))
+
+    def predraw_bytes(self, job: TensorJob) -> int:
+        if not self.fused or whole_model_job(job):
+            return 0
+        from merge_cli.fused_methods import predraw_bytes
+
+        return predraw_bytes(job.method, _params(job), job.numel)
+
+    def try_fused(self, job: TensorJob, base, inputs, stats, pre=None) -> torch.Tensor | None:
         from merge_cli.fused_methods import FUSED_METHODS, whole
 
         if not (self.fused and job.method in FUSED_METHODS) or whole_model_job(job):
@@ -187,7 +202,7 @@ class _Compute:
         try:
             out = whole(
                 job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats,
-                _ctx(self.plan, job, self.device),
+                _ctx(self.plan, job, self.device), pre,
             )  # fmt: skip
         except NonFinite:  # a NaN/Inf input reached a count
             if self.check_finite:
@@ -216,7 +231,7 @@ class _Compute:
         done.record()
         return host, done
 
-    def whole(self, job: TensorJob, base, inputs) -> tuple[torch.Tensor, dict[str, Any]]:
+    def whole(self, job: TensorJob, base, inputs, pre=None) -> tuple[torch.Tensor, dict[str, Any]]:
         spec = METHODS[job.method]
         out_dtype = ST_TO_TORCH[job.out_dtype]
         stats: dict[str, Any] = {"name": job.name, "method": job.method, "params": report_params(job)}
@@ -224,7 +239,7 @@ class _Compute:
             if self.check_finite:
                 check_finite_inputs(self.plan, job, base, inputs)
             return inputs[0].to(out_dtype), stats
-        out = self.try_fused(job, base, inputs, stats)  # checks NaN/Inf inside the fused loop
+        out = self.try_fused(job, base, inputs, stats, pre)  # checks NaN/Inf inside the fused loop
         if out is not None:
             return self.to_host(out, out_dtype), stats
         if self.check_finite:
@@ -490,12 +505,12 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
             if job.shard in opts.skip_shards:
                 continue
             if id(job) in big:
-                item = (job, 0, None, None)  # the main thread streams it in chunks
+                item = (job, 0, None, None, None)  # the main thread streams it in chunks
             else:
-                n = job_inputs_bytes(plan, job)
+                n = job_inputs_bytes(plan, job) + compute.predraw_bytes(job)
                 if not gate.acquire(n, stop):
                     return
-                item = (job, n, *read_job(plan, job, pin=compute.cuda))
+                item = (job, n, *read_job(plan, job, pin=compute.cuda), compute.predraw(job))
             if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)
@@ -537,7 +552,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 continue
             if item is _DONE:
                 break
-            job, held, base, inputs = item
+            job, held, base, inputs, pre = item
             if inputs is None:
                 per_row = working_bytes(plan, job) / job.shape[0]
                 rows = max(1, int((budget // 4) / per_row))
@@ -546,8 +561,8 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
                 )
                 result.chunked.append(job.name)
             else:
-                out, stats = compute.whole(job, base, inputs)
-                del base, inputs
+                out, stats = compute.whole(job, base, inputs, pre)
+                del base, inputs, pre
                 gate.release(held)
                 put(write_q, (job.name, out))
                 del out

@@ -179,11 +179,14 @@ GTA_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 class _Draws:
     """ctx.uniform's draws of model i by flat range, one RNG block generated at a time (cached)."""
 
-    def __init__(self, ctx, i: int, total: int):
+    def __init__(self, ctx, i: int, total: int, pre: dict[int, torch.Tensor] | None = None):
         self.ctx, self.i, self.total = ctx, i, total
         self.block, self.u = -1, None
+        self.pre = pre or {}  # blocks drawn ahead of time (the reader thread's predraw)
 
     def _get(self, b: int) -> torch.Tensor:
+        if b in self.pre:
+            return self.pre[b]
         if b != self.block:
             self.block, self.u = b, self.ctx.uniform_block(self.i, b, self.total)
         return self.u
@@ -205,7 +208,34 @@ def gta_applies(method: str, p: ParamSet) -> bool:
     return method.startswith("breadcrumbs") and p.granularity == "tensor"
 
 
-def gta_sparsify(method: str, p: ParamSet, n: int, m: int, ctx, views) -> list[list[fused.Sparsify]]:
+def predraw(method: str, p: ParamSet, n: int, ctx) -> dict[int, dict[int, torch.Tensor]] | None:
+    """All of ctx.uniform's blocks a whole-tensor dare_* merge will use, by model: drawn on the reader
+    thread (the CPU generator is sequential, the costliest part of DARE), ahead of the merge."""
+    if not (method.startswith("dare_") and gta_applies(method, p)):
+        return None
+    blocks = range(-(-n // RNG_BLOCK))
+    return {
+        i: {b: ctx.uniform_block(i, b, n) for b in blocks}
+        for i in range(len(p.density))
+        if p.density[i] < 1.0
+    }
+
+
+def predraw_bytes(method: str, p: ParamSet, n: int) -> int:
+    if not (method.startswith("dare_") and gta_applies(method, p)):
+        return 0
+    return 4 * n * sum(1 for d in p.density if d < 1.0)
+
+
+def gta_sparsify(
+    method: str,
+    p: ParamSet,
+    n: int,
+    m: int,
+    ctx,
+    views,
+    pre: dict[int, dict[int, torch.Tensor]] | None = None,
+) -> list[list[fused.Sparsify]]:
     """Each model's sparsify steps for a tensor of n elements seen through views = (samples, chunks,
     region): DARE's seeded drop and rescale (the L1 factor takes one counting pass), or Breadcrumbs'
     magnitude band (two exact selections per model, in one pass). Negative weights flip the task vector
@@ -219,7 +249,7 @@ def gta_sparsify(method: str, p: ParamSet, n: int, m: int, ctx, views) -> list[l
         for i in range(m):
             d = float(p.density[i])
             if d < 1.0:
-                draws = _Draws(ctx, i, n)
+                draws = _Draws(ctx, i, n, (pre or {}).get(i))
                 div = d if how == "inv_p" and d > 0 else None
                 steps[i] = [fused.keep_below(draws, d, div=div)]
                 if how == "inv_p" and d <= 0:
@@ -234,7 +264,8 @@ def gta_sparsify(method: str, p: ParamSet, n: int, m: int, ctx, views) -> list[l
             for i in range(m):
                 factor = l1_factor(*sums[i]) if steps[i] else None
                 if steps[i] and factor is not None:
-                    steps[i] = [fused.keep_below(_Draws(ctx, i, n), float(p.density[i]), mul=factor)]
+                    draws = _Draws(ctx, i, n, (pre or {}).get(i))
+                    steps[i] = [fused.keep_below(draws, float(p.density[i]), mul=factor)]
     else:
         ks: list[int | None] = []
         which: list[int] = []
@@ -311,11 +342,11 @@ def applies(method: str, p: ParamSet) -> bool:
     return method in FUSED_METHODS
 
 
-def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any], ctx=None):
+def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any], ctx=None, pre=None):
     """One whole tensor through its blocked kernel; None if the kernel does not apply. stats['_nonfinite']
     receives the NaN/Inf count of each input ([base] + xs when there is a base), stats['_sqnorms'] the
     squared norm of each task vector when there is a base, and the methods' own statistics. ctx: the
-    tensor's TensorCtx (the seeded draws of dare_*)."""
+    tensor's TensorCtx (the seeded draws of dare_*); pre: those draws, made ahead (predraw)."""
     if not applies(method, p):
         return None
     if method == "linear":
@@ -325,5 +356,5 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
     if method == "ties":
         res = run_ties(base, xs, weights, p, out_dtype, *ties_thresholds(base, xs, p.density))
         return _merge_stats(stats, res, base.numel())
-    steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs))
+    steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs), pre)
     return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps), base.numel())
