@@ -304,8 +304,7 @@ class _Compute:
             return models[ref.model].checkpoint.read_rows(ref.name, r0, r1).reshape(-1)
 
         def samples(i: int) -> torch.Tensor:  # whole rows at a fixed stride, about SAMPLE entries
-            step = max(1, job.shape[0] * per_row // SAMPLE // per_row)
-            picked = range(0, job.shape[0], step)
+            picked = range(0, job.shape[0], max(1, job.shape[0] // max(1, SAMPLE // per_row)))
             b = torch.cat([read(job.base, r, r + 1) for r in picked]).to(torch.float32)
             x = torch.cat([read(job.inputs[i], r, r + 1) for r in picked]).to(torch.float32)
             return (x - b).abs()
