@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -151,7 +152,11 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     out_dir: Path = typer.Argument(..., help="Output folder (created; must not exist unless --overwrite)."),
     device: str = typer.Option("auto", help="Compute device: auto (CUDA when present), cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch compute threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Torch compute threads (default: 1 when every tensor runs on the blocked CPU kernels, else all cores).",
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an existing output folder (only once the new one is complete)."
     ),
@@ -359,6 +364,10 @@ from merge_cli import cli_hub  # noqa: E402,F401 - registers lock, push and chec
 
 
 def main() -> None:
+    # Idle OpenMP workers sleep instead of spinning (read before torch loads libgomp): a spinning worker
+    # takes the core the reader/writer threads need, and a descheduled one stalls every op (tested: a
+    # 2-thread linear merge on a busy 2-core machine went from 7 s to 145 s without this).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -428,6 +428,16 @@ def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
     return mode != "off" and device.type == "cpu"
 
 
+def all_blocked(plan: MergePlan) -> bool:
+    """Does every job run on the blocked CPU kernels (fused.py) or as a plain copy?"""
+    from merge_cli.fused_methods import applies
+
+    return all(
+        (applies(j.method, _params(j)) and not whole_model_job(j)) or _bitwise_copy(METHODS[j.method], j)
+        for j in plan.jobs
+    )
+
+
 class _Gate:
     """Bounds the bytes read ahead but not yet merged (one job always passes)."""
 
@@ -464,14 +474,25 @@ class _Worker(threading.Thread):
 
 
 def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | None = None) -> EngineResult:
-    opts = options or EngineOptions()
+    threads = torch.get_num_threads()
+    try:
+        return _run_merge(plan, writer, options or EngineOptions())
+    finally:
+        torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
+
+
+def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> EngineResult:
     device = resolve_device(opts.device)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     _return_freed_memory()
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
     compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    elif compute.fused and all_blocked(plan):
+        # The blocked kernels run one op per ~1 MB block: splitting each op over threads costs more in
+        # wake-ups than it gains, and the other cores serve the reader, writer and hasher threads.
+        torch.set_num_threads(1)
     compute.check_finite = not opts.allow_nonfinite
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
     big = {
