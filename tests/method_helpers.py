@@ -43,10 +43,13 @@ def check_error(name, n, per_model=None, **glob):
 
 
 def uniform_draws(seed: int, tensor: str, index: int, shape) -> torch.Tensor:
-    """The documented draw contract, re-derived independently: sha256(seed, name, index) seeds a CPU generator."""
+    """The documented draw contract, re-derived independently (tensors under 2^20 elements: one block):
+    sha256(seed, name, index) seeds numpy's PCG64, which draws float32 uniforms."""
+    import numpy as np
+
     digest = hashlib.sha256(f"{seed}\x00{tensor}\x00{index}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.rand(tuple(shape), generator=g, dtype=torch.float32)
+    g = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
+    return torch.from_numpy(g.random(int(np.prod(shape)), dtype=np.float32)).reshape(tuple(shape))
 
 
 def t(*rows) -> torch.Tensor:

@@ -192,11 +192,11 @@ class SafetensorsFile:
                 fd, nbytes + lead, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=start - lead,
             )  # fmt: skip
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # e.g. past the end of a truncated file: pread says so
             return self.read_bytes(start, nbytes)
         try:
             mm.madvise(_MADV_POPULATE_READ)
-        except OSError:  # older kernels: pages fault in on first touch instead
+        except (OSError, AttributeError):  # older kernels: pages fault in on first touch instead
             pass
         return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=lead)
 

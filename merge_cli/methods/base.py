@@ -104,16 +104,15 @@ class TensorCtx:
     offset: int = 0
     shape: tuple[int, ...] | None = None
 
-    def generator(self, model_index: int, block: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, tensor name, model index, block): order- and device-independent."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed(seed_for(self.seed, self.name if block == 0 else f"{self.name}#{block}", model_index))
-        return g
-
     def uniform_block(self, model_index: int, block: int, total: int) -> torch.Tensor:
-        """The draws of flat positions [block * RNG_BLOCK, ...) of a tensor of `total` elements (CPU)."""
+        """The draws of flat positions [block * RNG_BLOCK, ...) of a tensor of `total` elements (CPU): float32
+        uniforms from numpy's PCG64 seeded by seed_for(seed, name or name#block, model index). PCG64 makes
+        them about twice as fast as torch's CPU generator, and numpy releases the GIL while it draws."""
+        import numpy as np
+
         size = min(RNG_BLOCK, total - block * RNG_BLOCK)
-        return torch.rand(size, generator=self.generator(model_index, block), dtype=torch.float32)
+        key = seed_for(self.seed, self.name if block == 0 else f"{self.name}#{block}", model_index)
+        return torch.from_numpy(np.random.Generator(np.random.PCG64(key)).random(size, dtype=np.float32))
 
     def uniform(self, model_index: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform [0, 1) draws for the elements of this tensor (or chunk), made on the CPU in fixed blocks of
