@@ -28,7 +28,12 @@ from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.selection import Threshold
 from merge_cli.plan import MergePlan, TensorJob, report_params
-from merge_cli.stats_pass import run_stats_passes, whole_model_job
+from merge_cli.stats_pass import (
+    run_stats_passes,
+    whole_model_chunkable,
+    whole_model_job,
+    whole_model_streamed,
+)
 
 _DONE = object()
 
@@ -128,7 +133,8 @@ def working_bytes(plan: MergePlan, job: TensorJob) -> int:
 
 
 def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
-    if whole_model_job(job):  # merged whole, against its whole-model statistics (stats_pass.py)
+    # whole-model jobs merge against statistics gathered beforehand (stats_pass.py): in chunks if they can
+    if whole_model_job(job) and not whole_model_chunkable(job):
         return False
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
@@ -254,7 +260,7 @@ class _Compute:
         from merge_cli import fused
         from merge_cli.fused_methods import FUSED_METHODS, cutoff, run_ties, whole
 
-        if not (self.fused and job.method in FUSED_METHODS and fused.available()):
+        if not (self.fused and job.method in FUSED_METHODS and fused.available()) or whole_model_job(job):
             return None
         if job.method != "ties":
 
@@ -329,7 +335,7 @@ class _Compute:
             "params": report_params(job),
             "chunked": True,
         }
-        st = spec.streamed
+        st = whole_model_streamed(job) if whole_model_job(job) else spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
         for p in range(st.passes if st else 0):
             for offset, b, xs in self.chunks(job, rows, check=p == 0):
@@ -437,7 +443,7 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
     start = time.perf_counter()
     # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
     plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
-        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
+        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass, budget=budget
     )
     result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
     stop = threading.Event()
