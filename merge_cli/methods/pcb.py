@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
-from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats, colsum, gathered, step_elements
+from merge_cli.methods.wholemodel import CHUNK, RadixSelect, WholeModelStats, colsum, gathered, step_elements
 
 
 class PcbParams(MethodParams):
@@ -183,7 +183,8 @@ class PcbStats(WholeModelStats):
     def gather(self, base, tensors, params, ctx) -> None:
         n = base.numel()
         flat_b = base.reshape(-1)
-        step = step_elements(len(tensors), base.element_size())
+        # rounds 0-1 work on one task row at a time: steps of CHUNK; rounds 2-3 on all N rows at once
+        step = CHUNK if self.round < 2 else step_elements(len(tensors), base.element_size())
         for s in range(0, n, step):
             e = min(s + step, n)
             if self.round < 2:

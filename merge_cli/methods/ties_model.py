@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
-from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats, colsum, step_elements
+from merge_cli.methods.wholemodel import CHUNK, RadixSelect, WholeModelStats, colsum, step_elements
 
 
 def trim_rank(d: int, density: float, exact: bool) -> int | None:
@@ -99,7 +99,8 @@ class TiesModelStats(WholeModelStats):
         n, stage = base.numel(), self.keys[self.round]
         if self._taken is None:  # the first piece of a tensor
             self._taken, self._eq = [0] * len(tensors), [0] * len(tensors)
-        step = step_elements(len(tensors), base.element_size())
+        # one task row at a time (steps of CHUNK) but in the sign stage, which stacks the N rows
+        step = step_elements(len(tensors), base.element_size()) if stage == "sign" else CHUNK
         for s in range(0, n, step):
             e = min(s + step, n)
             b = base.reshape(-1)[s:e]
