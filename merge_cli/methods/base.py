@@ -89,6 +89,9 @@ class TensorCtx:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. whole-model statistics from a first pass
     offset: int = 0
     shape: tuple[int, ...] | None = None
+    # the kernel holds the only references to `tensors` (wholemodel.gathered): it may overwrite them in
+    # place or drop them from the list once used, to lower its peak memory (base stays untouched)
+    owns_inputs: bool = False
 
     def generator(self, model_index: int, block: int = 0) -> torch.Generator:
         """A CPU generator seeded by (recipe seed, tensor name, model index, block): order- and device-independent."""

@@ -227,31 +227,37 @@ def job_params(job: TensorJob) -> ParamSet:
 
 def gathered(kernel) -> Streamed:
     """A Streamed form for kernels that need the whole tensor at once (an SVD, per-tensor quantiles): one
-    pass collects the row chunks, then apply runs the kernel once on the whole tensor and returns each
-    chunk's part of the output. It meets the engine's row-chunk contract with the same result as the whole
-    path; it holds the whole tensors, so it saves no memory."""
+    pass copies the row chunks into whole tensors (allocated once), then apply runs the kernel once on the
+    whole tensors and returns each chunk's part of the output. It meets the engine's row-chunk contract
+    with the same result as the whole path; it holds the whole tensors, so it saves little memory. The
+    kernel gets the only references to them, so it can let each input go once it has used it."""
 
     def init(p, ctx, n_models):
-        return {"b": [], "xs": [[] for _ in range(n_models)], "out": None, "stats": {}}
+        return {"b": None, "xs": [None] * n_models, "out": None, "stats": {}}
+
+    def _put(whole, chunk, ctx):
+        if whole is None:
+            whole = torch.empty(ctx.shape, dtype=chunk.dtype, device=chunk.device)
+        whole.reshape(-1)[ctx.offset : ctx.offset + chunk.numel()] = chunk.reshape(-1)
+        return whole
 
     def gather(state, pass_index, base, xs, p, ctx):
-        state["b"].append(base.clone())
-        for acc, x in zip(state["xs"], xs, strict=True):
-            acc.append(x.clone())
-
-    def end_pass(state, pass_index):
-        state["b"] = torch.cat(state["b"])
-        state["xs"] = [torch.cat(acc) for acc in state["xs"]]
+        if base is not None:
+            state["b"] = _put(state["b"], base, ctx)
+        state["xs"] = [_put(acc, x, ctx) for acc, x in zip(state["xs"], xs, strict=True)]
 
     def apply(state, base, xs, weights, p, ctx):
         if state["out"] is None:
             whole = TensorCtx(name=ctx.name, layer=ctx.layer, group=ctx.group, seed=ctx.seed, device=ctx.device,
-                              num_layers=ctx.num_layers, extra=ctx.extra, shape=ctx.shape)  # fmt: skip
-            state["out"] = kernel(state["b"], state["xs"], weights, p, whole).reshape(-1)
-            state["stats"], state["b"], state["xs"] = whole.stats, None, None
+                              num_layers=ctx.num_layers, extra=ctx.extra, shape=ctx.shape,
+                              owns_inputs=True)  # fmt: skip
+            state["out"] = kernel(state.pop("b"), state.pop("xs"), weights, p, whole).reshape(-1)
+            state["stats"] = whole.stats
         return state["out"][ctx.offset : ctx.offset + base.numel()].reshape(base.shape)
 
     def finish(state, ctx):
         ctx.stats.update(state["stats"])
 
-    return Streamed(init=init, apply=apply, passes=1, gather=gather, end_pass=end_pass, finish=finish)
+    return Streamed(
+        init=init, apply=apply, passes=1, gather=gather, end_pass=lambda state, p: None, finish=finish
+    )
