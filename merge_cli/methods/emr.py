@@ -98,7 +98,7 @@ class EmrStats(WholeModelStats):
 
     def end_tensor(self, ctx) -> None:
         n = math.prod(ctx.shape or ())
-        for i, (num, den) in enumerate(self._sums or ()):  # sum over tensors of the per-tensor mean
+        for i, (num, den) in enumerate(self._sums or () if n else ()):  # sum over tensors of per-tensor means
             self.num[i] += num.value / n
             self.den[i] += den.value / n
         self._sums = None
