@@ -30,7 +30,12 @@ from merge_cli.io.writer import ShardedWriter
 from merge_cli.methods import METHODS, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import MergePlan, TensorJob, report_params
-from merge_cli.stats_pass import run_stats_passes, whole_model_job
+from merge_cli.stats_pass import (
+    run_stats_passes,
+    whole_model_chunkable,
+    whole_model_job,
+    whole_model_streamed,
+)
 
 _DONE = object()
 
@@ -130,7 +135,8 @@ def working_bytes(plan: MergePlan, job: TensorJob) -> int:
 
 
 def can_chunk(spec: MethodSpec, job: TensorJob) -> bool:
-    if whole_model_job(job):  # merged whole, against its whole-model statistics (stats_pass.py)
+    # whole-model jobs merge against statistics gathered beforehand (stats_pass.py): in chunks if they can
+    if whole_model_job(job) and not whole_model_chunkable(job):
         return False
     return (spec.elementwise or spec.streamed is not None) and len(job.shape) >= 1 and job.shape[0] > 1
 
@@ -286,7 +292,7 @@ class _Compute:
             whole,
         )  # fmt: skip
 
-        if not (self.fused and applies(job.method, params)):
+        if not (self.fused and applies(job.method, params)) or whole_model_job(job):
             return None
         if job.method in ("linear", "task_arithmetic"):
 
@@ -383,7 +389,7 @@ class _Compute:
             "params": report_params(job),
             "chunked": True,
         }
-        st = spec.streamed
+        st = whole_model_streamed(job) if whole_model_job(job) else spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
         fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype)
         passes = st.passes if st and fused_apply is None else 0
@@ -501,7 +507,7 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
     start = time.perf_counter()
     # whole-model methods: their statistics passes stream the models first (merge_cli/stats_pass.py)
     plan.whole_model_stats, result.stats_passes, result.whole_model = run_stats_passes(
-        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass
+        plan, device, read_job, side_dir=writer.tmp, on_pass=opts.on_pass, budget=budget
     )
     result.bytes_read += sum(p["bytes_read"] for p in result.stats_passes)
     stop = threading.Event()

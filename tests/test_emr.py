@@ -3,6 +3,7 @@ compared with a plain EMR written here (METHODS.md §18) and the §19 invariants
 
 import json
 
+import pytest
 import torch
 from helpers import load_output, run_cli, write_recipe
 from safetensors.torch import load_file
@@ -38,7 +39,7 @@ def _unpack(packed, shape):
     return bits[: torch.Size(shape).numel()].bool().reshape(shape)
 
 
-def _run(family, tmp_path, n):
+def _run(family, tmp_path, n, budget=None):
     recipe = write_recipe(tmp_path / f"emr{n}.yaml", {
         "base_model": str(family["base"]),
         "models": [{"model": str(family[f"expert{i}"])} for i in range(n)],
@@ -46,13 +47,14 @@ def _run(family, tmp_path, n):
         "dtype": "float32", "out_dtype": "float32",
     })  # fmt: skip
     out = tmp_path / f"out{n}"
-    res = run_cli("run", recipe, out, "--quiet")
+    res = run_cli("run", recipe, out, "--quiet", *(["--max-memory", budget] if budget else []))
     assert res.exit_code == 0, res.output
     return out
 
 
-def test_emr_outputs_masks_rescalers_and_task_models(family, tmp_path):
-    out = _run(family, tmp_path, 3)
+@pytest.mark.parametrize("budget", [None, "64KB"])  # 64KB: the mask pass and the merge over row pieces
+def test_emr_outputs_masks_rescalers_and_task_models(family, tmp_path, budget):
+    out = _run(family, tmp_path, 3, budget)
     base = _state(family["base"])
     experts = [_state(family[f"expert{i}"]) for i in range(3)]
     keys = sorted(k for k in base if "lm_head" not in k)
@@ -100,7 +102,7 @@ def test_emr_chunked_kernel_and_bit_packing_match_whole_tensor(monkeypatch):
     base = torch.randn(10, 13, generator=g)
     xs = [base + torch.randn(10, 13, generator=g) for _ in range(3)]
     _, masks, tau_uni = emr_mod.unify(base, xs)
-    monkeypatch.setattr(emr_mod, "CHUNK", 16)
+    monkeypatch.setattr(emr_mod, "step_elements", lambda n_rows, itemsize: 16)
     out = emr_mod.emr(base, xs, [1.0] * 3, ParamSet({}), TensorCtx(name="t"))
     assert torch.equal(out, base + tau_uni)
     m = masks[0].reshape(-1)

@@ -67,7 +67,7 @@ def test_whole_model_ties_is_permutation_invariant(family, tmp_path):
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("tsv", {}), ("iso_cts", {}), ("pcb", {"granularity": "tensor"}), ("layer_swap", PARAMS["layer_swap"]),
+    [("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("pcb", {"granularity": "tensor"}), ("layer_swap", PARAMS["layer_swap"]),
      ("pcb", {"granularity": "model"})],
 )  # fmt: skip
 def test_row_chunked_merge_equals_whole(family, tmp_path, method, params):

@@ -72,8 +72,9 @@ def plain_pcb(base_sd, expert_sds, weights, r, q, inter, keys):
     return out, W > 0
 
 
+@pytest.mark.parametrize("budget", [None, "64KB"])  # 64KB: statistics and merge over small row pieces
 @pytest.mark.parametrize("inter", ["sum_raw", "pairwise_norm"])
-def test_streamed_whole_model_pcb_equals_in_memory(family, tmp_path, inter):
+def test_streamed_whole_model_pcb_equals_in_memory(family, tmp_path, inter, budget):
     weights = [1.0, 0.7, 1.3]
     recipe = write_recipe(tmp_path / "pcb.yaml", {
         "base_model": str(family["base"]),
@@ -83,7 +84,7 @@ def test_streamed_whole_model_pcb_equals_in_memory(family, tmp_path, inter):
         "overrides": [{"match": "norm", "method": "linear"}],  # norms left out of the whole-model row
         "dtype": "float32", "out_dtype": "float32",
     })  # fmt: skip
-    res = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    res = run_cli("run", recipe, tmp_path / "out", "--quiet", *(["--max-memory", budget] if budget else []))
     assert res.exit_code == 0, res.output
     base = _state(family["base"])
     experts = [_state(family[f"expert{i}"]) for i in range(3)]

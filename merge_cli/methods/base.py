@@ -103,6 +103,9 @@ class TensorCtx:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. whole-model statistics from a first pass
     offset: int = 0
     shape: tuple[int, ...] | None = None
+    # the kernel holds the only references to `tensors` (wholemodel.gathered): it may overwrite them in
+    # place or drop them from the list once used, to lower its peak memory (base stays untouched)
+    owns_inputs: bool = False
 
     def uniform_block(self, model_index: int, block: int, total: int) -> torch.Tensor:
         """The draws of flat positions [block * RNG_BLOCK, ...) of a tensor of `total` elements (CPU): float32

@@ -17,7 +17,7 @@ import math
 import torch
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
-from merge_cli.methods.wholemodel import WholeModelStats
+from merge_cli.methods.wholemodel import ExactSum, WholeModelStats, colsum, step_elements
 
 EMR_DIR = "emr"
 META = "emr.json"
@@ -30,21 +30,20 @@ class EmrParams(MethodParams):
 def unify(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(task vectors [N, ...], masks [N, ...], tau_uni)."""
     taus = torch.stack([t - base for t in tensors])
-    gamma = torch.where(taus.sum(dim=0) > 0, 1.0, -1.0).to(taus.dtype)
+    gamma = torch.where(colsum(taus)[0] > 0, 1.0, -1.0).to(taus.dtype)
     masks = taus * gamma > 0
     tau_uni = gamma * (taus * masks).abs().amax(dim=0)
     return taus, masks, tau_uni
 
 
-CHUNK = 1 << 22  # coordinates per step (a multiple of 8: masks are bit-packed chunk by chunk)
-
-
 def chunks(base: torch.Tensor, tensors: list[torch.Tensor]):
-    """unify() over flat coordinate ranges [s, e): bounded temporaries for large tensors."""
+    """unify() over flat coordinate ranges [s, e): bounded temporaries for large tensors (steps are
+    multiples of 64, so masks are bit-packed step by step)."""
     b = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
-    for s in range(0, b.numel(), CHUNK):
-        e = min(s + CHUNK, b.numel())
+    step = step_elements(len(tensors), b.element_size())
+    for s in range(0, b.numel(), step):
+        e = min(s + step, b.numel())
         yield s, e, *unify(b[s:e], [f[s:e] for f in flats])
 
 
@@ -75,6 +74,7 @@ class EmrStats(WholeModelStats):
         super().__init__(jobs, n_models, side_dir)
         self.num = [0.0] * n_models
         self.den = [0.0] * n_models
+        self._sums: list[tuple[ExactSum, ExactSum]] | None = None  # per tensor, over its pieces
         self.files = []
         if side_dir is not None:
             from merge_cli.io.writer import shard_header
@@ -87,17 +87,21 @@ class EmrStats(WholeModelStats):
                 self.files.append(f)
 
     def gather(self, base, tensors, params, ctx) -> None:
-        n = base.numel()
-        num, den = [0.0] * len(tensors), [0.0] * len(tensors)
+        if self._sums is None:  # the first piece of a tensor
+            self._sums = [(ExactSum(), ExactSum()) for _ in tensors]
         for _, _, taus, masks, tau_uni in chunks(base, tensors):
-            for i in range(len(tensors)):
-                num[i] += float(taus[i].abs().double().sum())
-                den[i] += float((masks[i] * tau_uni).abs().double().sum())
+            for i, (num, den) in enumerate(self._sums):
+                num.add(taus[i].abs())
+                den.add((masks[i] * tau_uni).abs())
                 if self.files:
                     self.files[i].write(pack_bits(masks[i]).numpy().tobytes())
-        for i in range(len(tensors)):  # sum over tensors of the per-tensor mean
-            self.num[i] += num[i] / n
-            self.den[i] += den[i] / n
+
+    def end_tensor(self, ctx) -> None:
+        n = math.prod(ctx.shape or ())
+        for i, (num, den) in enumerate(self._sums or () if n else ()):  # sum over tensors of per-tensor means
+            self.num[i] += num.value / n
+            self.den[i] += den.value / n
+        self._sums = None
 
     def rescalers(self) -> list[float]:
         return [n / d if d > 0 else 1.0 for n, d in zip(self.num, self.den, strict=True)]

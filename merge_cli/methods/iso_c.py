@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.tsv import svd, task_vectors
+from merge_cli.methods.tsv import _tau, finish, svd, task_vectors
 from merge_cli.methods.wholemodel import gathered
 
 
@@ -21,11 +21,29 @@ class IsoCParams(MethodParams):
 
 
 def iso_c(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    taus = task_vectors(base, tensors, weights)
     if base.dim() != 2:
+        taus = task_vectors(base, tensors, weights, consume=ctx.owns_inputs)
         return base + p.alpha * torch.stack(taus).mean(dim=0)
-    u, s, vh = svd(torch.stack(taus).sum(dim=0))
-    return base + p.alpha * ((u * s.mean()) @ vh).to(base.dtype)
+    M = task_vector_sum(base, tensors, weights, consume=ctx.owns_inputs)
+    u, s, vh = svd(M, ctx.stats, ctx.name)
+    del M
+    delta = u.mul_(s.mean()) @ vh
+    del u
+    return finish(base, delta, p.alpha)
+
+
+def task_vector_sum(base, tensors, weights, consume: bool = False) -> torch.Tensor:
+    """sum_i w_i (t_i - base) in fp32, accumulated in order, one task vector at a time (the values of
+    torch.stack(task_vectors).sum(dim=0) on its vectorised path, without holding every task vector)."""
+    acc = None
+    for i, w in enumerate(weights):
+        tau = _tau(base, tensors, i, w, consume)
+        if acc is None:
+            acc = tau
+        else:
+            acc += tau
+        del tau
+    return acc
 
 
 SPEC = MethodSpec(

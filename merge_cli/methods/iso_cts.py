@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.tsv import polar, svd, task_vectors
+from merge_cli.methods.tsv import finish, polar, svd, task_vectors
 from merge_cli.methods.wholemodel import gathered
 
 
@@ -32,24 +32,37 @@ def space_sizes(r: int, n_tasks: int, frac: float) -> tuple[int, int]:
 
 
 def iso_cts(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    taus = task_vectors(base, tensors, weights)
+    taus = task_vectors(base, tensors, weights, consume=ctx.owns_inputs)
     if base.dim() != 2:
         return base + p.alpha * torch.stack(taus).mean(dim=0)
-    u, s, vh = svd(torch.stack(taus).sum(dim=0))
+    M = taus[0].clone()
+    for tau in taus[1:]:  # in order: torch.stack(taus).sum(dim=0)'s values (vectorised path)
+        M += tau
+    u, s, vh = svd(M, ctx.stats, ctx.name)
+    del M
     kc, ks = space_sizes(min(base.shape), len(taus), p.common_space_fraction)
     uc = u[:, :kc]
+    del u
     us, ss, vhs = [uc], [s[:kc]], [vh[:kc]]
-    if ks > 0:
-        for tau in taus:
-            ui, si, vhi = svd(tau - uc @ (uc.T @ tau))
-            us.append(ui[:, :ks])
-            ss.append(si[:ks])
-            vhs.append(vhi[:ks])
+    for i in range(len(taus) if ks > 0 else 0):
+        tau = taus[i]
+        taus[i] = None  # not needed after its residual
+        residual = tau - uc @ (uc.T @ tau)
+        del tau
+        ui, si, vhi = svd(residual, ctx.stats, ctx.name)
+        del residual
+        us.append(ui[:, :ks].clone())  # a copy: a view would keep the whole U alive
+        ss.append(si[:ks])
+        vhs.append(vhi[:ks].clone())
+        del ui, vhi
+    del taus, uc
     sigma = torch.cat(ss).mean()
     ctx.stats["common_directions"] = kc
-    return base + p.alpha * (sigma * polar(torch.cat(us, dim=1)) @ polar(torch.cat(vhs, dim=0))).to(
-        base.dtype
-    )
+    U = polar(torch.cat(us, dim=1), ctx.stats, ctx.name)
+    del us
+    delta = U.mul_(sigma) @ polar(torch.cat(vhs, dim=0), ctx.stats, ctx.name)
+    del U
+    return finish(base, delta, p.alpha)
 
 
 SPEC = MethodSpec(

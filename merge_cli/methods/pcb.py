@@ -19,10 +19,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
-from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats, gathered
-
-CHUNK = 1 << 22  # coordinates per step: every step is elementwise given the per-task statistics
+from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.wholemodel import CHUNK, RadixSelect, WholeModelStats, colsum, gathered, step_elements
 
 
 class PcbParams(MethodParams):
@@ -51,35 +49,47 @@ def _col(v, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
+def _minmax_(x: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """In place: x = (x - lo) / span per row, 0 on rows whose span is not > 0 (a constant row)."""
+    ok = span > 0
+    x.sub_(lo).div_(torch.where(ok, span, torch.ones_like(span)))
+    if not bool(ok.all()):
+        x.masked_fill_(~ok, 0.0)
+    return x
+
+
 def balance(
-    T: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-4 on task rows T [N, n] with per-task bounds [N, 1]: (clipped Tc, balance scores B)."""
+    T: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inter: str, clipped: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Steps 1-4 on task rows T [N, n] with per-task bounds [N, 1]: (clipped Tc, balance scores B).
+    Tc is None unless `clipped`. T is not modified."""
     n_tasks = T.shape[0]
-    A = torch.minimum(torch.maximum(T.abs(), lo), hi)
-    span = hi - lo
-    mm = torch.where(
-        span > 0, (A - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(A)
-    )
-    s_intra = torch.exp(n_tasks * mm * mm)
-    sign = torch.sign(T)
+    A = T.abs()
+    torch.maximum(A, lo, out=A)
+    torch.minimum(A, hi, out=A)  # A = clip(|T|, lo, hi)
+    mm = _minmax_(A.clone() if clipped else A, lo, hi - lo)  # minmax_row(A): min(A) = lo, max(A) = hi
     if inter == "sum_raw":
-        s_inter = torch.tanh(T * T.sum(dim=0, keepdim=True))
+        s_inter = T * colsum(T)
+        s_inter.tanh_()
     else:
-        tn = sign * mm
-        s_inter = torch.stack([torch.tanh(tn[i : i + 1] * tn).sum(dim=0) for i in range(n_tasks)])
-    return sign * A, s_intra * s_inter + 0.0  # + 0.0: no negative zeros in B
+        tn = torch.sign(T).mul_(mm)
+        s_inter = torch.stack([colsum(torch.tanh(tn[i : i + 1] * tn))[0] for i in range(n_tasks)])
+        del tn
+    s_intra = mm * n_tasks
+    s_intra.mul_(mm).exp_()
+    del mm
+    B = s_intra.mul_(s_inter).add_(0.0)  # + 0.0: no negative zeros in B
+    return (torch.sign(T).mul_(A) if clipped else None), B
 
 
 def fuse(
     Tc: torch.Tensor, B: torch.Tensor, c: torch.Tensor, bmax: torch.Tensor, lam: torch.Tensor
-) -> torch.Tensor:
-    """Steps 5-7: W = minmax(max(B, c)) with min = c and max = bmax; the lambda-weighted W-average of Tc."""
-    span = bmax - c
-    W = torch.where(
-        span > 0, (torch.maximum(B, c) - c) / torch.where(span > 0, span, torch.ones_like(span)), 0.0
-    )
-    return (lam * Tc * W).sum(dim=0) / W.sum(dim=0).clamp(min=1e-12), W
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 5-7: W = minmax(max(B, c)) with min = c and max = bmax; the lambda-weighted W-average of Tc.
+    Returns (the merged task vector, W); the inputs are not modified."""
+    W = _minmax_(torch.maximum(B, c), c, bmax - c)
+    num = colsum(lam * Tc * W)[0]
+    return num.div_(colsum(W)[0].clamp_(min=1e-12)), W
 
 
 def _task_rows(base: torch.Tensor, tensors: list[torch.Tensor], s: int, e: int) -> torch.Tensor:
@@ -96,7 +106,7 @@ def _tensor_stats(base, tensors, p: ParamSet) -> dict[str, list[float]]:
     lo = torch.kthvalue(a, r_lo, dim=1, keepdim=True).values
     hi = torch.kthvalue(a, r_hi, dim=1, keepdim=True).values
     del a
-    _, B = balance(T, lo, hi, p.inter)
+    _, B = balance(T, lo, hi, p.inter, clipped=False)
     c = torch.kthvalue(B, drop_rank(d, p.density), dim=1).values
     return {
         "lo": lo.flatten().tolist(),
@@ -106,22 +116,47 @@ def _tensor_stats(base, tensors, p: ParamSet) -> dict[str, list[float]]:
     }
 
 
-def pcb(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    st = ctx.extra if p.granularity == "model" else _tensor_stats(base, tensors, p)
+def merge_rows(base, tensors, weights, p: ParamSet, st: dict, kept: torch.Tensor) -> torch.Tensor:
+    """theta0 + the balanced task vectors over base's elements, given the task statistics `st` (lo, hi, c,
+    bmax per task); adds the kept (W > 0) counts per task to `kept`. Elementwise given `st`: any split of a
+    tensor into pieces gives the same values."""
     out = base.clone().reshape(-1)
     lo, hi, c, bmax = (_col(st[k], out) for k in ("lo", "hi", "c", "bmax"))
     lam = _col(list(weights), out)
-    kept = torch.zeros(len(tensors), dtype=torch.float64)
     n = out.numel()
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
+    step = step_elements(len(tensors), out.element_size())
+    for s in range(0, n, step):
+        e = min(s + step, n)
         T = _task_rows(base, tensors, s, e)
         Tc, B = balance(T, lo, hi, p.inter)
+        del T
         merged, W = fuse(Tc, B, c, bmax, lam)
         out[s:e] += merged
         kept += (W > 0).sum(dim=1).cpu().double()
-    ctx.stats["kept_fraction"] = [float(k) / max(n, 1) for k in kept]
     return out.reshape(base.shape)
+
+
+def pcb(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    st = ctx.extra if p.granularity == "model" else _tensor_stats(base, tensors, p)
+    kept = torch.zeros(len(tensors), dtype=torch.float64)
+    out = merge_rows(base, tensors, weights, p, st, kept)
+    ctx.stats["kept_fraction"] = [float(k) / max(base.numel(), 1) for k in kept]
+    return out
+
+
+# granularity model, tensors too big to merge whole: the same merge over row chunks (stats from the passes)
+MODEL_STREAM = Streamed(
+    init=lambda p, ctx, n_models: {"kept": torch.zeros(n_models, dtype=torch.float64), "n": 0},
+    apply=lambda state, base, xs, weights, p, ctx: _apply_chunk(state, base, xs, weights, p, ctx),
+    finish=lambda state, ctx: ctx.stats.update(
+        kept_fraction=[float(k) / max(state["n"], 1) for k in state["kept"]]
+    ),
+)
+
+
+def _apply_chunk(state, base, xs, weights, p, ctx) -> torch.Tensor:
+    state["n"] += base.numel()
+    return merge_rows(base, xs, weights, p, ctx.extra, state["kept"])
 
 
 class PcbStats(WholeModelStats):
@@ -129,6 +164,7 @@ class PcbStats(WholeModelStats):
 
     rounds = ("clip bounds of |tau| (high bits)", "clip bounds of |tau| (low bits)",
               "drop cut of B (high bits)", "drop cut of B (low bits)")  # fmt: skip
+    streamed = MODEL_STREAM
 
     @staticmethod
     def applies(params: ParamSet) -> bool:
@@ -147,18 +183,21 @@ class PcbStats(WholeModelStats):
     def gather(self, base, tensors, params, ctx) -> None:
         n = base.numel()
         flat_b = base.reshape(-1)
-        for s in range(0, n, CHUNK):
-            e = min(s + CHUNK, n)
+        # rounds 0-1 work on one task row at a time: steps of CHUNK; rounds 2-3 on all N rows at once
+        step = CHUNK if self.round < 2 else step_elements(len(tensors), base.element_size())
+        for s in range(0, n, step):
+            e = min(s + step, n)
             if self.round < 2:
                 for t, sel in zip(tensors, self.clip, strict=True):
                     sel.add((t.reshape(-1)[s:e] - flat_b[s:e]).abs_())
                 continue
             T = _task_rows(base, tensors, s, e)
-            _, B = balance(T, _col(self.lo, T), _col(self.hi, T), self.params.inter)
+            _, B = balance(T, _col(self.lo, T), _col(self.hi, T), self.params.inter, clipped=False)
+            del T
             for i, sel in enumerate(self.cut):
                 sel.add(B[i])
-                if self.round == 2:
-                    self.bmax[i] = max(self.bmax[i], float(B[i].max()))
+            if self.round == 2:
+                self.bmax = [max(a, b) for a, b in zip(self.bmax, B.amax(dim=1).tolist(), strict=True)]
 
     def end_round(self) -> bool:
         for sel in self.clip if self.round < 2 else self.cut:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from merge_cli.methods.base import ParamSet, TensorCtx
-from merge_cli.methods.wholemodel import RadixSelect, WholeModelStats
-
-CHUNK = 1 << 22
+from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
+from merge_cli.methods.wholemodel import CHUNK, RadixSelect, WholeModelStats, colsum, step_elements
 
 
 def trim_rank(d: int, density: float, exact: bool) -> int | None:
@@ -94,13 +92,17 @@ class TiesModelStats(WholeModelStats):
         self.equal: dict[str, list[int]] = {}
         self.quota: dict[str, list[int]] | None = None
         self.sign_sum = 0
+        self._taken: list[int] | None = None  # per tensor, over its pieces: entries at the threshold so far
+        self._eq: list[int] | None = None
 
     def gather(self, base, tensors, params, ctx) -> None:
         n, stage = base.numel(), self.keys[self.round]
-        taken = [0] * len(tensors)
-        eq = [0] * len(tensors)
-        for s in range(0, n, CHUNK):
-            e = min(s + CHUNK, n)
+        if self._taken is None:  # the first piece of a tensor
+            self._taken, self._eq = [0] * len(tensors), [0] * len(tensors)
+        # one task row at a time (steps of CHUNK) but in the sign stage, which stacks the N rows
+        step = step_elements(len(tensors), base.element_size()) if stage == "sign" else CHUNK
+        for s in range(0, n, step):
+            e = min(s + step, n)
             b = base.reshape(-1)[s:e]
             if stage in ("hi", "lo"):
                 for t, sel in zip(tensors, self.sel, strict=True):
@@ -111,14 +113,17 @@ class TiesModelStats(WholeModelStats):
                     if self.thr[i] is not None:
                         a = (t.reshape(-1)[s:e] - b).abs_()
                         self.above[i] += int((a > self.thr[i]).sum())
-                        eq[i] += int((a == self.thr[i]).sum())
+                        self._eq[i] += int((a == self.thr[i]).sum())
             else:
                 quotas = self.quota.get(ctx.name) if self.quota is not None else None
-                trimmed = _trimmed(base, tensors, self.thr, s, e, quotas, taken)
+                trimmed = _trimmed(base, tensors, self.thr, s, e, quotas, self._taken)
                 elect = _elect_on(trimmed, params.weight, params.weighted_election)
-                self.sign_sum += int(torch.sign(elect.sum(dim=0)).sum())
-        if stage == "ties":
-            self.equal[ctx.name] = eq
+                self.sign_sum += int(torch.sign(colsum(elect)).sum())
+
+    def end_tensor(self, ctx) -> None:
+        if self.keys[self.round] == "ties" and self._eq is not None:
+            self.equal[ctx.name] = self._eq
+        self._taken = self._eq = None
 
     def end_round(self) -> bool:
         stage = self.keys[self.round]
@@ -148,29 +153,50 @@ class TiesModelStats(WholeModelStats):
         return {"elements_per_task": self.d, "thresholds": self.thr, "elected_sign_sum": self.sign_sum}
 
 
-def ties_whole_model(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+def _init(p: ParamSet, ctx: TensorCtx, n_models: int) -> dict:
+    return {"taken": [0] * n_models, "kept": torch.zeros(n_models, dtype=torch.float64), "n": 0,
+            "conflicts": 0, "touched": 0}  # fmt: skip
+
+
+def _apply(state, base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    """theta0 + the merged trimmed task vectors over base's elements (a whole tensor or its next row chunk:
+    pieces must come in order, as the ties at the threshold are kept by lowest index)."""
     from merge_cli.methods.ties import disjoint_merge
 
     thr, majority = ctx.extra["thr"], ctx.extra["majority"]
     quotas = ctx.extra["quota"].get(ctx.name) if ctx.extra.get("quota") is not None else None
-    taken = [0] * len(tensors)
     out = base.clone().reshape(-1)
     n = out.numel()
-    kept = torch.zeros(len(tensors), dtype=torch.float64)
-    conflicts = touched = 0
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
-        trimmed = _trimmed(base, tensors, thr, s, e, quotas, taken)
-        gamma = torch.sign(_elect_on(trimmed, weights, p.weighted_election).sum(dim=0))
+    state["n"] += n
+    step = step_elements(len(tensors), out.element_size())
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        trimmed = _trimmed(base, tensors, thr, s, e, quotas, state["taken"])
+        gamma = torch.sign(colsum(_elect_on(trimmed, weights, p.weighted_election))[0])
         gamma = torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
         out[s:e] += p.lambda_ * disjoint_merge(list(trimmed), list(weights), gamma, p.merge_func)
         nz = trimmed != 0
-        kept += nz.sum(dim=1).cpu().double()
-        touched += int(nz.any(dim=0).sum())
-        conflicts += int(((trimmed > 0).any(dim=0) & (trimmed < 0).any(dim=0)).sum())
-    ctx.stats["kept_fraction"] = [float(k) / max(n, 1) for k in kept]
-    ctx.stats["sign_conflict_rate"] = conflicts / max(touched, 1)
+        state["kept"] += nz.sum(dim=1).cpu().double()
+        state["touched"] += int(nz.any(dim=0).sum())
+        state["conflicts"] += int(((trimmed > 0).any(dim=0) & (trimmed < 0).any(dim=0)).sum())
     return out.reshape(base.shape)
+
+
+def _finish(state, ctx: TensorCtx) -> None:
+    ctx.stats["kept_fraction"] = [float(k) / max(state["n"], 1) for k in state["kept"]]
+    ctx.stats["sign_conflict_rate"] = state["conflicts"] / max(state["touched"], 1)
+
+
+def ties_whole_model(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    state = _init(p, ctx, len(tensors))
+    out = _apply(state, base, tensors, weights, p, ctx)
+    _finish(state, ctx)
+    return out
+
+
+# tensors too big to merge whole: the same merge over row chunks, in order
+MODEL_STREAM = Streamed(init=_init, apply=_apply, finish=_finish)
+TiesModelStats.streamed = MODEL_STREAM
 
 
 def plan_check(params: list[ParamSet], num_layers: int | None) -> str | None:
