@@ -259,7 +259,9 @@ class _Compute:
                 f"method {spec.name} returned shape {list(out.shape)} for {job.name} {list(job.shape)}"
             )
         if b is not None:
-            stats["task_vector_norms"] = [float(torch.linalg.vector_norm(x - b)) for x in xs]
+            stats["task_vector_norms"] = [
+                float(torch.linalg.vector_norm(x - b, dtype=torch.float64)) for x in xs
+            ]
         stats.update(ctx.stats)
         return self.to_host(out, out_dtype), stats
 
@@ -417,7 +419,7 @@ class _Compute:
                 )
                 if b is not None:
                     for i, x in enumerate(xs):
-                        sq[i] += float(torch.linalg.vector_norm(x - b)) ** 2
+                        sq[i] += float(torch.linalg.vector_norm(x - b, dtype=torch.float64)) ** 2
             emit(self.to_host(out, out_dtype))
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
