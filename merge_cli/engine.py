@@ -183,13 +183,14 @@ class _Compute:
         self.fused = fused and self.dtype == torch.float32
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
-    def predraw(self, job: TensorJob):
-        """dare_* draws for a whole-tensor blocked merge, made on the reader thread (fused_methods.predraw)."""
-        if not self.fused or whole_model_job(job):
+    def predraw(self, job: TensorJob, base, inputs):
+        """What a whole-tensor blocked dare_* merge needs first (keep masks, L1 sums), made on the reader
+        thread (fused_methods.predraw)."""
+        if not self.fused or whole_model_job(job) or base is None:
             return None
         from merge_cli.fused_methods import predraw
 
-        return predraw(job.method, _params(job), job.numel, _ctx(self.plan, job, self.device))
+        return predraw(job.method, _params(job), base, inputs, _ctx(self.plan, job, self.device))
 
     def predraw_bytes(self, job: TensorJob) -> int:
         if not self.fused or whole_model_job(job):
@@ -538,7 +539,9 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
                 n = job_inputs_bytes(plan, job) + compute.predraw_bytes(job)
                 if not gate.acquire(n, stop):
                     return
-                item = (job, n, *read_job(plan, job, pin=compute.cuda), compute.predraw(job))
+                base, inputs = read_job(plan, job, pin=compute.cuda)
+                item = (job, n, base, inputs, compute.predraw(job, base, inputs))
+                del base, inputs
             if stop.is_set() or not put(read_q, item):
                 return
         put(read_q, _DONE)

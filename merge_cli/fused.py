@@ -16,20 +16,22 @@ the inputs counted exactly.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
 BLOCK = 1 << 18  # elements per block (tests lower it to exercise block boundaries)
 
-_buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_local = threading.local()  # each thread its own buffers (the reader thread runs DARE's L1 pass ahead)
 
 
 def _buf(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A reusable flat buffer of BLOCK elements (kernels run on one thread: the engine's compute thread)."""
-    t = _buffers.get((key, dtype))
+    """A reusable flat buffer of BLOCK elements, private to the calling thread."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    t = buffers.get((key, dtype))
     if t is None or t.numel() != BLOCK:
-        t = _buffers[(key, dtype)] = torch.empty(BLOCK, dtype=dtype)
+        t = buffers[(key, dtype)] = torch.empty(BLOCK, dtype=dtype)
     return t
 
 
@@ -149,17 +151,13 @@ def band(hi: Sparsify, top: Sparsify) -> Sparsify:
 
 
 def keep_below(
-    uniform: Callable[[int, int], torch.Tensor],
-    density: float,
-    mul: float | None = None,
-    div: float | None = None,
+    masks: Callable[[int, int], torch.Tensor], mul: float | None = None, div: float | None = None
 ) -> Sparsify:
-    """DARE: keep t where u < density (u = uniform(g0, g1): the method's own seeded draws), then rescale as
-    the plain kernel does: (t * m) * mul (L1 factor) or (t * m) / div (1 / keep probability)."""
+    """DARE: t * m with m = masks(g0, g1), the float 0/1 keep mask (u < density) of the block, then the
+    rescale, as the plain kernel does: (t * m) * mul (L1 factor) or (t * m) / div (1 / keep probability)."""
 
     def run(t: torch.Tensor, g0: int, g1: int) -> None:
-        m = torch.sub(uniform(g0, g1), density, out=_buf("mask")[: t.numel()])  # < 0 where u < density
-        t.mul_(m.sign_().neg_().clamp_min_(0))
+        t.mul_(masks(g0, g1))
         if mul is not None:
             t.mul_(mul)
         if div is not None:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from merge_cli import fused
@@ -176,20 +177,27 @@ def run_ties(base, xs, weights, p: ParamSet, out_dtype, thresholds, cutoffs, off
 GTA_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 
 
-class _Draws:
-    """ctx.uniform's draws of model i by flat range, one RNG block generated at a time (cached)."""
+def keep_mask_block(ctx, i: int, b: int, total: int, density: float) -> torch.Tensor:
+    """DARE's keep mask over RNG block b of model i as float32 0/1: u < density, compared in float32 as
+    the plain kernel does (`ctx.uniform(...) < density` on a float32 tensor)."""
+    u = ctx.uniform_block(i, b, total).numpy()
+    return torch.from_numpy((u < np.float32(density)).astype(np.float32))
 
-    def __init__(self, ctx, i: int, total: int, pre: dict[int, torch.Tensor] | None = None):
-        self.ctx, self.i, self.total = ctx, i, total
-        self.block, self.u = -1, None
-        self.pre = pre or {}  # blocks drawn ahead of time (the reader thread's predraw)
+
+class _Masks:
+    """DARE keep masks of model i by flat range, one RNG block at a time (cached), or from a predraw."""
+
+    def __init__(self, ctx, i: int, total: int, density: float, pre: dict[int, torch.Tensor] | None = None):
+        self.ctx, self.i, self.total, self.density = ctx, i, total, density
+        self.block, self.m = -1, None
+        self.pre = pre or {}  # blocks made ahead of time (the reader thread's predraw)
 
     def _get(self, b: int) -> torch.Tensor:
         if b in self.pre:
             return self.pre[b]
         if b != self.block:
-            self.block, self.u = b, self.ctx.uniform_block(self.i, b, self.total)
-        return self.u
+            self.block, self.m = b, keep_mask_block(self.ctx, self.i, b, self.total, self.density)
+        return self.m
 
     def __call__(self, g0: int, g1: int) -> torch.Tensor:
         b0, b1 = g0 // RNG_BLOCK, (g1 - 1) // RNG_BLOCK
@@ -208,64 +216,65 @@ def gta_applies(method: str, p: ParamSet) -> bool:
     return method.startswith("breadcrumbs") and p.granularity == "tensor"
 
 
-def predraw(method: str, p: ParamSet, n: int, ctx) -> dict[int, dict[int, torch.Tensor]] | None:
-    """All of ctx.uniform's blocks a whole-tensor dare_* merge will use, by model: drawn on the reader
-    thread (the CPU generator is sequential, the costliest part of DARE), ahead of the merge."""
+def _dropping(p: ParamSet) -> list[int]:
+    return [i for i, d in enumerate(p.density) if d < 1.0]
+
+
+def predraw(method: str, p: ParamSet, base, xs, ctx) -> dict[str, Any] | None:
+    """What a whole-tensor dare_* merge needs before it can run, made on the reader thread ahead of the
+    merge (drawing is the costliest part of DARE, and the L1 factors need a pass of their own): every keep
+    mask, and, for `rescale: l1`, each model's (||tau||_1, ||m * tau||_1)."""
     if not (method.startswith("dare_") and gta_applies(method, p)):
         return None
+    n = base.numel()
     blocks = range(-(-n // RNG_BLOCK))
-    return {
-        i: {b: ctx.uniform_block(i, b, n) for b in blocks}
-        for i in range(len(p.density))
-        if p.density[i] < 1.0
-    }
+    masks = {i: {b: keep_mask_block(ctx, i, b, n, float(p.density[i])) for b in blocks} for i in _dropping(p)}
+    l1 = None
+    if getattr(p, "rescale", "none") == "l1":
+        steps = [
+            [fused.keep_below(_Masks(ctx, i, n, 0.0, masks[i]))] if i in masks else [] for i in range(len(xs))
+        ]
+        l1 = fused.l1_sums(base, xs, steps, 0)
+    return {"masks": masks, "l1": l1}
 
 
 def predraw_bytes(method: str, p: ParamSet, n: int) -> int:
     if not (method.startswith("dare_") and gta_applies(method, p)):
         return 0
-    return 4 * n * sum(1 for d in p.density if d < 1.0)
+    return 4 * n * len(_dropping(p))
 
 
 def gta_sparsify(
-    method: str,
-    p: ParamSet,
-    n: int,
-    m: int,
-    ctx,
-    views,
-    pre: dict[int, dict[int, torch.Tensor]] | None = None,
+    method: str, p: ParamSet, n: int, m: int, ctx, views, pre: dict[str, Any] | None = None
 ) -> list[list[fused.Sparsify]]:
     """Each model's sparsify steps for a tensor of n elements seen through views = (samples, chunks,
-    region): DARE's seeded drop and rescale (the L1 factor takes one counting pass), or Breadcrumbs'
-    magnitude band (two exact selections per model, in one pass). Negative weights flip the task vector
-    for the consensus (gta.combine's sign(w_i) tau_i with weight |w_i|)."""
+    region): DARE's seeded drop and rescale (the L1 factor takes one counting pass, unless `pre`, the
+    reader's predraw, brings it), or Breadcrumbs' magnitude band (two exact selections per model, in one
+    pass). Negative weights flip the task vector for the consensus (gta.combine's sign(w_i) tau_i with
+    weight |w_i|)."""
     from merge_cli.methods.breadcrumbs import band_counts
     from merge_cli.methods.gta import l1_factor
 
     steps: list[list[fused.Sparsify]] = [[] for _ in range(m)]
     if method.startswith("dare_"):
         how = getattr(p, "rescale", "none")
-        for i in range(m):
+        pre_masks = (pre or {}).get("masks", {})
+        masks = {i: _Masks(ctx, i, n, float(p.density[i]), pre_masks.get(i)) for i in _dropping(p)}
+        for i, mk in masks.items():
             d = float(p.density[i])
-            if d < 1.0:
-                draws = _Draws(ctx, i, n, (pre or {}).get(i))
-                div = d if how == "inv_p" and d > 0 else None
-                steps[i] = [fused.keep_below(draws, d, div=div)]
-                if how == "inv_p" and d <= 0:
-                    steps[i] = [fused.keep_below(draws, 0.0)]
+            steps[i] = [fused.keep_below(mk, div=d if how == "inv_p" and d > 0 else None)]
         if how == "l1":
-            samples, chunks, region = views
-            sums = [[0.0, 0.0] for _ in range(m)]
-            for offset, b, xs in chunks():
-                for i, (a, c) in enumerate(fused.l1_sums(b, xs, steps, offset)):
-                    sums[i][0] += a
-                    sums[i][1] += c
-            for i in range(m):
-                factor = l1_factor(*sums[i]) if steps[i] else None
-                if steps[i] and factor is not None:
-                    draws = _Draws(ctx, i, n, (pre or {}).get(i))
-                    steps[i] = [fused.keep_below(draws, float(p.density[i]), mul=factor)]
+            sums = (pre or {}).get("l1")
+            if sums is None:
+                sums = [[0.0, 0.0] for _ in range(m)]
+                for offset, b, xs in views[1]():
+                    for i, (a, c) in enumerate(fused.l1_sums(b, xs, steps, offset)):
+                        sums[i][0] += a
+                        sums[i][1] += c
+            for i, mk in masks.items():
+                factor = l1_factor(*sums[i])
+                if factor is not None:
+                    steps[i] = [fused.keep_below(mk, mul=factor)]
     else:
         ks: list[int | None] = []
         which: list[int] = []
