@@ -151,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge-cli", type=Path, default=REPO / ".venv/bin/merge-cli", help="merge-cli executable"
     )
     ap.add_argument("--data-dir", type=Path, default=REPO / "bench-data")
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "benchmarks/results",
+        help="folder for latest.md and latest.json",
+    )
     ap.add_argument("--keep-outputs", action="store_true")
     return ap
 
@@ -253,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs, [m.label for m in methods], tools)
     table = markdown(rows, meta)
     print("\n" + table)
+    if args.results.suffix in (".json", ".md"):  # a file was named: write beside it, not fail at the end
+        args.results = args.results.parent
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "latest.md").write_text(table)
     (args.results / "latest.json").write_text(
