@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from merge_cli import fused
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.finite import check_finite_inputs, ensure_finite
@@ -290,6 +289,7 @@ class _Compute:
             counts_for,
             gta_sparsify,
             run_gta,
+            run_ties,
             select_thresholds,
             trims,
             whole,
@@ -339,10 +339,7 @@ class _Compute:
         def apply(offset, b, xs):
             try:
                 if job.method == "ties":
-                    res = fused.consensus(
-                        b, xs, steps, offset, [float(w) for w in weights], float(params.lambda_),
-                        bool(params.weighted_election), params.merge_func == "mean", out_dtype,
-                    )  # fmt: skip
+                    res = run_ties(b, xs, weights, params, out_dtype, steps, offset)
                 else:
                     res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset)
             except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly

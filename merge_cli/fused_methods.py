@@ -1,8 +1,10 @@
-"""How the engine runs linear, task_arithmetic and TIES through the fused kernels of fused.py.
+"""How the engine runs the blocked kernels of fused.py: linear, task_arithmetic, TIES, dare_linear/dare_ties and
+tensor-level breadcrumbs/breadcrumbs_ties.
 
 Each function takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
-output in the output dtype. TIES thresholds come from the exact selection in methods/selection.py; the index-ordered
-tie rule becomes a flat-index cutoff the fused kernel can test.
+output in the output dtype. What needs the whole tensor first (exact top-k thresholds, DARE's L1 factors) is
+found through views of the tensor (whole, or row chunks); the index-ordered tie rule of the exact top-k
+becomes a flat-index cutoff the kernels can test block by block.
 """
 
 from __future__ import annotations
@@ -166,9 +168,10 @@ def trims(thresholds, cutoffs) -> list[list[fused.Sparsify]]:
     return [[] if t is None else [fused.trim(t.value, c)] for t, c in zip(thresholds, cutoffs)]
 
 
-def run_ties(base, xs, weights, p: ParamSet, out_dtype, thresholds, cutoffs, offset: int = 0):
+def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
+    """TIES on a whole tensor or a chunk at flat `offset`, each model trimmed by its `steps` (trims())."""
     return fused.consensus(
-        base, xs, trims(thresholds, cutoffs), offset, [float(w) for w in weights], float(p.lambda_),
+        base, xs, steps, offset, [float(w) for w in weights], float(p.lambda_),
         bool(p.weighted_election), p.merge_func == "mean", out_dtype,
     )  # fmt: skip
 
@@ -363,7 +366,7 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
     if method == "task_arithmetic":
         return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
     if method == "ties":
-        res = run_ties(base, xs, weights, p, out_dtype, *ties_thresholds(base, xs, p.density))
+        res = run_ties(base, xs, weights, p, out_dtype, trims(*ties_thresholds(base, xs, p.density)))
         return _merge_stats(stats, res, base.numel())
     steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs), pre)
     return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps), base.numel())
