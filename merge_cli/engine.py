@@ -10,6 +10,7 @@ apply). Peak memory follows the budget, not the model or vocabulary size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import queue
@@ -312,6 +313,7 @@ class _Compute:
         def read(ref, r0: int, r1: int) -> torch.Tensor:
             return models[ref.model].checkpoint.read_rows(ref.name, r0, r1).reshape(-1)
 
+        @functools.cache  # breadcrumbs brackets two thresholds per model from one sample
         def samples(i: int) -> torch.Tensor:  # whole rows at a fixed stride, about SAMPLE entries
             picked = range(0, job.shape[0], max(1, job.shape[0] // max(1, SAMPLE // per_row)))
             b = torch.cat([read(job.base, r, r + 1) for r in picked]).to(torch.float32)

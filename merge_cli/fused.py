@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from merge_cli import finite
+
 BLOCK = 1 << 18  # elements per block (tests lower it to exercise block boundaries)
 
 _local = threading.local()  # each thread its own buffers (the reader thread runs DARE's L1 pass ahead)
@@ -41,8 +43,14 @@ def _blocks(n: int) -> Iterator[tuple[int, int]]:
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> list[int]:
-    """Exact NaN/Inf count of each tensor (only run when a kernel's sums say there is one)."""
-    return [int((~torch.isfinite(t)).sum()) for t in tensors]
+    """NaN/Inf count of each tensor (only run when a kernel's sums say there is one)."""
+    return [sum(finite.count_nonfinite(t)) for t in tensors]
+
+
+def _bad(sums: list[float], tensors: list[torch.Tensor]) -> list[int]:
+    """NaN/Inf counts of `tensors`: zeros when every sum the kernel made from them is finite (a NaN/Inf
+    input always makes one non-finite), counted only otherwise."""
+    return [0] * len(tensors) if all(map(math.isfinite, sums)) else count_nonfinite(tensors)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +73,7 @@ def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: to
         if divisor != 1.0:
             acc.div_(divisor)
         out[s:e].copy_(acc)
-    bad = [0] * len(xs) if math.isfinite(total) else count_nonfinite(xs)
+    bad = _bad([total], xs)
     return out.reshape(xs[0].shape), bad
 
 
@@ -90,7 +98,7 @@ def task_arithmetic(base, xs: list[torch.Tensor], w: list[float], scale: float, 
         if scale != 1.0:
             acc.mul_(scale)
         out[s:e].copy_(acc.add_(bb))
-    bad = [0] * (len(xs) + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    bad = _bad(sq, [base, *xs])
     return out.reshape(base.shape), bad, sq
 
 
@@ -236,7 +244,7 @@ def consensus(
         if lam != 1.0:
             num.mul_(lam)
         out[s:e].copy_(num.add_(bb))
-    bad = [0] * (m + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    bad = _bad(sq, [base, *xs])
     return out.reshape(base.shape), kept, touched, conflict, bad, sq
 
 
@@ -272,7 +280,7 @@ def sparse_sum(
         if lam != 1.0:
             acc.mul_(lam)
         out[s:e].copy_(acc.add_(bb))
-    bad = [0] * (m + 1) if all(map(math.isfinite, sq)) else count_nonfinite([base, *xs])
+    bad = _bad(sq, [base, *xs])
     return out.reshape(base.shape), kept, bad, sq
 
 

@@ -152,13 +152,14 @@ def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, me
                     )
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
-def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
+def _bad_source_error(tmp_path, method: str, tensor: str, at, value: float, **options) -> str:
+    """The CheckpointError text of a blocked-kernel merge (`--fused on`) where expert e1 holds `value` at
+    `at` of `tensor`; the output folder must not appear."""
     from merge_cli.errors import CheckpointError
 
     m = _models(tmp_path)
     bad = load_output(m["e1"])
-    bad["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    bad[tensor][at] = value
     write_model(tmp_path / "bad", bad)
     base = f"base_model: {m['base']}\n" if method != "linear" else ""
     recipe = write_recipe(
@@ -166,33 +167,27 @@ def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
     )
     plan = build_plan(load_recipe(recipe))
     with pytest.raises(CheckpointError) as e:
-        execute(plan, tmp_path / "out", options=EngineOptions(fused="on"))
+        execute(plan, tmp_path / "out", options=EngineOptions(fused="on", **options))
     plan.close()
-    assert str(e.value).startswith(
+    assert not (tmp_path / "out").exists()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
+    msg = _bad_source_error(tmp_path, method, "model.layers.0.mlp.up_proj.weight", (3, 5), float("nan"))
+    assert msg.startswith(
         "model 'bad': tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN value(s) out of 6144"
     )
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
-    from merge_cli.errors import CheckpointError
-
-    m = _models(tmp_path)
-    bad = load_output(m["e1"])
-    bad["model.embed_tokens.weight"][2500, 7] = float("inf")
-    write_model(tmp_path / "bad", bad)
-    base = f"base_model: {m['base']}\n" if method != "linear" else ""
-    recipe = write_recipe(
-        tmp_path / "r.yaml", f"{base}models: [{m['e0']}, {tmp_path / 'bad'}]\nmethod: {method}\n"
+    msg = _bad_source_error(
+        tmp_path, method, "model.embed_tokens.weight", (2500, 7), float("inf"), max_memory=600_000
     )
-    plan = build_plan(load_recipe(recipe))
-    with pytest.raises(CheckpointError) as e:
-        execute(plan, tmp_path / "out", options=EngineOptions(fused="on", max_memory=600_000))
-    plan.close()
-    msg = str(e.value)
     assert msg.startswith("model 'bad': tensor 'model.embed_tokens.weight' holds 1 Inf value(s) out of ")
-    assert " in rows " in msg and not (tmp_path / "out").exists()
+    assert " in rows " in msg
 
 
 def _quantised_models(tmp_path):
