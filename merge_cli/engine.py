@@ -184,20 +184,13 @@ class _Compute:
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
 
     def predraw(self, job: TensorJob, base, inputs):
-        """What a whole-tensor blocked dare_* merge needs first (keep masks, L1 sums), made on the reader
-        thread (fused_methods.predraw)."""
+        """What a whole-tensor blocked dare_* merge needs first (the L1 sums), made on the reader thread
+        (fused_methods.predraw)."""
         if not self.fused or whole_model_job(job) or base is None:
             return None
         from merge_cli.fused_methods import predraw
 
         return predraw(job.method, _params(job), base, inputs, _ctx(self.plan, job, self.device))
-
-    def predraw_bytes(self, job: TensorJob) -> int:
-        if not self.fused or whole_model_job(job):
-            return 0
-        from merge_cli.fused_methods import predraw_bytes
-
-        return predraw_bytes(job.method, _params(job), job.numel)
 
     def try_fused(self, job: TensorJob, base, inputs, stats, pre=None) -> torch.Tensor | None:
         from merge_cli.fused_methods import FUSED_METHODS, whole
@@ -535,7 +528,7 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
             if id(job) in big:
                 item = (job, 0, None, None, None)  # the main thread streams it in chunks
             else:
-                n = job_inputs_bytes(plan, job) + compute.predraw_bytes(job)
+                n = job_inputs_bytes(plan, job)
                 if not gate.acquire(n, stop):
                     return
                 base, inputs = read_job(plan, job, pin=compute.cuda)

@@ -129,13 +129,16 @@ def _count_sign(s: torch.Tensor) -> tuple[int, int]:
 Sparsify = Callable[[torch.Tensor, int, int], None]  # (fp32 block of tau, flat start, flat end): in place
 
 
-def trim(thr: float, cutoff: int) -> Sparsify:
+class Trim:
     """TIES trim: keep |t| > thr, and |t| == thr at flat index < cutoff (hardshrink off the cutoff block)."""
-    below = _below(thr)
 
-    def run(t: torch.Tensor, g0: int, g1: int) -> None:
+    def __init__(self, thr: float, cutoff: int):
+        self.thr, self.cutoff, self.below = thr, cutoff, _below(thr)
+
+    def __call__(self, t: torch.Tensor, g0: int, g1: int) -> None:
+        thr, cutoff = self.thr, self.cutoff
         if cutoff >= g1:  # every threshold-equal entry of the block is kept
-            t.copy_(torch.hardshrink(t, below, out=_buf("trim")[: t.numel()]))
+            t.copy_(torch.hardshrink(t, self.below, out=_buf("trim")[: t.numel()]))
         elif cutoff <= g0:  # none is
             t.copy_(torch.hardshrink(t, thr, out=_buf("trim")[: t.numel()]))
         else:  # the quota of equal entries ends inside this block
@@ -143,35 +146,37 @@ def trim(thr: float, cutoff: int) -> Sparsify:
             index = torch.arange(g0, g1, dtype=torch.int64)
             t.mul_((a > thr) | ((a == thr) & (index < cutoff)))
 
-    return run
 
+class Band:
+    """Breadcrumbs band: the entries `hi` keeps minus those `top` keeps (t_hi - t_top: exact); None keeps
+    every entry."""
 
-def band(hi: Sparsify, top: Sparsify) -> Sparsify:
-    """Breadcrumbs band: the entries `hi` keeps minus those `top` keeps (t_hi - t_top: exact)."""
+    def __init__(self, hi: Trim | None, top: Trim | None):
+        self.hi, self.top = hi, top
 
-    def run(t: torch.Tensor, g0: int, g1: int) -> None:
+    def __call__(self, t: torch.Tensor, g0: int, g1: int) -> None:
         t_top = _buf("top")[: t.numel()].copy_(t)
-        top(t_top, g0, g1)
-        hi(t, g0, g1)
+        if self.top is not None:
+            self.top(t_top, g0, g1)
+        if self.hi is not None:
+            self.hi(t, g0, g1)
         t.sub_(t_top)
 
-    return run
 
+class KeepBelow:
+    """DARE: t * m with m = draws(g0, g1), the float 0/1 keep mask (u < density) of the block, then the
+    rescale, as the plain kernel does: (t * m) * mul (L1 factor) or (t * m) / div (1 / keep probability).
+    `draws` also carries its counter-hash key (k0, k1) and bound for the native kernels."""
 
-def keep_below(
-    masks: Callable[[int, int], torch.Tensor], mul: float | None = None, div: float | None = None
-) -> Sparsify:
-    """DARE: t * m with m = masks(g0, g1), the float 0/1 keep mask (u < density) of the block, then the
-    rescale, as the plain kernel does: (t * m) * mul (L1 factor) or (t * m) / div (1 / keep probability)."""
+    def __init__(self, draws, mul: float | None = None, div: float | None = None):
+        self.draws, self.mul, self.div = draws, mul, div
 
-    def run(t: torch.Tensor, g0: int, g1: int) -> None:
-        t.mul_(masks(g0, g1))
-        if mul is not None:
-            t.mul_(mul)
-        if div is not None:
-            t.div_(div)
-
-    return run
+    def __call__(self, t: torch.Tensor, g0: int, g1: int) -> None:
+        t.mul_(self.draws(g0, g1))
+        if self.mul is not None:
+            t.mul_(self.mul)
+        if self.div is not None:
+            t.div_(self.div)
 
 
 def negate(t: torch.Tensor, g0: int, g1: int) -> None:

@@ -13,12 +13,11 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
-from merge_cli import fused
+from merge_cli import fused, native
 from merge_cli.methods import ParamSet
-from merge_cli.methods.base import RNG_BLOCK
+from merge_cli.methods.base import counter_uniform, draw_key
 from merge_cli.methods.selection import SAMPLE, StreamingTopK, Threshold, bracket, finish_threshold
 
 FUSED_METHODS = (
@@ -96,7 +95,7 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
     acc = {j: [0, [], [], []] for j in todo}  # above, blocks (g0, g1, in-band), values, flat indices
     for offset, b, xs in chunks():
         for j, (lo, hi) in todo.items():
-            above, per_block, vals, idxs = fused.band_counts(b, xs[which[j]], lo, hi, gather=lo != hi)
+            above, per_block, vals, idxs = _band_counts(b, xs[which[j]], lo, hi, lo != hi)
             a = acc[j]
             a[0] += above
             size = b.numel()
@@ -122,6 +121,14 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
             cut = int(torch.cat(idxs)[cands == t.value][t.take_equal - 1]) + 1
         out[j] = (t, blocks, cut)
     return out
+
+
+def _band_counts(b, x, lo: float, hi: float, gather: bool):
+    """fused.band_counts; a pure count runs on the native kernels when they can take it."""
+    if gather or fused.BLOCK % native.TILE or native.lib() is None or not native.supports(b, x):
+        return fused.band_counts(b, x, lo, hi, gather)
+    above, per_block = native.band_counts(b, x, lo, hi, fused.BLOCK)
+    return above, per_block, [], []
 
 
 def _equal_cutoff(i: int, t: Threshold, blocks, region: Region) -> int:
@@ -165,12 +172,29 @@ def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[i
 
 
 def trims(thresholds, cutoffs) -> list[list[fused.Sparsify]]:
-    return [[] if t is None else [fused.trim(t.value, c)] for t, c in zip(thresholds, cutoffs)]
+    return [[] if t is None else [fused.Trim(t.value, c)] for t, c in zip(thresholds, cutoffs)]
+
+
+def _native(base, xs, steps, out_dtype) -> list[native.Spec] | None:
+    """The native kernels' per-model specs for these steps, or None when they cannot run them (no
+    compiler, or dtypes they do not take): the eager kernels of fused.py run instead."""
+    if native.lib() is None or not native.supports(base, *xs) or out_dtype not in native.DTYPES:
+        return None
+    specs = [native.spec(s) for s in steps]
+    return None if any(s is None for s in specs) else specs
+
+
+def consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype):
+    """fused.consensus, on the native kernels when they can run it (bitwise the same result)."""
+    specs = _native(base, xs, steps, out_dtype)
+    if specs is None:
+        return fused.consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype)
+    return native.merge(base, xs, specs, w, lam, True, weighted, mean, 1.0, out_dtype, offset)
 
 
 def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
     """TIES on a whole tensor or a chunk at flat `offset`, each model trimmed by its `steps` (trims())."""
-    return fused.consensus(
+    return consensus(
         base, xs, steps, offset, [float(w) for w in weights], float(p.lambda_),
         bool(p.weighted_election), p.merge_func == "mean", out_dtype,
     )  # fmt: skip
@@ -180,37 +204,18 @@ def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
 GTA_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 
 
-def keep_mask_block(ctx, i: int, b: int, total: int, density: float) -> torch.Tensor:
-    """DARE's keep mask over RNG block b of model i as float32 0/1: u < density, compared in float32 as
-    the plain kernel does (`ctx.uniform(...) < density` on a float32 tensor)."""
-    u = ctx.uniform_block(i, b, total).numpy()
-    return torch.from_numpy((u < np.float32(density)).astype(np.float32))
+class Draws:
+    """DARE's keep mask of model i as float32 0/1 over a flat range: u < density, with u the tensor's
+    counter-hash draws (TensorCtx.uniform's), compared in float32 as the plain kernel does. k0, k1 and
+    bound say the same to the native kernels: keep where (hash >> 8) < bound = ceil(density * 2^24)."""
 
-
-class _Masks:
-    """DARE keep masks of model i by flat range, one RNG block at a time (cached), or from a predraw."""
-
-    def __init__(self, ctx, i: int, total: int, density: float, pre: dict[int, torch.Tensor] | None = None):
-        self.ctx, self.i, self.total, self.density = ctx, i, total, density
-        self.block, self.m = -1, None
-        self.pre = pre or {}  # blocks made ahead of time (the reader thread's predraw)
-
-    def _get(self, b: int) -> torch.Tensor:
-        if b in self.pre:
-            return self.pre[b]
-        if b != self.block:
-            self.block, self.m = b, keep_mask_block(self.ctx, self.i, b, self.total, self.density)
-        return self.m
+    def __init__(self, ctx, i: int, density: float):
+        self.k0, self.k1 = draw_key(ctx.seed, ctx.name, i)
+        self.density = float(torch.tensor(density, dtype=torch.float32))
+        self.bound = min(1 << 24, math.ceil(self.density * (1 << 24)))
 
     def __call__(self, g0: int, g1: int) -> torch.Tensor:
-        b0, b1 = g0 // RNG_BLOCK, (g1 - 1) // RNG_BLOCK
-        if b0 == b1:
-            return self._get(b0)[g0 - b0 * RNG_BLOCK : g1 - b0 * RNG_BLOCK]
-        parts = []
-        for b in range(b0, b1 + 1):
-            lo, hi = max(g0, b * RNG_BLOCK), min(g1, (b + 1) * RNG_BLOCK)
-            parts.append(self._get(b)[lo - b * RNG_BLOCK : hi - b * RNG_BLOCK])
-        return torch.cat(parts)
+        return (counter_uniform(self.k0, self.k1, g0, g1 - g0) < self.density).to(torch.float32)
 
 
 def gta_applies(method: str, p: ParamSet) -> bool:
@@ -224,27 +229,23 @@ def _dropping(p: ParamSet) -> list[int]:
 
 
 def predraw(method: str, p: ParamSet, base, xs, ctx) -> dict[str, Any] | None:
-    """What a whole-tensor dare_* merge needs before it can run, made on the reader thread ahead of the
-    merge (drawing is the costliest part of DARE, and the L1 factors need a pass of their own): every keep
-    mask, and, for `rescale: l1`, each model's (||tau||_1, ||m * tau||_1)."""
-    if not (method.startswith("dare_") and gta_applies(method, p)):
+    """What a whole-tensor dare_* merge with `rescale: l1` needs before it can run, made on the reader
+    thread ahead of the merge: each model's (||tau||_1, ||m * tau||_1), a pass of its own."""
+    if not (method.startswith("dare_") and gta_applies(method, p)) or getattr(p, "rescale", "none") != "l1":
         return None
-    n = base.numel()
-    blocks = range(-(-n // RNG_BLOCK))
-    masks = {i: {b: keep_mask_block(ctx, i, b, n, float(p.density[i])) for b in blocks} for i in _dropping(p)}
-    l1 = None
-    if getattr(p, "rescale", "none") == "l1":
-        steps = [
-            [fused.keep_below(_Masks(ctx, i, n, 0.0, masks[i]))] if i in masks else [] for i in range(len(xs))
-        ]
-        l1 = fused.l1_sums(base, xs, steps, 0)
-    return {"masks": masks, "l1": l1}
+    steps = [
+        [fused.KeepBelow(Draws(ctx, i, float(p.density[i])))] if i in _dropping(p) else []
+        for i in range(len(xs))
+    ]
+    return {"l1": l1_sums(base, xs, steps, 0)}
 
 
-def predraw_bytes(method: str, p: ParamSet, n: int) -> int:
-    if not (method.startswith("dare_") and gta_applies(method, p)):
-        return 0
-    return 4 * n * len(_dropping(p))
+def l1_sums(base, xs, steps, offset: int) -> list[tuple[float, float]]:
+    """fused.l1_sums, on the native kernels when they can run it."""
+    specs = _native(base, xs, steps, torch.float32)
+    return (
+        fused.l1_sums(base, xs, steps, offset) if specs is None else native.l1_sums(base, xs, specs, offset)
+    )
 
 
 def gta_sparsify(
@@ -261,23 +262,22 @@ def gta_sparsify(
     steps: list[list[fused.Sparsify]] = [[] for _ in range(m)]
     if method.startswith("dare_"):
         how = getattr(p, "rescale", "none")
-        pre_masks = (pre or {}).get("masks", {})
-        masks = {i: _Masks(ctx, i, n, float(p.density[i]), pre_masks.get(i)) for i in _dropping(p)}
+        masks = {i: Draws(ctx, i, float(p.density[i])) for i in _dropping(p)}
         for i, mk in masks.items():
             d = float(p.density[i])
-            steps[i] = [fused.keep_below(mk, div=d if how == "inv_p" and d > 0 else None)]
+            steps[i] = [fused.KeepBelow(mk, div=d if how == "inv_p" and d > 0 else None)]
         if how == "l1":
             sums = (pre or {}).get("l1")
             if sums is None:
                 sums = [[0.0, 0.0] for _ in range(m)]
                 for offset, b, xs in views[1]():
-                    for i, (a, c) in enumerate(fused.l1_sums(b, xs, steps, offset)):
+                    for i, (a, c) in enumerate(l1_sums(b, xs, steps, offset)):
                         sums[i][0] += a
                         sums[i][1] += c
             for i, mk in masks.items():
                 factor = l1_factor(*sums[i])
                 if factor is not None:
-                    steps[i] = [fused.keep_below(mk, mul=factor)]
+                    steps[i] = [fused.KeepBelow(mk, mul=factor)]
     else:
         ks: list[int | None] = []
         which: list[int] = []
@@ -291,17 +291,9 @@ def gta_sparsify(
         for i in range(m):
             if p.density[i] < 1.0:
                 hi, top = (trims(ts[j : j + 2], cuts[j : j + 2]) + [[]])[:2]
-                steps[i] = [fused.band(_chain(hi), _chain(top))]
+                steps[i] = [fused.Band(*(x[0] if x else None for x in (hi, top)))]
                 j += 2
     return steps
-
-
-def _chain(steps: list[fused.Sparsify]) -> fused.Sparsify:
-    def run(t, g0, g1):
-        for s in steps:
-            s(t, g0, g1)
-
-    return run
 
 
 def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
@@ -309,7 +301,7 @@ def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offse
     w = [float(x) for x in weights]
     if method.endswith("_ties"):
         flipped = [s + [fused.negate] if wi < 0 else s for s, wi in zip(steps, w)]
-        return fused.consensus(
+        return consensus(
             base,
             xs,
             flipped,
@@ -322,7 +314,16 @@ def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offse
         )
     tot = sum(w)
     divisor = (tot if abs(tot) >= 1e-8 else 1.0) if p.normalize else 1.0
-    out, kept, bad, sq = fused.sparse_sum(base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype)
+    specs = _native(base, xs, steps, out_dtype)
+    if specs is not None:
+        res = native.merge(
+            base, xs, specs, w, float(p.lambda_), False, False, False, divisor, out_dtype, offset
+        )
+        out, kept, bad, sq = res[0], res[1], res[4], res[5]
+    else:
+        out, kept, bad, sq = fused.sparse_sum(
+            base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype
+        )
     return out, kept, None, None, bad, sq
 
 

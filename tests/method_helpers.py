@@ -42,14 +42,30 @@ def check_error(name, n, per_model=None, **glob):
     return spec.check(params_for(name, n, per_model, **glob), n) if spec.check else None
 
 
-def uniform_draws(seed: int, tensor: str, index: int, shape) -> torch.Tensor:
-    """The documented draw contract, re-derived independently (tensors under 2^20 elements: one block):
-    sha256(seed, name, index) seeds numpy's PCG64, which draws float32 uniforms."""
-    import numpy as np
+def _mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
 
+
+def counter_draw(k0: int, k1: int, j: int) -> float:
+    """The documented draw of flat position j under key (k0, k1), in plain Python integers: two rounds of
+    the mixer with the key folded in (and the high half of j), top 24 bits as a float in [0, 1)."""
+    x = _mix32((j & 0xFFFFFFFF) ^ k0)
+    x = _mix32((x + (k1 ^ (((j >> 32) * 0x9E3779B9) & 0xFFFFFFFF))) & 0xFFFFFFFF)
+    return (x >> 8) / 2.0**24
+
+
+def uniform_draws(seed: int, tensor: str, index: int, shape, offset: int = 0) -> torch.Tensor:
+    """The documented draw contract, re-derived independently: sha256(seed, name, index) gives the 64-bit
+    key (k0 = low half, k1 = high half), and element j of the tensor draws counter_draw(k0, k1, j)."""
     digest = hashlib.sha256(f"{seed}\x00{tensor}\x00{index}".encode()).digest()
-    g = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
-    return torch.from_numpy(g.random(int(np.prod(shape)), dtype=np.float32)).reshape(tuple(shape))
+    key = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    n = int(torch.Size(shape).numel())
+    vals = [counter_draw(key & 0xFFFFFFFF, key >> 32, offset + j) for j in range(n)]
+    return torch.tensor(vals, dtype=torch.float32).reshape(tuple(shape))
 
 
 def t(*rows) -> torch.Tensor:

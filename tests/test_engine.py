@@ -173,7 +173,7 @@ def _bad_source_error(tmp_path, method: str, tensor: str, at, value: float, **op
     return str(e.value)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
 def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
     msg = _bad_source_error(tmp_path, method, "model.layers.0.mlp.up_proj.weight", (3, 5), float("nan"))
     assert msg.startswith(
@@ -181,13 +181,23 @@ def test_fused_path_still_stops_on_nan_in_a_source(tmp_path, method):
     )
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
 def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
     msg = _bad_source_error(
         tmp_path, method, "model.embed_tokens.weight", (2500, 7), float("inf"), max_memory=600_000
     )
     assert msg.startswith("model 'bad': tensor 'model.embed_tokens.weight' holds 1 Inf value(s) out of ")
     assert " in rows " in msg
+
+
+def use_kernels(monkeypatch, kernels: str) -> None:
+    """Run the blocked merges on the native kernels (skipped without a C compiler) or on the eager ones."""
+    from merge_cli import native
+
+    if kernels == "eager":
+        monkeypatch.setattr(native, "lib", lambda: None)
+    elif native.lib() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
 
 
 def _quantised_models(tmp_path):
@@ -245,14 +255,18 @@ def _quantised_models(tmp_path):
         ),
     ],
 )
-@pytest.mark.parametrize("block", [777, 4096])
+@pytest.mark.parametrize(
+    "block,kernels", [(777, "eager"), (4096, "eager"), (777, "native"), (4096, "native")]
+)
 def test_blocked_kernels_equal_eager_across_block_boundaries(
-    tmp_path, monkeypatch, method, models_params, top, block
+    tmp_path, monkeypatch, method, models_params, top, block, kernels
 ):
     """Blocks much smaller than the tensors (so TIES tie quotas end inside a block), on quantised deltas
-    (thresholds shared by thousands of entries): still bitwise equal to the eager kernels, whole and chunked."""
+    (thresholds shared by thousands of entries): still bitwise equal to the eager kernels, whole and chunked.
+    `kernels`: the blocked merges run on the native kernels (merge_cli/native) or on fused.py's eager ones."""
     from merge_cli import fused
 
+    use_kernels(monkeypatch, kernels)
     m = _quantised_models(tmp_path)
     base = f"base_model: {m['base']}\n" if method != "linear" else ""
     models = "".join(f"  - model: {m[f'e{i}']}\n    parameters: {p}\n" for i, p in enumerate(models_params))

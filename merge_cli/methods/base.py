@@ -83,7 +83,42 @@ def seed_for(seed: int, name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-RNG_BLOCK = 1 << 20  # random draws come in blocks of this many elements, each seeded on its own
+def draw_key(seed: int, name: str, model_index: int) -> tuple[int, int]:
+    """The two 32-bit halves (k0, k1) of seed_for(seed, name, model index): the key of that model's draws
+    for that tensor."""
+    key = seed_for(seed, name, model_index)
+    return key & 0xFFFFFFFF, key >> 32
+
+
+def _mix32(x):
+    """A bijective 32-bit xor-shift-multiply mixer (numpy uint32 arrays wrap, as C's uint32_t does)."""
+    import numpy as np
+
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x21F0AAAD)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x735A2D97)
+    return x ^ (x >> np.uint32(15))
+
+
+def counter_uniform(k0: int, k1: int, start: int, n: int) -> torch.Tensor:
+    """float32 uniforms in [0, 1) for flat positions start..start+n under key (k0, k1), on the CPU: the
+    position j is hashed (two rounds of _mix32 with the key folded in, the high half of j too), and the top
+    24 bits of the hash make the float, as numpy makes float32 uniforms. A counter hash, not a sequential
+    generator: any range is drawn directly, so draws do not depend on chunking, order or thread count.
+    The native kernels (merge_cli/native) compute the same bits, and are used here when available."""
+    import numpy as np
+
+    from merge_cli import native
+
+    if native.lib() is not None:
+        return native.uniform(n, start, k0, k1)
+    with np.errstate(over="ignore"):
+        j = np.arange(start, start + n, dtype=np.uint64)
+        x = _mix32((j & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ np.uint32(k0))
+        hi = (j >> np.uint64(32)).astype(np.uint32) * np.uint32(0x9E3779B9)
+        x = _mix32(x + (np.uint32(k1) ^ hi))
+        return torch.from_numpy((x >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
 
 
 @dataclass
@@ -107,31 +142,14 @@ class TensorCtx:
     # place or drop them from the list once used, to lower its peak memory (base stays untouched)
     owns_inputs: bool = False
 
-    def uniform_block(self, model_index: int, block: int, total: int) -> torch.Tensor:
-        """The draws of flat positions [block * RNG_BLOCK, ...) of a tensor of `total` elements (CPU): float32
-        uniforms from numpy's PCG64 seeded by seed_for(seed, name or name#block, model index). PCG64 makes
-        them about twice as fast as torch's CPU generator, and numpy releases the GIL while it draws."""
-        import numpy as np
-
-        size = min(RNG_BLOCK, total - block * RNG_BLOCK)
-        key = seed_for(self.seed, self.name if block == 0 else f"{self.name}#{block}", model_index)
-        return torch.from_numpy(np.random.Generator(np.random.PCG64(key)).random(size, dtype=np.float32))
-
     def uniform(self, model_index: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """Uniform [0, 1) draws for the elements of this tensor (or chunk), made on the CPU in fixed blocks of
-        RNG_BLOCK elements seeded by their position, so they are bitwise the same on every device, in any
-        order, and whether the tensor is processed whole or in chunks."""
-        shape = tuple(shape)
-        n = math.prod(shape)
-        total = math.prod(self.shape) if self.shape is not None else n
-        start, stop = self.offset, self.offset + n
-        parts = []
-        for b in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1 if n else 0):
-            block = self.uniform_block(model_index, b, total)
-            lo, hi = max(start - b * RNG_BLOCK, 0), min(stop - b * RNG_BLOCK, block.numel())
-            parts.append(block[lo:hi])
-        u = torch.cat(parts) if parts else torch.empty(0)
-        return u.reshape(shape).to(self.device)
+        """Uniform [0, 1) draws for the elements of this tensor (or chunk at `offset`): the counter hash of
+        each element's flat position under the key of (seed, tensor name, model index) (counter_uniform),
+        so they are bitwise the same on every device, in any order, and whether the tensor is processed
+        whole or in chunks."""
+        n = math.prod(tuple(shape))
+        u = counter_uniform(*draw_key(self.seed, self.name, model_index), self.offset, n)
+        return u.reshape(tuple(shape)).to(self.device)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,268 @@
+/* merge-cli's native CPU kernels: the hot merges (linear-free GTA family: TIES, DARE, Breadcrumbs) in one
+ * pass over each tile of elements, plus the counting passes of the exact top-k and DARE's draws.
+ *
+ * Built at first use by merge_cli/native/__init__.py with the system C compiler (no compiler: the engine
+ * keeps its eager torch kernels). Every element gets the same IEEE fp32 operations, in the same order, as
+ * the eager kernels of merge_cli/fused.py and the plain kernels of merge_cli/methods/ (compiled with
+ * -ffp-contract=off, no fast-math), so the outputs are bitwise equal to theirs; tests check it.
+ *
+ * Inputs and outputs are flat arrays in fp32 or bf16 (dtype codes below). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 1024
+#define STRIDE (TILE + 80) /* buffers TILE apart would alias in the L1 cache (4 KB strides) */
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN -> quiet NaN (torch's rule) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void load(float *restrict dst, const void *src, int dtype, int64_t start, int64_t n) {
+    if (dtype == F32) {
+        memcpy(dst, (const float *)src + start, (size_t)n * 4);
+    } else {
+        const uint16_t *restrict s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
+    }
+}
+
+static void store(void *dst, int dtype, int64_t start, const float *restrict src, int64_t n) {
+    if (dtype == F32) {
+        memcpy((float *)dst + start, src, (size_t)n * 4);
+    } else {
+        uint16_t *restrict d = (uint16_t *)dst + start;
+        for (int64_t j = 0; j < n; j++) d[j] = f32_to_bf16(src[j]);
+    }
+}
+
+/* -- draws ----------------------------------------------------------------------------------------------
+ * The uniform of flat position j under key (k0, k1): two rounds of a 32-bit xor-shift-multiply mixer
+ * (a bijection) over the counter, then its top 24 bits as a float32 in [0, 1). The same arithmetic runs
+ * in numpy (merge_cli/methods/base.py, counter_uniform), so draws are bitwise equal everywhere. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+static inline uint32_t draw_bits(uint64_t j, uint32_t k0, uint32_t k1) {
+    uint32_t x = mix32((uint32_t)j ^ k0);
+    return mix32(x + (k1 ^ ((uint32_t)(j >> 32) * 0x9e3779b9u)));
+}
+
+/* u = (bits >> 8) * 2^-24, so u < d  <=>  (bits >> 8) < ceil(d * 2^24): callers pass that bound. */
+void mk_uniform(float *out, int64_t n, int64_t start, uint32_t k0, uint32_t k1) {
+    for (int64_t j = 0; j < n; j++) out[j] = (float)(draw_bits((uint64_t)(start + j), k0, k1) >> 8) * 0x1p-24f;
+}
+
+/* -- sparsify steps of one model ------------------------------------------------------------------------ */
+enum { HI = 1, TOP = 2, DARE = 4, NEG = 8, MUL = 16, DIV = 32 };
+
+typedef struct {
+    int32_t flags;
+    float thr_hi, thr_top, scale; /* scale: DARE's L1 factor (MUL) or keep probability (DIV) */
+    int64_t cut_hi, cut_top;      /* entries equal to a threshold are kept at flat index < cut */
+    uint32_t k0, k1, bound;       /* DARE: keep where (draw_bits >> 8) < bound */
+    uint32_t pad;
+} spec_t;
+
+static inline float trim1(float t, float thr, int64_t cut, int64_t g) {
+    float a = fabsf(t);
+    return (a > thr || (a == thr && g < cut)) ? t : 0.0f;
+}
+
+static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s) {
+    int f = s->flags;
+    if (f & (HI | TOP)) {
+        for (int64_t j = 0; j < n; j++) {
+            float v = t[j];
+            float hi = (f & HI) ? trim1(v, s->thr_hi, s->cut_hi, g0 + j) : v;
+            t[j] = (f & TOP) ? hi - trim1(v, s->thr_top, s->cut_top, g0 + j) : hi;
+        }
+    }
+    if (f & DARE) {
+        for (int64_t j = 0; j < n; j++) {
+            float keep = (draw_bits((uint64_t)(g0 + j), s->k0, s->k1) >> 8) < s->bound ? 1.0f : 0.0f;
+            t[j] = t[j] * keep;
+        }
+        if (f & MUL)
+            for (int64_t j = 0; j < n; j++) t[j] = t[j] * s->scale;
+        if (f & DIV)
+            for (int64_t j = 0; j < n; j++) t[j] = t[j] / s->scale;
+    }
+    if (f & NEG)
+        for (int64_t j = 0; j < n; j++) t[j] = -t[j];
+}
+
+static inline float signf(float v) { return (float)((v > 0.0f) - (v < 0.0f)); }
+
+#define LANES 16
+
+/* Sum of squares of n floats, lane by lane (so it vectorizes), in double per tile. A NaN/Inf input makes
+ * it non-finite: that is how the callers detect one, as the eager kernels do. */
+static double sumsq(const float *restrict t, int64_t n) {
+    float lane[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += t[j + l] * t[j + l];
+    double s = 0.0;
+    for (int l = 0; l < LANES; l++) s += lane[l];
+    for (; j < n; j++) s += (double)(t[j] * t[j]);
+    return s;
+}
+
+static double sumabs(const float *restrict t, int64_t n) {
+    double lane[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += fabsf(t[j + l]);
+    double s = 0.0;
+    for (int l = 0; l < LANES; l++) s += lane[l];
+    for (; j < n; j++) s += fabsf(t[j]);
+    return s;
+}
+
+/* TIES election and disjoint merge (consensus = 1) or the plain weighted sum (consensus = 0) of the
+ * sparsified task vectors tau_i = x_i - base, for n elements at flat index offset..offset+n.
+ * consensus: sign = sign(sum_i w_i tau_i) (or sum_i tau_i unless weighted; 0 -> +), agreeing entries merged
+ * as sum_i w_i tau_i, divided by sum_i w_i over them when mean (0 -> 1), times lam, plus base.
+ * sum: (sum_i w_i tau_i) / divisor * lam + base.
+ * Statistics (added to): kept[i] nonzero sparsified entries, touched/conflict (consensus), sq[i] squared
+ * norm of tau_i (non-finite when an input holds a NaN/Inf). Returns 0, or -1 when out of memory. */
+int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
+             const int32_t *x_dtypes, const spec_t *specs, const float *w, float lam, int32_t consensus,
+             int32_t weighted, int32_t mean, float divisor, void *out, int out_dtype, int64_t *kept,
+             int64_t *touched, int64_t *conflict, double *sq) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(2 * m + 6));
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict acc = buf + STRIDE, *restrict den = buf + 2 * STRIDE;
+    float *restrict sg = buf + 3 * STRIDE, *restrict smax = buf + 4 * STRIDE, *restrict smin = buf + 5 * STRIDE;
+    float *ts = buf + 6 * STRIDE, *wts = ts + (size_t)m * STRIDE;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE, g0 = offset + s;
+        load(bb, base, base_dtype, s, k);
+        for (int32_t i = 0; i < m; i++) {
+            float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+            load(t, xs[i], x_dtypes[i], s, k);
+            for (int64_t j = 0; j < k; j++) t[j] = t[j] - bb[j];
+            sq[i] += sumsq(t, k);
+            sparsify(t, k, g0, &specs[i]);
+            int32_t c = 0;
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) {
+                c += t[j] != 0.0f;
+                wt[j] = t[j] * wi;
+            }
+            kept[i] += c;
+            const float *restrict add = (weighted || !consensus) ? wt : t;
+            if (i == 0)
+                memcpy(acc, add, (size_t)k * 4);
+            else
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + add[j];
+        }
+        if (consensus) {
+            for (int64_t j = 0; j < k; j++) {
+                sg[j] = acc[j] < 0.0f ? -1.0f : 1.0f; /* sign(sign(total) + 0.5): >= 0 (and -0) -> +1 */
+                acc[j] = 0.0f;
+                den[j] = 0.0f;
+                smax[j] = -2.0f;
+                smin[j] = 2.0f;
+            }
+            for (int32_t i = 0; i < m; i++) {
+                const float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+                const float wi = w[i];
+                for (int64_t j = 0; j < k; j++) {
+                    float a = signf(t[j] * sg[j]); /* 1 agrees with the elected sign, -1 opposes it, 0 */
+                    smax[j] = a > smax[j] ? a : smax[j];
+                    smin[j] = a < smin[j] ? a : smin[j];
+                    a = a > 0.0f ? a : 0.0f;
+                    acc[j] = acc[j] + wt[j] * a;
+                    den[j] = den[j] + wi * a;
+                }
+            }
+            int32_t tch = 0, cfl = 0;
+            for (int64_t j = 0; j < k; j++) {
+                tch += smax[j] == 1.0f;
+                cfl += smin[j] == -1.0f;
+            }
+            *touched += tch;
+            *conflict += cfl;
+            if (mean)
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] == 0.0f ? 1.0f : den[j]);
+        } else if (divisor != 1.0f) {
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+        }
+        if (lam != 1.0f)
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        store(out, out_dtype, s, acc, k);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Per model: sums[2i] += ||tau_i||_1 and sums[2i + 1] += ||sparsify(tau_i)||_1, in double (DARE's L1
+ * rescale). Returns 0, or -1 when out of memory. */
+int mk_l1_sums(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
+               const int32_t *x_dtypes, const spec_t *specs, double *sums) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict t = buf + STRIDE;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        for (int32_t i = 0; i < m; i++) {
+            load(t, xs[i], x_dtypes[i], s, k);
+            for (int64_t j = 0; j < k; j++) t[j] = t[j] - bb[j];
+            sums[2 * i] += sumabs(t, k);
+            sparsify(t, k, offset + s, &specs[i]);
+            sums[2 * i + 1] += sumabs(t, k);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* One counting pass over |x - base| for the exact top-k: how many entries lie above hi, and how many lie
+ * in [lo, hi] in each block of `block` elements (per_block, n / block rounded up entries). */
+int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
+                   int64_t block, int64_t *above, int64_t *per_block) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict t = buf + STRIDE;
+    int64_t up = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        load(t, x, x_dtype, s, k);
+        /* a tile never straddles two blocks when block is a multiple of TILE (the caller's promise) */
+        int32_t c_up = 0, c_in = 0;
+        for (int64_t j = 0; j < k; j++) {
+            float a = fabsf(t[j] - bb[j]);
+            c_up += a > hi;
+            c_in += a >= lo && a <= hi;
+        }
+        up += c_up;
+        per_block[s / block] += c_in;
+    }
+    *above += up;
+    free(buf);
+    return 0;
+}

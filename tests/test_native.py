@@ -1,0 +1,205 @@
+"""The native kernels (merge_cli/native): built with the system C compiler, bitwise equal to the eager
+kernels of merge_cli/fused.py, and optional (no compiler: the eager kernels run)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from method_helpers import counter_draw
+
+from merge_cli import fused, native
+from merge_cli.methods import base as mbase
+
+needs_native = pytest.mark.skipif(
+    native.lib() is None, reason=f"native kernels unavailable: {native.unavailable_reason()}"
+)
+
+
+def _numpy_uniform(monkeypatch, k0, k1, start, n):
+    monkeypatch.setattr(native, "lib", lambda: None)
+    u = mbase.counter_uniform(k0, k1, start, n)
+    monkeypatch.undo()
+    return u
+
+
+@needs_native
+@pytest.mark.parametrize("start", [0, 5, (1 << 32) - 3, 3 << 33])
+def test_draws_agree_in_c_numpy_and_plain_python(monkeypatch, start):
+    """The counter hash gives the same bits in C, in numpy (the fallback) and in plain Python integers
+    (counter_draw, written from the contract), across the 2^32 boundary of the counter too."""
+    k0, k1 = 0x9ABCDEF0, 0x12345678
+    c = native.uniform(4100, start, k0, k1)
+    py = _numpy_uniform(monkeypatch, k0, k1, start, 4100)
+    assert torch.equal(c, py)
+    for j in (0, 1, 2, 1023, 1024, 4099):
+        assert float(c[j]) == counter_draw(k0, k1, start + j)
+    # any sub-range draws the same values as the whole range (chunking does not change draws)
+    assert torch.equal(native.uniform(100, start + 777, k0, k1), c[777:877])
+
+
+@needs_native
+def test_draws_look_uniform_and_independent():
+    """A quick sanity check of the hash as a generator: mean, variance, neighbour correlation, and the
+    kept fraction at a DARE density stay within a few standard errors."""
+    n = 1 << 20
+    u = native.uniform(n, 0, 7, 11).double()
+    se = 1 / math.sqrt(12 * n)
+    assert abs(float(u.mean()) - 0.5) < 5 * se
+    assert abs(float(u.var()) - 1 / 12) < 5 * 0.0745 / math.sqrt(n)
+    corr = float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])
+    assert abs(corr) < 5 / math.sqrt(n)
+    kept = float((u < 0.3).double().mean())
+    assert abs(kept - 0.3) < 5 * math.sqrt(0.3 * 0.7 / n)
+    # different keys give unrelated streams
+    v = native.uniform(n, 0, 8, 11).double()
+    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 5 / math.sqrt(n)
+
+
+class _Ctx:
+    seed, name = 3, "model.layers.0.mlp.up_proj.weight"
+
+
+def _inputs(dtype, n=10_000, m=3, quantised=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = []
+    for _ in range(m):
+        step = (
+            2.0**-6 * torch.randint(-3, 4, (n,), generator=g).float()
+            if quantised
+            else 0.01 * torch.randn(n, generator=g)
+        )
+        xs.append((base.float() + step).to(dtype))
+    return base, xs
+
+
+def _steps(kind: str, base, xs):
+    from merge_cli.fused_methods import Draws, ties_thresholds, trims
+
+    n = base.numel()
+    if kind == "none":
+        return [[] for _ in xs]
+    if kind == "trim":
+        return trims(*ties_thresholds(base, xs, [0.3, 0.55, 1.0]))
+    if kind == "band":
+        from merge_cli.fused_methods import select_thresholds, whole_views
+
+        ks = [int(0.9 * n), int(0.01 * n), int(0.5 * n), 0, None, int(0.2 * n)]
+        ts, cuts = select_thresholds(n, ks, *whole_views(base, xs), which=[0, 0, 1, 1, 2, 2])
+        tr = trims(ts, cuts)
+        return [[fused.Band(tr[2 * i][0] if tr[2 * i] else None, tr[2 * i + 1][0] if tr[2 * i + 1] else None)]
+                for i in range(3)]  # fmt: skip
+    if kind == "dare":
+        return [
+            [fused.KeepBelow(Draws(_Ctx, 0, 0.3), mul=2.7)],
+            [fused.KeepBelow(Draws(_Ctx, 1, 0.5), div=0.5), fused.negate],
+            [fused.KeepBelow(Draws(_Ctx, 2, 0.0))],
+        ]
+    raise AssertionError(kind)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["none", "trim", "band", "dare"])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("quantised", [True, False])
+def test_native_merge_is_bitwise_equal_to_the_eager_kernels(kind, dtype, out_dtype, quantised):
+    """Consensus (weighted or not, mean or sum, lambda) and the plain weighted sum, at a non-zero flat offset
+    and over a length that is no multiple of the tile: the same output bits and the same counts."""
+    base, xs = _inputs(dtype, quantised=quantised)
+    steps = _steps(kind, base, xs)
+    specs = [native.spec(s) for s in steps]
+    w = [0.7, 1.3, 0.4]
+    for offset in (0, 4096 + 17):
+        for weighted, mean, lam in ((True, True, 1.0), (False, False, 0.8), (True, False, 1.0)):
+            ref = fused.consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype)
+            got = native.merge(base, xs, specs, w, lam, True, weighted, mean, 1.0, out_dtype, offset)
+            assert torch.equal(ref[0], got[0]), (offset, weighted, mean)
+            assert (ref[0].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32) ==
+                    got[0].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32)).all()  # fmt: skip
+            assert ref[1:4] == got[1:4]  # kept per model, touched, conflict
+            assert got[5] == pytest.approx(ref[5], rel=1e-5)  # squared norms
+        ref = fused.sparse_sum(base, xs, steps, offset, w, 0.9, 2.4, out_dtype)
+        got = native.merge(base, xs, specs, w, 0.9, False, False, False, 2.4, out_dtype, offset)
+        assert torch.equal(ref[0], got[0]) and ref[1] == got[1]
+
+
+@needs_native
+def test_trim_cutoff_inside_a_tile_keeps_exactly_the_quota():
+    """A tie quota that ends mid-tile: entries equal to the threshold are kept before the cutoff only."""
+    base = torch.zeros(5000)
+    x = torch.full((5000,), 0.5)
+    x[::2] = 0.25
+    steps = [[fused.Trim(0.5, 1500)]]
+    got = native.merge(base, [x], [native.spec(steps[0])], [1.0], 1.0, True, True, True, 1.0, torch.float32)[
+        0
+    ]
+    expect = torch.where((torch.arange(5000) < 1500) & (x == 0.5), x, torch.zeros(()))
+    assert torch.equal(got, expect)
+
+
+@needs_native
+def test_native_l1_sums_and_counts_match_eager():
+    base, xs = _inputs(torch.bfloat16, n=70_000)
+    steps = _steps("dare", base, xs)
+    specs = [native.spec(s) for s in steps]
+    for (a, b), (c, d) in zip(fused.l1_sums(base, xs, steps, 0), native.l1_sums(base, xs, specs, 0)):
+        assert c == pytest.approx(a, rel=1e-9) and d == pytest.approx(b, rel=1e-9)
+    block = 4 * native.TILE
+    old = fused.BLOCK
+    try:
+        fused.BLOCK = block
+        for lo, hi in ((2.0**-6, 2.0**-6), (2.0**-6, 3 * 2.0**-6), (0.0, 0.0)):
+            above, per_block, _, _ = fused.band_counts(base, xs[0], lo, hi, gather=False)
+            assert native.band_counts(base, xs[0], lo, hi, block) == (above, per_block)
+    finally:
+        fused.BLOCK = old
+
+
+@needs_native
+def test_nan_input_raises_nonfinite():
+    base, xs = _inputs(torch.float32)
+    xs[1][123] = float("nan")
+    specs = [native.spec([]) for _ in xs]
+    with pytest.raises(fused.NonFinite):
+        native.merge(base, xs, specs, [1.0] * 3, 1.0, True, True, True, 1.0, torch.float32)
+
+
+def test_unknown_steps_and_dtypes_fall_back():
+    """What the native kernels cannot take is left to the eager ones: a float16 input, an unknown step,
+    two trims in a row."""
+    assert not native.supports(torch.zeros(3, dtype=torch.float16))
+    assert not native.supports(torch.zeros(4)[::2])
+    assert native.spec([lambda t, g0, g1: None]) is None
+    assert native.spec([fused.Trim(0.1, 0), fused.Trim(0.2, 0)]) is None
+
+
+def test_disabled_or_no_compiler_gives_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGE_CLI_NATIVE", "0")
+    monkeypatch.setattr(native, "_why", [])
+    assert native.lib.__wrapped__() is None
+    assert native.unavailable_reason() == "disabled by MERGE_CLI_NATIVE=0"
+    monkeypatch.setenv("MERGE_CLI_NATIVE", "1")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_why", [])
+    assert native.lib.__wrapped__() is None
+    assert "no-such-cc" in native.unavailable_reason()
+
+
+@needs_native
+def test_builds_into_the_cache_dir(monkeypatch, tmp_path):
+    """A fresh cache directory gets one library, reused by the next load."""
+    monkeypatch.setenv("MERGE_CLI_CACHE", str(tmp_path / "cache"))
+    so = native.lib.__wrapped__()
+    assert so is not None
+    built = list((tmp_path / "cache").glob("kernels-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert native.lib.__wrapped__() is not None
+    assert built[0].stat().st_mtime_ns == mtime
+    out = torch.empty(8)
+    so.mk_uniform(out.data_ptr(), 8, 0, 1, 2)
+    assert np.array_equal(out.numpy(), native.uniform(8, 0, 1, 2).numpy())
