@@ -61,10 +61,14 @@ def select_thresholds(
 
     The tensor is seen through `chunks()` ((flat offset, base, xs) in order: one whole chunk, or rows),
     `samples(i)` (a sample of |xs[i] - base| that brackets each threshold) and `region(i, g0, g1)` (base
-    and xs[i] over the flat range [g0, g1)). One blocked pass counts, per selection, the entries above the
-    bracket and those inside it per block; with quantised bf16 deltas the bracket usually collapses onto
-    the threshold value itself and the counts are the answer, else the in-band values are gathered. A
-    bracket that misses (rare) costs a radix selection (two passes) and one more counting pass: always exact."""
+    and xs[i] over the flat range [g0, g1)). On the native kernels, a histogram pass over the bracket's
+    float bits (native.narrow) resolves it to the exact value with its counts (or, for a bracket spanning
+    more than 65536 floats, to a bracket that narrow; one more pass then resolves that), and the tie cutoff
+    is found by reading up to the take_equal-th equal entry (native.nth_equal). Otherwise one blocked
+    pass counts, per selection, the entries above the bracket and those inside it per block; with quantised
+    bf16 deltas the bracket usually collapses onto the threshold value itself and the counts are the
+    answer, else the in-band values are gathered. A bracket that misses (rare) costs a radix selection (two
+    passes) and one more counting pass: always exact."""
     which = list(range(len(ks))) if which is None else which
     ts: list[Threshold | None] = []
     cuts = [n] * len(ks)
@@ -80,7 +84,11 @@ def select_thresholds(
     while todo:
         found = _count_pass(n, todo, ks, which, chunks)
         todo = {}
-        for j, (t, blocks, cut) in found.items():
+        for j, res in found.items():
+            if len(res) == 2:  # a narrower bracket (native histogram): again
+                todo[j] = res
+                continue
+            t, blocks, cut = res
             if t is None:  # the bracket missed: radix-select the value, then count its ties
                 value = _radix_value(which[j], ks[j], n, chunks)
                 todo[j] = (value, value)
@@ -92,8 +100,28 @@ def select_thresholds(
 
 
 def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks: Chunks) -> dict:
+    """Per selection j: (Threshold or None when the bracket missed, per-block in-band counts, tie cutoff or
+    None), or, on the native kernels, a narrower bracket (lo, hi) to resolve again."""
+    out: dict = {}
+    if native.lib() is not None:  # wide brackets: a histogram pass narrows them instead of gathering values
+        for j, (lo, hi) in list(todo.items()):
+            if hi < math.inf:
+                got = native.narrow(((b, xs[which[j]]) for _, b, xs in chunks()), max(lo, 0.0), hi, ks[j])
+                if got is native.UNSUPPORTED:
+                    continue
+                if got is None or len(got) == 2:  # missed, or narrower
+                    out[j] = got if got is not None else (None, [], None)
+                    continue
+                value, above, equal = got  # exact: the tie cutoff is found by reading up to it
+                t = Threshold(value, above, ks[j] - above, equal)
+                cut = None
+                if not t.keep_all_equal:
+                    pairs = ((b, xs[which[j]]) for _, b, xs in chunks())
+                    cut = native.nth_equal(pairs, value, t.take_equal) + 1
+                out[j] = (t, [], cut)
+        todo = {j: v for j, v in todo.items() if j not in out}
     acc = {j: [0, [], [], []] for j in todo}  # above, blocks (g0, g1, in-band), values, flat indices
-    for offset, b, xs in chunks():
+    for offset, b, xs in chunks() if todo else ():
         for j, (lo, hi) in todo.items():
             above, per_block, vals, idxs = _band_counts(b, xs[which[j]], lo, hi, lo != hi)
             a = acc[j]
@@ -105,7 +133,6 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
             ]
             a[2] += vals
             a[3] += [ix + offset for ix in idxs]
-    out = {}
     for j, (lo, hi) in todo.items():
         above, blocks, vals, idxs = acc[j]
         k = ks[j]

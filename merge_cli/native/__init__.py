@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from merge_cli import fused
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 # spec_t flags (kernels.c)
@@ -146,6 +147,10 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_l1_sums.restype = ctypes.c_int
     so.mk_band_counts.argtypes = [i64, vp, i32, vp, i32, f32, f32, i64, p64, p64]
     so.mk_band_counts.restype = ctypes.c_int
+    so.mk_band_hist.argtypes = [i64, vp, i32, vp, i32, f32, f32, i32, p64, p64]
+    so.mk_band_hist.restype = ctypes.c_int
+    so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64]
+    so.mk_nth_equal.restype = ctypes.c_int64
     return so
 
 
@@ -291,3 +296,72 @@ def band_counts(base, x, lo: float, hi: float, block: int) -> tuple[int, list[in
         )  # fmt: skip
     )
     return above.value, list(per)[: -(-n // block)]
+
+
+def _bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+UNSUPPORTED = object()
+
+
+def narrow(pairs, lo: float, hi: float, k: int):
+    """One pass over (base, x) pieces that narrows the bracket [lo, hi] (0 <= lo <= hi < inf) of the k-th
+    largest |x - base|, from a histogram of the in-band entries by their float bits (non-negative floats
+    order like their bits): at most 65536 buckets, so a bracket spanning fewer floats resolves to the exact
+    value. Returns (value, entries above it, entries equal to it) when exact, a narrower bracket (lo, hi)
+    otherwise, None when the k-th largest is not inside [lo, hi] (the bracket missed), UNSUPPORTED when a
+    piece is not something the native kernels take (the caller gathers instead)."""
+    lo_b, hi_b = _bits(lo), _bits(hi)
+    shift = max(0, (hi_b - lo_b).bit_length() - 16)
+    above = ctypes.c_int64()
+    hist = torch.zeros(((hi_b - lo_b) >> shift) + 1, dtype=torch.int64)
+    h = ctypes.cast(hist.data_ptr(), ctypes.POINTER(ctypes.c_int64))
+    for base, x in pairs:
+        if not supports(base, x):
+            return UNSUPPORTED
+        _check(
+            lib().mk_band_hist(
+                base.numel(),
+                base.data_ptr(),
+                DTYPES[base.dtype],
+                x.data_ptr(),
+                DTYPES[x.dtype],
+                lo,
+                hi,
+                shift,
+                ctypes.byref(above),
+                h,
+            )  # fmt: skip
+        )
+    need = k - above.value
+    from_top = hist.flip(0).cumsum(0)
+    if need <= 0 or need > int(from_top[-1]):
+        return None
+    r = int(torch.searchsorted(from_top, need))  # buckets from the top before the one holding the k-th
+    b = hist.numel() - 1 - r
+    b_lo = lo_b + (b << shift)
+    if shift == 0:
+        return _float(b_lo), above.value + (int(from_top[r - 1]) if r else 0), int(hist[b])
+    return _float(b_lo), _float(min(hi_b, b_lo + (1 << shift) - 1))
+
+
+def nth_equal(pairs, v: float, nth: int) -> int | None:
+    """The flat index (over the pieces in order) of the nth (1-based) entry with |x - base| == v, reading
+    only as far as it; None when there are fewer."""
+    offset = 0
+    for base, x in pairs:
+        seen = ctypes.c_int64()
+        n = base.numel()
+        at = lib().mk_nth_equal(
+            n, base.data_ptr(), DTYPES[base.dtype], x.data_ptr(), DTYPES[x.dtype], v, nth, ctypes.byref(seen)
+        )
+        if at >= 0:
+            return offset + at
+        nth -= seen.value
+        offset += n
+    return None

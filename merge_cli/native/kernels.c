@@ -67,9 +67,26 @@ static inline uint32_t draw_bits(uint64_t j, uint32_t k0, uint32_t k1) {
     return mix32(x + (k1 ^ ((uint32_t)(j >> 32) * 0x9e3779b9u)));
 }
 
+/* The top 24 bits of the draws of positions start..start+n-1 (n <= TILE). Within 2^32 positions the high
+ * half of the counter is one constant, and the loop runs on 32-bit lanes. */
+static void draw_tile(uint32_t *restrict u, int64_t n, int64_t start, uint32_t k0, uint32_t k1) {
+    uint32_t lo = (uint32_t)start;
+    if ((uint64_t)lo + (uint64_t)n <= 0x100000000ull) {
+        uint32_t k1h = k1 ^ ((uint32_t)((uint64_t)start >> 32) * 0x9e3779b9u);
+        for (int64_t j = 0; j < n; j++) u[j] = mix32(mix32((lo + (uint32_t)j) ^ k0) + k1h) >> 8;
+    } else {
+        for (int64_t j = 0; j < n; j++) u[j] = draw_bits((uint64_t)(start + j), k0, k1) >> 8;
+    }
+}
+
 /* u = (bits >> 8) * 2^-24, so u < d  <=>  (bits >> 8) < ceil(d * 2^24): callers pass that bound. */
 void mk_uniform(float *out, int64_t n, int64_t start, uint32_t k0, uint32_t k1) {
-    for (int64_t j = 0; j < n; j++) out[j] = (float)(draw_bits((uint64_t)(start + j), k0, k1) >> 8) * 0x1p-24f;
+    uint32_t u[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        draw_tile(u, k, start + s, k0, k1);
+        for (int64_t j = 0; j < k; j++) out[s + j] = (float)u[j] * 0x1p-24f;
+    }
 }
 
 /* -- sparsify steps of one model ------------------------------------------------------------------------ */
@@ -98,10 +115,10 @@ static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s) 
         }
     }
     if (f & DARE) {
-        for (int64_t j = 0; j < n; j++) {
-            float keep = (draw_bits((uint64_t)(g0 + j), s->k0, s->k1) >> 8) < s->bound ? 1.0f : 0.0f;
-            t[j] = t[j] * keep;
-        }
+        uint32_t u[TILE];
+        draw_tile(u, n, g0, s->k0, s->k1);
+        const uint32_t bound = s->bound;
+        for (int64_t j = 0; j < n; j++) t[j] = t[j] * (u[j] < bound ? 1.0f : 0.0f);
         if (f & MUL)
             for (int64_t j = 0; j < n; j++) t[j] = t[j] * s->scale;
         if (f & DIV)
@@ -265,4 +282,62 @@ int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, i
     *above += up;
     free(buf);
     return 0;
+}
+
+/* A histogram of the entries of |x - base| inside [lo, hi] (0 <= lo <= hi) by their float bits:
+ * hist[(bits(a) - bits(lo)) >> shift] (the caller sizes shift so the range fits its histogram; for
+ * non-negative floats the bits order like the values), plus how many entries lie above hi. It narrows a
+ * top-k bracket without gathering the values. */
+int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
+                 int32_t shift, int64_t *above, int64_t *hist) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict t = buf + STRIDE;
+    uint32_t lo_bits;
+    memcpy(&lo_bits, &lo, 4);
+    int64_t up = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        load(t, x, x_dtype, s, k);
+        int32_t c_up = 0;
+        for (int64_t j = 0; j < k; j++) {
+            t[j] = fabsf(t[j] - bb[j]);
+            c_up += t[j] > hi;
+        }
+        up += c_up;
+        for (int64_t j = 0; j < k; j++) {
+            float a = t[j];
+            if (a >= lo && a <= hi) {
+                uint32_t u;
+                memcpy(&u, &a, 4);
+                hist[(u - lo_bits) >> shift]++;
+            }
+        }
+    }
+    *above += up;
+    free(buf);
+    return 0;
+}
+
+/* The flat index of the nth (1-based) entry with |x - base| == v, scanning from the start and stopping
+ * there; -1 when there are fewer, with *seen the number met (the caller goes on in the next piece). */
+int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float v, int64_t nth,
+                     int64_t *seen) {
+    float bb[TILE], t[TILE];
+    int64_t met = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        load(t, x, x_dtype, s, k);
+        int32_t c = 0;
+        for (int64_t j = 0; j < k; j++) c += fabsf(t[j] - bb[j]) == v;
+        if (met + c >= nth) {
+            for (int64_t j = 0; j < k; j++)
+                if (fabsf(t[j] - bb[j]) == v && ++met == nth) return s + j;
+        }
+        met += c;
+    }
+    *seen = met;
+    return -1;
 }
