@@ -203,3 +203,30 @@ def test_builds_into_the_cache_dir(monkeypatch, tmp_path):
     out = torch.empty(8)
     so.mk_uniform(out.data_ptr(), 8, 0, 1, 2)
     assert np.array_equal(out.numpy(), native.uniform(8, 0, 1, 2).numpy())
+
+
+@needs_native
+@pytest.mark.parametrize("quantised", [True, False])
+def test_narrow_finds_the_kth_largest_with_its_counts(quantised):
+    """The histogram pass narrows a bracket onto the k-th largest |x - base| (checked against a sort):
+    an exact answer carries the right counts above and equal; a narrower bracket still holds the value; a
+    bracket that misses says so. Pieces (row chunks) give the same answer as the whole."""
+    base, xs = _inputs(torch.bfloat16, n=50_000, quantised=quantised, seed=4)
+    a = (xs[0].float() - base.float()).abs()
+    srt = torch.sort(a, descending=True).values
+    pieces = [(base[i : i + 7000], xs[0][i : i + 7000]) for i in range(0, 50_000, 7000)]
+    for k in (1, 37, 5_000, 25_000, 49_999):
+        kth = float(srt[k - 1])
+        lo, hi = float(srt[min(k + 400, 49_999)]), float(srt[max(k - 400, 0)])
+        for pairs in ([(base, xs[0])], pieces):
+            got = native.narrow(pairs, lo, hi, k)
+            while len(got) == 2:  # narrower: go on until exact
+                assert got[0] <= kth <= got[1]
+                got = native.narrow(pairs, got[0], got[1], k)
+            value, above, equal = got
+            assert value == kth
+            assert above == int((a > kth).sum()) and equal == int((a == kth).sum())
+            if k < 49_000:  # a bracket above the k-th largest misses
+                assert native.narrow(pairs, float(srt[0]) * 2 + 1, float(srt[0]) * 2 + 2, k) is None
+        idx = native.nth_equal(pieces, kth, 1)
+        assert idx == int(torch.nonzero(a == kth)[0])

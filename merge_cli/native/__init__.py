@@ -316,6 +316,14 @@ def narrow(pairs, lo: float, hi: float, k: int):
     value. Returns (value, entries above it, entries equal to it) when exact, a narrower bracket (lo, hi)
     otherwise, None when the k-th largest is not inside [lo, hi] (the bracket missed), UNSUPPORTED when a
     piece is not something the native kernels take (the caller gathers instead)."""
+    if lo == hi:  # one value: a plain count (vectorised) says whether it is the k-th largest
+        above = equal = 0
+        for base, x in pairs:
+            if not supports(base, x):
+                return UNSUPPORTED
+            a, per = band_counts(base, x, lo, hi, max(TILE, -(-base.numel() // TILE) * TILE))
+            above, equal = above + a, equal + sum(per)
+        return (lo, above, equal) if above < k <= above + equal else None
     lo_b, hi_b = _bits(lo), _bits(hi)
     shift = max(0, (hi_b - lo_b).bit_length() - 16)
     above = ctypes.c_int64()

@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define TILE 1024
 #define STRIDE (TILE + 80) /* buffers TILE apart would alias in the L1 cache (4 KB strides) */
@@ -306,13 +309,34 @@ int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int
             c_up += t[j] > hi;
         }
         up += c_up;
+        /* compact the in-band values (branch-free: a store per entry, the index advances only in band),
+         * then count only those into the histogram */
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+        int64_t j = 0;
+        for (; j + 16 <= k; j += 16) {
+            __m512 v = _mm512_loadu_ps(t + j);
+            __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
+            _mm512_storeu_ps(t + c, _mm512_maskz_compress_ps(in, v)); /* c <= j: never past what is read */
+            c += __builtin_popcount((unsigned)in);
+        }
+        for (; j < k; j++) {
+            float a = t[j];
+            t[c] = a;
+            c += (a >= lo) & (a <= hi);
+        }
+#else
         for (int64_t j = 0; j < k; j++) {
             float a = t[j];
-            if (a >= lo && a <= hi) {
-                uint32_t u;
-                memcpy(&u, &a, 4);
-                hist[(u - lo_bits) >> shift]++;
-            }
+            t[c] = a;
+            c += (a >= lo) & (a <= hi);
+        }
+#endif
+        for (int64_t j = 0; j < c; j++) {
+            uint32_t u;
+            memcpy(&u, &t[j], 4);
+            hist[(u - lo_bits) >> shift]++;
         }
     }
     *above += up;
