@@ -183,7 +183,8 @@ def run(
     ),
     fused: str = typer.Option(
         "auto",
-        help="Cache-blocked CPU kernels for linear/task_arithmetic/ties (bitwise equal to the plain ones): auto/on, off.",
+        help="Fast CPU kernels for linear, task_arithmetic, ties, dare_* and breadcrumbs* (native C when a compiler is "
+        "found, else cache-blocked torch; bitwise equal to the plain ones): auto/on, off.",
     ),
     resume: bool = typer.Option(
         False, help="Continue an interrupted run into OUT_DIR, reusing its completed, verified shards."

@@ -65,6 +65,7 @@ class EngineResult:
     bytes_read: int = 0
     bytes_written: int = 0
     device: str = "cpu"
+    kernels: str = "plain"  # plain torch, or on the CPU: native (merge_cli/native) / eager blocked (fused.py)
     max_memory: int = 0
     chunked: list[str] = field(default_factory=list)
     stats_passes: list[dict[str, Any]] = field(
@@ -488,6 +489,11 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
     compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
+    if compute.fused:
+        from merge_cli import native
+
+        why = native.unavailable_reason() if native.lib() is None else None
+        result.kernels = "native" if why is None else f"eager blocked ({why})"
     if opts.threads:
         torch.set_num_threads(opts.threads)
     elif compute.fused and all_blocked(plan):

@@ -88,6 +88,7 @@ def execute(
         engine = {
             "seconds": round(result.seconds, 3),
             "device": result.device,
+            "kernels": result.kernels,
             "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written,
             "shards_reused": run.reused,

@@ -332,3 +332,20 @@ def test_chunked_ties_with_a_missed_bracket_is_still_exact(tmp_path, monkeypatch
     assert res.engine.chunked == ["model.embed_tokens.weight"]
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+def test_report_names_the_kernels_that_ran(tmp_path, monkeypatch):
+    """The engine says which CPU kernels merged: native, eager blocked (with why), or plain (--fused off)."""
+    from merge_cli import native
+
+    m = _models(tmp_path)
+    recipe = _recipe(tmp_path, m, "ties", "{density: 0.5}", "{}")
+    _, _, res = _merge(tmp_path, recipe, "plain", fused="off")
+    assert res.engine.kernels == "plain"
+    if native.lib() is not None:
+        _, _, res = _merge(tmp_path, recipe, "native", fused="on")
+        assert res.engine.kernels == "native"
+    monkeypatch.setattr(native, "lib", lambda: None)
+    monkeypatch.setattr(native, "_why", ["no C compiler found (set CC)"])
+    _, _, res = _merge(tmp_path, recipe, "eager", fused="on")
+    assert res.engine.kernels == "eager blocked (no C compiler found (set CC))"
