@@ -43,6 +43,17 @@ static void load(float *restrict dst, const void *src, int dtype, int64_t start,
     }
 }
 
+/* t = x[start..] - bb, the conversion fused into the subtraction */
+static void load_tau(float *restrict t, const void *x, int dtype, int64_t start, int64_t n, const float *restrict bb) {
+    if (dtype == F32) {
+        const float *restrict s = (const float *)x + start;
+        for (int64_t j = 0; j < n; j++) t[j] = s[j] - bb[j];
+    } else {
+        const uint16_t *restrict s = (const uint16_t *)x + start;
+        for (int64_t j = 0; j < n; j++) t[j] = bf16_to_f32(s[j]) - bb[j];
+    }
+}
+
 static void store(void *dst, int dtype, int64_t start, const float *restrict src, int64_t n) {
     if (dtype == F32) {
         memcpy((float *)dst + start, src, (size_t)n * 4);
@@ -180,22 +191,26 @@ int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_
         load(bb, base, base_dtype, s, k);
         for (int32_t i = 0; i < m; i++) {
             float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
-            load(t, xs[i], x_dtypes[i], s, k);
-            for (int64_t j = 0; j < k; j++) t[j] = t[j] - bb[j];
+            load_tau(t, xs[i], x_dtypes[i], s, k, bb);
             sq[i] += sumsq(t, k);
             sparsify(t, k, g0, &specs[i]);
             int32_t c = 0;
             const float wi = w[i];
-            for (int64_t j = 0; j < k; j++) {
-                c += t[j] != 0.0f;
-                wt[j] = t[j] * wi;
+            const int by_w = weighted || !consensus; /* the election (or the sum) adds w_i tau_i, else tau_i */
+            if (i == 0) {
+                for (int64_t j = 0; j < k; j++) {
+                    c += t[j] != 0.0f;
+                    wt[j] = t[j] * wi;
+                    acc[j] = by_w ? wt[j] : t[j];
+                }
+            } else {
+                for (int64_t j = 0; j < k; j++) {
+                    c += t[j] != 0.0f;
+                    wt[j] = t[j] * wi;
+                    acc[j] = acc[j] + (by_w ? wt[j] : t[j]);
+                }
             }
             kept[i] += c;
-            const float *restrict add = (weighted || !consensus) ? wt : t;
-            if (i == 0)
-                memcpy(acc, add, (size_t)k * 4);
-            else
-                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + add[j];
         }
         if (consensus) {
             for (int64_t j = 0; j < k; j++) {
@@ -249,8 +264,7 @@ int mk_l1_sums(int64_t n, int64_t offset, const void *base, int base_dtype, int3
         int64_t k = n - s < TILE ? n - s : TILE;
         load(bb, base, base_dtype, s, k);
         for (int32_t i = 0; i < m; i++) {
-            load(t, xs[i], x_dtypes[i], s, k);
-            for (int64_t j = 0; j < k; j++) t[j] = t[j] - bb[j];
+            load_tau(t, xs[i], x_dtypes[i], s, k, bb);
             sums[2 * i] += sumabs(t, k);
             sparsify(t, k, offset + s, &specs[i]);
             sums[2 * i + 1] += sumabs(t, k);
