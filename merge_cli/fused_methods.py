@@ -9,6 +9,7 @@ becomes a flat-index cutoff the kernels can test block by block.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -185,6 +186,7 @@ def whole_views(base, xs):
     fb = base.reshape(-1)
     step = max(1, n // SAMPLE)
 
+    @functools.cache  # breadcrumbs brackets two thresholds per model from one sample
     def samples(i: int) -> torch.Tensor:
         return (xs[i].reshape(-1)[::step].to(torch.float32) - fb[::step].to(torch.float32)).abs()
 
