@@ -33,7 +33,9 @@ FUSED_METHODS = (
 
 
 def run_linear(base, xs, weights, p: ParamSet, out_dtype):
-    divisor = float(sum(weights)) if p.normalize else 1.0
+    from merge_cli.methods.linear import divisor as linear_divisor
+
+    divisor = linear_divisor(weights, getattr(p, "numerics", "exact"), torch.float32) if p.normalize else 1.0
     return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype)
 
 
