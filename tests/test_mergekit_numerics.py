@@ -409,7 +409,7 @@ def test_linear_mergekit_divisor_is_the_fp32_sum_of_fp32_weights():
 
     from merge_cli import fused_methods
 
-    w = [0.1, 0.7, 0.3]
+    w = [0.1, 0.1, 0.15]
     f32 = np.float32(w[0]) + np.float32(w[1]) + np.float32(w[2])  # fp32 sum of fp32 weights
     assert float(f32) != float(np.float32(sum(w)))  # the two divisors differ: the test can tell them apart
     g = torch.Generator().manual_seed(11)
@@ -584,7 +584,8 @@ def test_model_stock_mergekit_is_mergekits_arithmetic_bitwise(dtype):
     assert mk.dtype == dtype and torch.equal(mk, _mk_model_stock(base, xs))
     ex, ex_stats = run_kernel("model_stock", base, xs, clamp_cos=False)
     assert stats["t"] == pytest.approx(ex_stats["t"], rel=1e-2 if dtype == torch.bfloat16 else 1e-5)
-    assert not torch.equal(mk, ex)
+    if dtype == torch.bfloat16:  # the models' running sum in bf16 against the fp32-accumulated mean
+        assert not torch.equal(mk, ex)
 
 
 def test_model_stock_mergekit_hand_computed():
@@ -669,7 +670,9 @@ def test_sce_mergekit_is_mergekits_arithmetic_bitwise(dtype, select_topk):
     base, xs = _quantised(dtype, seed=17)
     out, stats = run_kernel("sce", base, xs, numerics="mergekit", select_topk=select_topk)
     assert out.dtype == dtype and torch.equal(out, _mk_sce(base, xs, select_topk))
-    _, ex_stats = run_kernel("sce", base, xs, select_topk=select_topk)
-    assert stats["weights"] == pytest.approx(
-        ex_stats["weights"], rel=1e-2 if dtype == torch.bfloat16 else 1e-5
-    )
+    ex, ex_stats = run_kernel("sce", base, xs, select_topk=select_topk)
+    if select_topk == 1.0:  # the same entries: weights agree to the compute dtype's rounding
+        rel = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert stats["weights"] == pytest.approx(ex_stats["weights"], rel=rel)
+    else:  # tied variances at the top-k threshold: torch.topk's choice is not the lowest index
+        assert not torch.equal(out, ex)

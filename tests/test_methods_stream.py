@@ -106,4 +106,5 @@ def test_chunked_equals_whole(models, tmp_path, method, params):
     )
     for key in keys:
         if key in reports["whole"][EMB]:
-            assert reports["chunked"][EMB][key] == pytest.approx(reports["whole"][EMB][key], rel=1e-9), key
+            rel = 1e-5 if params.get("numerics") == "mergekit" else 1e-9  # whole: coefficients in fp32
+            assert reports["chunked"][EMB][key] == pytest.approx(reports["whole"][EMB][key], rel=rel), key

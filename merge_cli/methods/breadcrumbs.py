@@ -12,6 +12,10 @@ Naming: the reference repo calls the kept fraction `top_k_keep` (beta) and the r
 alpha (tuned on 8 vision tasks, start 0.2); our `lambda` defaults to 1 as in task_arithmetic here.
 breadcrumbs = sum of the sparse task vectors; breadcrumbs_ties adds TIES sign consensus (a sum of agreeing
 entries unless `normalize`).
+
+`numerics: mergekit` (the default of mergekit-format recipes; granularity tensor) cuts the band from torch's
+ascending sort of |tau| in fp32, as mergekit 0.1.5 does, so magnitudes tied at either edge fall as the sort
+orders them (row-chunked tensors: lowest index).
 """
 
 from __future__ import annotations

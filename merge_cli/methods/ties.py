@@ -6,6 +6,12 @@ paper), unless `weighted_election` is set (mergekit elects on the weighted sum);
 exactly 0 counts as positive. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max over
 the entries that agree with the elected sign. Huge tensors are merged in row chunks with an exact
 streamed threshold (two radix passes), bitwise equal to the whole-tensor result.
+
+The sums over models (election, disjoint sum, divisor) are formed by weighted_sum: products in the compute
+dtype, accumulated in fp32 for bf16/fp16 and rounded once (mergekit's stacked torch.sum). `numerics:
+mergekit` (the default of mergekit-format recipes) trims as mergekit 0.1.5 does: the first
+max(1, int(density * n)) entries of torch's descending argsort of |tau| in fp32, so magnitudes tied at the
+threshold fall as torch's sort orders them (row-chunked tensors: lowest index).
 """
 
 from __future__ import annotations
