@@ -15,7 +15,11 @@ in its own virtual environment, `.venv-mergekit/`, see mergekit_env.py) and thro
   (elements that differ from the base) and the norm of the merged delta; pass when the kept fractions
   agree within 5 sampling standard deviations and the delta norms within 2 %.
 
-Writes .parity/<dtype>/... and prints a markdown table (also saved to .parity/parity.md and .json).
+Rows `bfloat16-asis` (bf16 checkpoints, recipes without `dtype`: mergekit computes in bf16, merge-cli in
+fp32, a chosen difference) go to a table of their own and do not count towards the pass/fail exit code;
+a row there that misses the bar reads "differs (fp32 compute)" (a crash or a tensor-name mismatch still fails).
+
+Writes .parity/<dtype>/... and prints the markdown tables (also saved to .parity/parity.md and .json).
 
     python benchmarks/parity.py [--dtypes float32,bfloat16,bfloat16-asis] [--cases ties,linear]
 """
@@ -477,6 +481,19 @@ def compare(row: dict, mk_out: Path, mc_out: Path, paths: dict, text: str) -> di
 
 
 def table(rows: list[dict]) -> str:
+    """The measured rows, then (when there are any) the chosen-difference rows (bfloat16-asis) apart."""
+    main = [r for r in rows if not r["dtype"].endswith("-asis")]
+    asis = [r for r in rows if r["dtype"].endswith("-asis")]
+    parts = [_table(main)] if main else []
+    if asis:
+        parts.append(
+            "Chosen difference, not part of the pass criterion: bf16 checkpoints and recipes without `dtype`"
+            " (mergekit computes in bf16, merge-cli in fp32 and rounds once).\n\n" + _table(asis)
+        )
+    return "\n\n".join(parts)
+
+
+def _table(rows: list[dict]) -> str:
     out = ["| inputs | case | method | result | within 1 ulp of the output (flips) / kept fraction | within 1 / 4 ulp at the inputs' scale (max) | max abs diff / delta norm diff |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -519,6 +536,8 @@ def main() -> int:
         paths = generate(args.work / "models" / inputs, DTYPES[inputs])
         for case in cases:
             row = {"dtype": dname, **run_case(case, paths, args.work / dname, mk_exe, key, args.reuse)}
+            if dname.endswith("-asis") and row["status"].startswith("FAIL: numbers differ"):
+                row["status"] = "differs (fp32 compute)"  # the chosen difference: not a failure
             print(f"{dname:9s} {row['case']:18s} {row['status']}", flush=True)
             rows.append(row)
     md = table(rows)
@@ -526,7 +545,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "parity.md").write_text(md + "\n")
     (args.work / "parity.json").write_text(json.dumps(rows, indent=1) + "\n")
-    ran = [r for r in rows if not r["status"].startswith("skipped")]
+    ran = [r for r in rows if not r["status"].startswith(("skipped", "differs (fp32 compute)"))]
     return 0 if all(r["status"].startswith("pass") for r in ran) else 1
 
 

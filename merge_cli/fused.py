@@ -58,7 +58,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: torch.dtype):
-    """sum_i w_i * x_i / divisor, in fp32. Returns (output, NaN/Inf count of each input)."""
+    """sum_i w_i * x_i / divisor, in fp32, each product fused into its add (add_ with alpha is an fma on the
+    CPU, as the plain kernel's addcmul). Returns (output, NaN/Inf count of each input)."""
     flat = [_flat(x) for x in xs]
     n = flat[0].numel()
     out = torch.empty(n, dtype=out_dtype)
@@ -68,7 +69,8 @@ def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: to
         acc, tmp = acc_b[: e - s], tmp_b[: e - s]
         acc.copy_(flat[0][s:e]).mul_(w[0])
         for i in range(1, len(flat)):
-            acc.add_(tmp.copy_(flat[i][s:e]).mul_(w[i]))
+            x = flat[i][s:e]  # bf16/fp16 widen exactly; a float64 input is rounded to fp32 first, as in prep
+            acc.add_(tmp.copy_(x) if x.dtype == torch.float64 else x, alpha=w[i])
         total += float(acc.sum())  # a NaN/Inf input makes this non-finite
         if divisor != 1.0:
             acc.div_(divisor)

@@ -33,7 +33,9 @@ FUSED_METHODS = (
 
 
 def run_linear(base, xs, weights, p: ParamSet, out_dtype):
-    divisor = float(sum(weights)) if p.normalize else 1.0
+    from merge_cli.methods.linear import divisor as linear_divisor
+
+    divisor = linear_divisor(weights, getattr(p, "numerics", "exact"), torch.float32) if p.normalize else 1.0
     return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype)
 
 
@@ -376,11 +378,17 @@ def _merge_stats(stats: dict[str, Any], res, n: int) -> torch.Tensor:
     return out
 
 
+def _sorted_selection(p: ParamSet) -> bool:
+    """numerics: mergekit: magnitude selections cut where torch's sort puts them (ties.trim_sorted,
+    breadcrumbs.sorted_band), not by the lowest-index rule of these kernels."""
+    return getattr(p, "numerics", "exact") == "mergekit"
+
+
 def applies(method: str, p: ParamSet) -> bool:
     if method == "ties":
         return p.merge_func in ("mean", "sum")
-    if method in GTA_METHODS:
-        return gta_applies(method, p)
+    if method in GTA_METHODS:  # breadcrumbs with mergekit's sorted band: the plain kernels
+        return gta_applies(method, p) and not (method.startswith("breadcrumbs") and _sorted_selection(p))
     return method in FUSED_METHODS
 
 
@@ -396,7 +404,14 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
     if method == "task_arithmetic":
         return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
     if method == "ties":
-        res = run_ties(base, xs, weights, p, out_dtype, trims(*ties_thresholds(base, xs, p.density)))
+        ts, cuts = ties_thresholds(base, xs, p.density)
+        if _sorted_selection(p) and any(
+            (t is not None and not t.keep_all_equal)
+            or 0 == int(d * base.numel()) < d * base.numel() < base.numel()
+            for t, d in zip(ts, p.density)
+        ):  # the sort would choose among threshold-equal entries (or keep one of none): the plain kernel
+            return None
+        res = run_ties(base, xs, weights, p, out_dtype, trims(ts, cuts))
         return _merge_stats(stats, res, base.numel())
     steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs), pre)
     return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps), base.numel())

@@ -55,6 +55,7 @@ def _merge(tmp_path, recipe, label: str, **options):
         ("ties", "{density: 0.3}", "{}"),
         ("ties", "{density: 0.7}", "{merge_func: max, weighted_election: true}"),
         ("linear", "{weight: 0.6}", "{}"),
+        ("linear", "{weight: 0.7}", "{numerics: mergekit}"),
         ("task_arithmetic", "{weight: 0.5}", "{lambda: 0.7}"),
     ],
 )
@@ -130,6 +131,7 @@ def test_cuda_matches_cpu(tmp_path):
         ("ties", "{density: 0.3, weight: 0.7}", "{}"),
         ("ties", "{density: 0.6}", "{merge_func: sum, weighted_election: true, lambda: 0.8}"),
         ("linear", "{weight: 0.6}", "{}"),
+        ("linear", "{weight: 0.7}", "{numerics: mergekit}"),
         ("task_arithmetic", "{weight: 0.5}", "{lambda: 0.7}"),
     ],
 )
@@ -150,6 +152,19 @@ def test_fused_kernels_are_bitwise_equal_to_eager_whole_and_chunked(tmp_path, me
                         name,
                         key,
                     )
+
+
+def test_fused_ties_with_mergekit_selection_equals_eager(tmp_path):
+    """numerics: mergekit: the blocked kernel gives the plain kernel's bits, whole (it hands tensors whose
+    threshold magnitudes tie to the plain kernel, which sorts) and in row chunks (both: lowest index)."""
+    m = _models(tmp_path)
+    top = "{numerics: mergekit, weighted_election: true}"
+    recipe = _recipe(tmp_path, m, "ties", "{density: 0.3, weight: 0.7}", top, params_for_both=False)
+    for label, budget in (("whole", 1 << 30), ("chunked", 600_000)):
+        ref, _, _ = _merge(tmp_path, recipe, f"eager_{label}", max_memory=budget, fused="off")
+        got, _, _ = _merge(tmp_path, recipe, f"fused_{label}", max_memory=budget, fused="on")
+        for name in ref:
+            assert torch.equal(ref[name], got[name]), (label, name)
 
 
 def _bad_source_error(tmp_path, method: str, tensor: str, at, value: float, **options) -> str:

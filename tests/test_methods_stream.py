@@ -59,6 +59,10 @@ CASES = [
     ("arcee_fusion", {"numerics": "mergekit"}),
     ("karcher", {"numerics": "mergekit"}),
     ("multislerp", {"numerics": "mergekit"}),
+    ("model_stock", {"numerics": "mergekit"}),
+    ("nuslerp", {"numerics": "mergekit"}),
+    ("nuslerp", {"nuslerp_flatten": False, "numerics": "mergekit"}),
+    ("sce", {"numerics": "mergekit"}),
 ]
 
 
@@ -83,7 +87,9 @@ def test_chunked_equals_whole(models, tmp_path, method, params):
         assert torch.equal(a != 0, b != 0)
     if method in ("ram", "ramplus_tl", "nearswap", "breadcrumbs", "breadcrumbs_ties", "arcee_fusion"):
         assert torch.equal(a, b)
-    elif method in ("karcher", "multislerp") and params.get("numerics") == "mergekit":
+    elif method == "nuslerp" and params == {"nuslerp_flatten": False, "numerics": "mergekit"}:
+        assert torch.equal(a, b)  # per vector along the last dim: mergekit's form on each chunk too
+    elif params.get("numerics") == "mergekit":
         # chunked: the exact coefficients; whole: mergekit's fp32 arithmetic, whose fp32 norms of a
         # 96,000-element tensor are off by ~1e-5 relative (as mergekit's own)
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * float(a.abs().max()))
@@ -100,4 +106,5 @@ def test_chunked_equals_whole(models, tmp_path, method, params):
     )
     for key in keys:
         if key in reports["whole"][EMB]:
-            assert reports["chunked"][EMB][key] == pytest.approx(reports["whole"][EMB][key], rel=1e-9), key
+            rel = 1e-5 if params.get("numerics") == "mergekit" else 1e-9  # whole: coefficients in fp32
+            assert reports["chunked"][EMB][key] == pytest.approx(reports["whole"][EMB][key], rel=rel), key

@@ -41,7 +41,7 @@ def recipe_file(tmp_path, text: str):
         ),
         (
             "base_model: a\nmodels: [b]\nmethod: ties\nparameters: {lamda: 1}\n",
-            "{p}:4: unknown parameter 'lamda' for ties (did you mean 'lambda'?); known: density, granularity, lambda, merge_func, topk, weight, weighted_election",
+            "{p}:4: unknown parameter 'lamda' for ties (did you mean 'lambda'?); known: density, granularity, lambda, merge_func, numerics, topk, weight, weighted_election",
         ),
         (
             "base_model: a\nmodels: [b]\nmethod: ties\noverrides:\n  - match: atention\n",

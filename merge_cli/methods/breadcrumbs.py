@@ -12,6 +12,10 @@ Naming: the reference repo calls the kept fraction `top_k_keep` (beta) and the r
 alpha (tuned on 8 vision tasks, start 0.2); our `lambda` defaults to 1 as in task_arithmetic here.
 breadcrumbs = sum of the sparse task vectors; breadcrumbs_ties adds TIES sign consensus (a sum of agreeing
 entries unless `normalize`).
+
+`numerics: mergekit` (the default of mergekit-format recipes; granularity tensor) cuts the band from torch's
+ascending sort of |tau| in fp32, as mergekit 0.1.5 does, so magnitudes tied at either edge fall as the sort
+orders them (row-chunked tensors: lowest index).
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods import gta
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 
 PAPER = (
     "Davari, Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
@@ -45,6 +57,11 @@ class BreadcrumbsParams(MethodParams):
     )
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     int8_mask: bool = Field(False, description="accepted for mergekit recipes; no effect")
+    numerics: Numerics = numerics_param(
+        "band edges' ties broken by lowest index",
+        "granularity tensor: the band cut from torch's ascending sort of |tau|, ties as torch's sort orders"
+        " them, as mergekit 0.1.5, to match its output bits (row-chunked tensors: lowest index)",
+    )
 
 
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -59,8 +76,21 @@ def breadcrumbs_keep(i: int, tau: torch.Tensor, p: ParamSet, ctx: TensorCtx):
     d, g = p.density[i], p.gamma[i]
     if d >= 1.0 or tau.numel() == 0 or (p.granularity == "row" and tau.dim() == 0):
         return None, None
+    if p.granularity == "tensor" and getattr(p, "numerics", "exact") == "mergekit":
+        return sorted_band(tau, d, g), None
     scores = tau.abs().reshape(-1, tau.shape[-1]) if p.granularity == "row" else tau.abs().reshape(1, -1)
     return gta.band_mask(scores, *band_counts(scores.shape[1], d, g)).reshape(tau.shape), None
+
+
+def sorted_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's band (numerics: mergekit): in torch.sort's ascending order of the fp32 magnitudes, skip the
+    n - k_hi smallest and keep the next int(density * n); ties at either edge fall as the sort orders them."""
+    n = tau.numel()
+    k_hi, _ = band_counts(n, density, gamma)
+    order = torch.sort(tau.abs().reshape(-1).float()).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+    mask[order[n - k_hi : n - k_hi + int(density * n)]] = True
+    return mask.reshape(tau.shape)
 
 
 def breadcrumbs_band(i: int, p: ParamSet, shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -70,7 +100,7 @@ def breadcrumbs_band(i: int, p: ParamSet, shape: tuple[int, ...]) -> tuple[int, 
     return band_counts(math.prod(shape), p.density[i], p.gamma[i])
 
 
-_MK = {"density": 1.0, "gamma": 0.01, "granularity": "tensor"}
+_MK = {"density": 1.0, "gamma": 0.01, "granularity": "tensor", "numerics": "mergekit"}
 
 BREADCRUMBS = MethodSpec(
     name="breadcrumbs",

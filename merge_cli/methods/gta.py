@@ -28,7 +28,8 @@ import torch
 
 from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
 from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask_2d
-from merge_cli.methods.ties import disjoint_merge, elect_sign, trim
+from merge_cli.methods.task_arithmetic import weighted_sum
+from merge_cli.methods.ties import disjoint_merge, elect, trim
 
 Rescale = Literal["inv_p", "l1", "none"]
 L1_EPS = 1e-7
@@ -91,12 +92,13 @@ def combine(
     stats["numel"] += base.numel()
     if consensus:
         # agreement on sign(w_i tau~_i) as in mergekit: pass sign(w_i) tau~_i with weights |w_i|
-        total = sum(s * w for s, w in zip(sparse, weights, strict=True))
+        # sums by weighted_sum: products in the compute dtype, fp32 accumulation in bf16 (mergekit's rounding)
+        sign = elect(sparse, weights, True)
         signed = [s if w >= 0 else -s for s, w in zip(sparse, weights, strict=True)]
         how = "mean" if normalize else "sum"
-        mixed = disjoint_merge(signed, [abs(w) for w in weights], elect_sign(total.unsqueeze(0)), how, stats)
+        mixed = disjoint_merge(signed, [abs(w) for w in weights], sign, how, stats)
     else:
-        mixed = sum(s * w for s, w in zip(sparse, weights, strict=True))
+        mixed = weighted_sum(sparse, list(weights), base)
         for i, s in enumerate(sparse):
             stats["kept"][i] += int(torch.count_nonzero(s))
         if normalize:

@@ -1,16 +1,39 @@
-"""Linear average: model soups, checkpoint averaging (METHODS.md §1)."""
+"""Linear average: model soups, checkpoint averaging (METHODS.md §1).
+
+    theta = sum_i w_i theta_i / sum_i w_i      (the division only with normalize)
+
+The sum is accumulated in fp32 (float64 for float64 inputs) with each product fused into its add (one
+rounding per model, none for the product; w_i rounded to the accumulator dtype), divided there, and
+rounded once to the compute dtype: for bf16/fp16 compute this is far more accurate than adding in the
+half dtype, and it is mergekit's order (addcmul into an fp32 buffer). The blocked CPU kernel (fused.py)
+does the same operations. `numerics` only changes the divisor: exact, the float64 sum of the weights
+(rounded once); mergekit, the fp32 sum of the fp32-rounded weights, as mergekit forms it.
+"""
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
+from merge_cli.methods.task_arithmetic import weighted_sum
 
 
 class LinearParams(MethodParams):
     weight: float = per_model(1.0, description="weight of this model in the average")
     normalize: bool = Field(True, description="divide by the sum of weights (a weighted mean)")
+    numerics: Numerics = numerics_param(
+        "normalize divides by the float64 sum of the weights",
+        "by the fp32 sum of the fp32-rounded weights, as mergekit 0.1.5, to match its output bits",
+    )
 
 
 def _check(p: ParamSet, n: int) -> str | None:
@@ -19,14 +42,25 @@ def _check(p: ParamSet, n: int) -> str | None:
     return None
 
 
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def divisor(weights, numerics: str, dtype: torch.dtype) -> float:
+    """What normalize divides by: the float64 sum of the weights (exact), or mergekit's sum of the weights
+    rounded to the accumulator dtype, summed in it."""
+    if numerics == "mergekit":
+        return float(torch.tensor([list(weights)], dtype=accumulator(dtype)).sum(dim=1))
+    return float(sum(weights))
+
+
 def linear(base, tensors: list[torch.Tensor], weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     # the same operations, in the same order, as the fused kernel (merge_cli/fused.py), so both agree bitwise
-    out = tensors[0] * weights[0]
-    for w, t in zip(weights[1:], tensors[1:]):
-        out = out + t * w
+    dtype = tensors[0].dtype
+    out = weighted_sum(tensors, list(weights), tensors[0], fma=True, out_dtype=accumulator(dtype))
     if p.normalize:
-        out.div_(float(sum(weights)))
-    return out
+        out.div_(divisor(weights, getattr(p, "numerics", "exact"), dtype))
+    return out.to(dtype)
 
 
 SPEC = MethodSpec(
@@ -38,6 +72,6 @@ SPEC = MethodSpec(
     needs_base=False,
     summary="theta = sum_i w_i theta_i / sum_i w_i (no base needed)",
     check=_check,
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
     elementwise=True,
 )

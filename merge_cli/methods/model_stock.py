@@ -10,6 +10,11 @@ clamped to >= 1e-6 (zero task vectors give c = 0, t = 0: the base). c is clamped
 `clamp_cos: false` (mergekit) c lies in [-1, 1] and a denominator |1 + (K-1)c| < 1e-6 gives t = 0.
 Model weights are not used. Dot products are summed in float64; huge tensors are merged in row chunks
 after one pass that sums the Gram matrix of the task vectors.
+
+`numerics: mergekit` (the default of mergekit-format recipes) evaluates t as mergekit 0.1.5 does, in the
+compute dtype: torch norms and dot products of the task vectors (flattened, or per vector along the last
+dim with filter_wise), each pair's cosine clamped to [-1, 1], their mean, then t; the mean of the models
+is their running sum in the compute dtype divided by K. Tensors merged in row chunks keep the exact t.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+)
 
 
 class ModelStockParams(MethodParams):
@@ -26,6 +39,11 @@ class ModelStockParams(MethodParams):
         False, description="average the pairwise angles, then take the cosine (fusion_bench)"
     )
     clamp_cos: bool = Field(True, description="clamp the mean cosine to [0, 1] (false: [-1, 1] as mergekit)")
+    numerics: Numerics = numerics_param(
+        "float64 dot products and norms, t in float64",
+        "t from norms and dots in the compute dtype and the models' running sum, as mergekit 0.1.5, to match"
+        " its output bits (row-chunked tensors: exact)",
+    )
 
 
 def gram(deltas) -> torch.Tensor:
@@ -71,6 +89,44 @@ def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     )
 
 
+def _mk_rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+    """mergekit's view: flattened, or (filter_wise) vectors along the last dim, a 1-D tensor as one row."""
+    if not filter_wise:
+        return x.reshape(-1)
+    return x.reshape(1, -1) if x.dim() < 2 else x
+
+
+def mergekit_interpolate(base, tensors, p: ParamSet, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """numerics: mergekit: (output, c). Everything in the compute dtype: torch norms and dots of the task
+    vectors, each pair's cosine clamped to [-1, 1], their mean, t; the mean of the models as their running
+    sum divided by K; then t * mean + (1 - t) * theta0."""
+    b = _mk_rows(base, p.filter_wise)
+    xs = [_mk_rows(x, p.filter_wise) for x in tensors]
+    taus = [x - b for x in xs]
+    per_pair = []
+    for i in range(len(taus)):
+        for j in range(i + 1, len(taus)):
+            norms = torch.norm(taus[i], dim=-1) * torch.norm(taus[j], dim=-1)
+            cos = ((taus[i] * taus[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1)
+            per_pair.append(torch.arccos(cos) if p.angle_mean else cos)
+    c = torch.stack(per_pair).mean(dim=0)
+    if p.angle_mean:
+        c = torch.cos(c)
+    if p.clamp_cos:
+        c = c.clamp(0.0, 1.0)
+    c = c.unsqueeze(-1)
+    k = len(tensors)
+    den = 1 + (k - 1) * c
+    small = den.abs() < 1e-6
+    t = torch.where(small, torch.zeros_like(c), (k * c) / torch.where(small, torch.ones_like(den), den))
+    mean = xs[0]
+    for x in xs[1:]:
+        mean = mean + x
+    mean = mean / k
+    st["t"].append(t.double())
+    return (t * mean + (1 - t) * b).reshape(base.shape), c.double()
+
+
 def _interpolate(base, tensors, t: torch.Tensor, st: dict) -> torch.Tensor:
     mean = torch.stack(tensors).mean(dim=0)
     tt = (
@@ -89,9 +145,13 @@ def _record(st: dict, c: torch.Tensor | None, ctx: TensorCtx) -> None:
 
 
 def model_stock(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
+    st = {"t": []}
+    if getattr(p, "numerics", "exact") == "mergekit":
+        out, c = mergekit_interpolate(base, tensors, p, st)
+        _record(st, c, ctx)
+        return out
     g = gram(_rows(torch.stack([t - base for t in tensors]), p.filter_wise))
     t, c = interpolation_ratio(g, p.angle_mean, p.clamp_cos)
-    st = {"t": []}
     out = _interpolate(base, tensors, t, st)
     _record(st, c, ctx)
     return out
@@ -131,5 +191,5 @@ SPEC = MethodSpec(
     needs_base=True,
     min_models=2,
     summary="theta = t mean_i(theta_i) + (1 - t) theta0,  t = K cos / (1 + (K - 1) cos),  cos = mean pairwise cos(tau_i, tau_j)",
-    mergekit_defaults={"clamp_cos": False},
+    mergekit_defaults={"clamp_cos": False, "numerics": "mergekit"},
 )

@@ -7,6 +7,11 @@
     Erase: elect the sign of sum_i tau^_i (TIES; a zero sum counts as +), M_i = [sign(tau^_i) = gamma]
     theta = theta0 + sum_i w_i M_i tau^_i / max(sum_i w_i M_i, 1e-6)
 
+`numerics: mergekit` (the default of mergekit-format recipes) evaluates the selection and the weights as
+mergekit 0.1.5 does, in the compute dtype: the variance there, torch.topk for the k positions (ties as
+it orders them), w_i = mean(tau^_i^2) over the elements in the compute dtype divided by their sum (uniform
+when |sum| < 1e-6). Row-chunked tensors keep the exact form.
+
 Per-model `weight`s are accepted and not used (as in mergekit). With select_topk < 1 and identical models v = 0, k = 0
 and the result is the base (documented behaviour of the method, kept).
 """
@@ -18,7 +23,16 @@ import math
 import torch
 from pydantic import Field
 
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 from merge_cli.methods.gta import Sel as _Sel
 from merge_cli.methods.selection import topk_mask
 from merge_cli.methods.ties import disjoint_merge, elect_sign
@@ -33,6 +47,11 @@ class SceParams(MethodParams):
         description="fraction of the non-zero-variance positions kept (1 = select nothing out)",
     )
     int8_mask: bool = Field(False, description="accepted for mergekit recipes; no effect")
+    numerics: Numerics = numerics_param(
+        "weights from float64 sums of squares; top-k ties by lowest index",
+        "variance, torch.topk selection and weights in the compute dtype, as mergekit 0.1.5, to match its"
+        " output bits (row-chunked tensors: exact)",
+    )
 
 
 def _energy_weights(sq: list[float], numel: int) -> list[float]:
@@ -64,8 +83,30 @@ def _sq(stacked: torch.Tensor) -> list[float]:
     return [float(x) for x in stacked.reshape(stacked.shape[0], -1).double().pow(2).sum(dim=1)]
 
 
+def _mergekit_select_and_weigh(stacked: torch.Tensor, select_topk: float) -> tuple[torch.Tensor, list[float]]:
+    """numerics: mergekit: the selected task vectors and the weights, every step in the compute dtype."""
+    if select_topk < 1.0:
+        mask = torch.zeros_like(stacked[0])
+        var = stacked.var(dim=0, unbiased=False)
+        # the count times the fraction as a tensor product (fp32), as mergekit forms it
+        k = int(torch.count_nonzero(var) * select_topk) if select_topk > 0 else 0
+        if k > 0:
+            mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+        stacked = stacked * mask.unsqueeze(0)
+    energy = stacked.square().reshape(stacked.shape[0], -1).mean(dim=1)
+    total = float(energy.sum())
+    w = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    return stacked, [float(x) for x in w]
+
+
 def sce(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     stacked = torch.stack([t - base for t in tensors])
+    if getattr(p, "numerics", "exact") == "mergekit":
+        stacked, w = _mergekit_select_and_weigh(stacked, p.select_topk)
+        st = {"kept": [0] * len(tensors), "numel": 0}
+        out = _erase(base, stacked, w, st)
+        _record(st, w, ctx)
+        return out
     if p.select_topk < 1.0:
         var = stacked.var(dim=0, unbiased=False)
         k = int(int(torch.count_nonzero(var)) * p.select_topk)
@@ -137,5 +178,5 @@ SPEC = MethodSpec(
     streamed=STREAM,
     needs_base=True,
     summary="theta = theta0 + sum_i w_i M_i tau^_i / sum_i w_i M_i,  w_i ~ mean(tau^_i^2),  tau^ = top-variance positions",
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
 )

@@ -16,6 +16,12 @@ mergekit 0.1.5 does, rounding included: everything in fp32 (float64 for float64 
 norm of per-2^20-element chunk norms, dot = sum of (v0/|v0|)(v1/|v1|), then arccos, sin and the two
 coefficients in fp32. In row chunks the three sums come from the float64 gathering pass and the
 coefficients are evaluated in fp32 from them.
+
+nuslerp `numerics: mergekit` (the default of mergekit-format recipes) evaluates mergekit 0.1.5's nuslerp in
+the compute dtype (bf16 with `dtype: bfloat16`): t = w2 / (w1 + w2) (0.5 when |w1 + w2| < 1e-6), unit
+vectors x / max(|x|, 1e-7), cos = sum of their products clamped to [-1, 1], lerp only where
+1 - cos^2 <= 1e-16 (not above 0.9995), else (sin((1-t) theta) x1 + sin(t theta) x2) / sin theta. Row-chunked
+tensors use it per chunk when each vector lies in one chunk (along the last dim), else the exact form.
 """
 
 from __future__ import annotations
@@ -166,12 +172,42 @@ class NuSlerpParams(MethodParams):
     nuslerp_row_wise: bool = Field(
         False, description="without flatten: slerp vectors along dim 0 instead of the last dim"
     )
+    numerics: Numerics = numerics_param(
+        "norms, dot and coefficients in float64, lerp above |cos| 0.9995",
+        "mergekit 0.1.5's nuslerp in the compute dtype (lerp only for colinear vectors), to match its"
+        " output bits",
+    )
+
+
+def nuslerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str) -> torch.Tensor:
+    """numerics: mergekit: mergekit's nuslerp of the whole flattened tensors ('flat') or of each vector
+    along the last dim / dim 0, every step a torch op in the inputs' dtype."""
+    shape = v0.shape
+    if mode == "flat":
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif mode == "first":
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = (unit(v0) * unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if mode == "first":
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
 
 
 def _setup(base, tensors, weights, p: ParamSet):
     """(t, mode, a, b): t from the weights, the vectors (task vectors when there is a base)."""
     w1, w2 = weights
-    t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
+    if getattr(p, "numerics", "exact") == "mergekit":  # mergekit: 0.5 below 1e-6
+        t = w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
+    else:
+        t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
     mode = "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
     a, b = tensors
     if base is not None:
@@ -182,7 +218,8 @@ def _setup(base, tensors, weights, p: ParamSet):
 def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     t, mode, a, b = _setup(base, tensors, weights, p)
     ctx.stats["t"] = t
-    out = slerp_vectors(t, a, b, mode)
+    mk = getattr(p, "numerics", "exact") == "mergekit"
+    out = nuslerp_mergekit(t, a, b, mode) if mk else slerp_vectors(t, a, b, mode)
     return out if base is None else base + out
 
 
@@ -195,7 +232,10 @@ def _nu_gather(st, k, base, xs, p, ctx) -> None:
 def _nu_apply(st, base, xs, weights, p, ctx) -> torch.Tensor:
     t, mode, a, b = _setup(base, xs, weights, p)
     ctx.stats["t"] = t
-    out = slerp_apply(t, a, b, *(slerp_sums(a, b, mode) if mode == "last" else st["sums"]))
+    if mode == "last" and getattr(p, "numerics", "exact") == "mergekit":
+        out = nuslerp_mergekit(t, a, b, mode)  # each vector lies in one chunk
+    else:
+        out = slerp_apply(t, a, b, *(slerp_sums(a, b, mode) if mode == "last" else st["sums"]))
     return out if base is None else base + out
 
 
@@ -234,5 +274,5 @@ NUSLERP = MethodSpec(
     min_models=2,
     max_models=2,
     summary="theta = [theta0 +] slerp(w2/(w1+w2), x1, x2),  x_i = theta_i [- theta0], per tensor or per vector",
-    mergekit_defaults={},
+    mergekit_defaults={"numerics": "mergekit"},
 )

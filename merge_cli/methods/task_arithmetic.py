@@ -14,14 +14,23 @@ class TaskArithmeticParams(MethodParams):
     normalize: bool = Field(False, description="divide the sum by the sum of weights")
 
 
-def weighted_sum(terms, weights, like: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * term_i rounded like mergekit's torch.sum over the stacked products, without stacking: each
-    product in the compute dtype (w_i rounded to it), accumulated in fp32 for half dtypes, rounded once."""
+def weighted_sum(terms, weights, like: torch.Tensor, *, fma: bool = False, out_dtype=None) -> torch.Tensor:
+    """sum_i w_i * term_i accumulated in fp32 for half dtypes (the compute dtype otherwise), rounded once to
+    `out_dtype` (default: like's dtype), in order, without stacking. Two product roundings:
+
+    - default: each product in the compute dtype (w_i rounded to it), as mergekit's task-arithmetic family
+      forms them before its torch.sum over the stacked products (bitwise that sum, up to four terms);
+    - fma: w_i rounded to the accumulator dtype and each product fused into its add (no product rounding),
+      as mergekit's linear does (addcmul); more accurate than either rounding the product or adding in bf16.
+    """
     acc_dtype = torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
     acc = torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
     for w, term in zip(weights, terms, strict=True):
-        acc += (term * torch.tensor(w, dtype=like.dtype, device=like.device)).to(acc_dtype)
-    return acc.to(like.dtype)
+        if fma:
+            acc.addcmul_(term, torch.tensor(w, dtype=acc_dtype, device=like.device))
+        else:
+            acc += (term * torch.tensor(w, dtype=like.dtype, device=like.device)).to(acc_dtype)
+    return acc.to(like.dtype if out_dtype is None else out_dtype)
 
 
 def task_arithmetic(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:

@@ -6,6 +6,12 @@ paper), unless `weighted_election` is set (mergekit elects on the weighted sum);
 exactly 0 counts as positive. The disjoint merge is a weighted mean (`merge_func: mean`), sum or max over
 the entries that agree with the elected sign. Huge tensors are merged in row chunks with an exact
 streamed threshold (two radix passes), bitwise equal to the whole-tensor result.
+
+The sums over models (election, disjoint sum, divisor) are formed by weighted_sum: products in the compute
+dtype, accumulated in fp32 for bf16/fp16 and rounded once (mergekit's stacked torch.sum). `numerics:
+mergekit` (the default of mergekit-format recipes) trims as mergekit 0.1.5 does: the first
+max(1, int(density * n)) entries of torch's descending argsort of |tau| in fp32, so magnitudes tied at the
+threshold fall as torch's sort orders them (row-chunked tensors: lowest index).
 """
 
 from __future__ import annotations
@@ -16,8 +22,18 @@ import torch
 from pydantic import Field
 
 from merge_cli.methods import ties_model
-from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
+from merge_cli.methods.base import (
+    MethodParams,
+    MethodSpec,
+    Numerics,
+    ParamSet,
+    Streamed,
+    TensorCtx,
+    numerics_param,
+    per_model,
+)
 from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask
+from merge_cli.methods.task_arithmetic import weighted_sum
 
 
 class TiesParams(MethodParams):
@@ -36,6 +52,11 @@ class TiesParams(MethodParams):
         "exact",
         description="granularity model: exactly int(d*k) kept (ties by index) or all |tau| >= the reference kth",
     )
+    numerics: Numerics = numerics_param(
+        "trim ties at the threshold broken by lowest index",
+        "trim by torch's argsort of |tau| (max(1, int(density*n)) kept, ties as torch's sort orders them),"
+        " as mergekit 0.1.5, to match its output bits (row-chunked tensors: lowest index)",
+    )
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -43,6 +64,21 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return delta
     return delta.mul_(topk_mask(delta.abs(), int(density * delta.numel())))
+
+
+def trim_sorted(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's magnitude trim (numerics: mergekit): keep the max(1, int(density * n)) first entries of a
+    descending torch.argsort of the fp32 magnitudes, so ties at the threshold fall as torch's sort orders
+    them (not by index); density <= 0 keeps nothing."""
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    if density <= 0.0 or n == 0:
+        return torch.zeros_like(delta)
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[: max(1, int(density * n))]] = 1
+    return delta * mask.reshape(delta.shape)
 
 
 def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
@@ -55,10 +91,13 @@ def disjoint_merge(
 ):
     """Merge the entries whose sign agrees with the elected `sign` (+1/-1 per coordinate).
 
+    mean/sum: sum_i w_i t_i [agree] (divided by sum_i w_i [agree], 0 -> 1, for mean), each sum formed by
+    weighted_sum: products in the compute dtype, accumulated in fp32 for bf16/fp16 and rounded once (as
+    mergekit's torch.sum over the stacked products; adding model by model in bf16 rounded at every step).
     stats, when given, is a dict accumulating 'kept' counts per model and 'touched'/'conflict' counts (a
     coordinate is touched when some entry is nonzero, in conflict when some entry opposes the election)."""
-    num = torch.zeros_like(trimmed[0])
-    den = torch.zeros_like(trimmed[0]) if how == "mean" else None
+    agrees = []
+    num = torch.zeros_like(trimmed[0]) if how == "max" else None
     best_abs = torch.zeros_like(trimmed[0]) if how == "max" else None
     touched = conflict = None
     for i, (w, t) in enumerate(zip(weights, trimmed)):
@@ -70,19 +109,22 @@ def disjoint_merge(
             num = torch.where(better, contrib, num)
             best_abs = torch.maximum(best_abs, contrib.abs())
         else:
-            num.addcmul_(t, agree, value=w)
-        if den is not None:
-            den.add_(agree, alpha=w)
+            agrees.append(agree)
         if stats is not None:
             stats["kept"][i] += int(torch.count_nonzero(t))
             opposes = along < 0
-            touched = agree if touched is None else touched.logical_or_(agree)
+            touched = agree.clone() if touched is None else touched.logical_or_(agree)
             conflict = opposes if conflict is None else conflict.logical_or_(opposes)
     if stats is not None:
         # an opposing entry implies an agreeing one (the election follows the sum), so touched covers it
         stats["touched"] += int(touched.sum())
         stats["conflict"] += int(conflict.sum())
-    if den is not None:
+    if how == "max":
+        return num
+    like = trimmed[0]
+    num = weighted_sum((t * a for t, a in zip(trimmed, agrees, strict=True)), weights, like)
+    if how == "mean":
+        den = weighted_sum((a.to(like.dtype) for a in agrees), weights, like)
         num.div_(
             den.clamp_(min=torch.finfo(den.dtype).tiny)
             if all(w > 0 for w in weights)
@@ -91,12 +133,15 @@ def disjoint_merge(
     return num
 
 
+def elect(trimmed: list[torch.Tensor], weights, weighted: bool) -> torch.Tensor:
+    """+1/-1 per coordinate: the sign of sum_i w_i t_i (of sum_i t_i unless weighted), formed by weighted_sum
+    (mergekit's rounding in bf16); an exact 0 counts as +1."""
+    total = weighted_sum(trimmed, list(weights) if weighted else [1.0] * len(trimmed), trimmed[0])
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
 def _merge(base, trimmed, weights, p: ParamSet, stats) -> torch.Tensor:
-    total = trimmed[0] * weights[0] if p.weighted_election else trimmed[0].clone()
-    for t, w in zip(trimmed[1:], weights[1:]):
-        total.add_(t, alpha=w if p.weighted_election else 1.0)
-    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    del total
+    sign = elect(trimmed, weights, p.weighted_election)
     merged = disjoint_merge(trimmed, list(weights), sign, p.merge_func, stats)
     return merged.mul_(p.lambda_).add_(base)
 
@@ -116,7 +161,8 @@ def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
         return ties_model.ties_whole_model(base, tensors, weights, p, ctx)
     stats = _new_stats(len(tensors))
     stats["numel"] = base.numel()
-    out = _merge(base, [trim(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
+    cut = trim_sorted if getattr(p, "numerics", "exact") == "mergekit" else trim
+    out = _merge(base, [cut(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
     _record(stats, ctx)
     return out
 
@@ -172,7 +218,7 @@ SPEC = MethodSpec(
     kernel=ties,
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
-    mergekit_defaults={"density": 1.0, "weighted_election": True},
+    mergekit_defaults={"density": 1.0, "weighted_election": True, "numerics": "mergekit"},
     streamed=Streamed(
         init=_init,
         apply=_apply,
