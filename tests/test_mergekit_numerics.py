@@ -34,6 +34,9 @@ NUMERICS_METHODS = (
     "nuslerp",
     "sce",
 )
+# numerics: mergekit there means torch's sort order at tied magnitudes (a full sort per tensor and model):
+# opt-in, so mergekit-format recipes keep the exact selection by default
+SORT_OPT_IN = ("ties", "breadcrumbs", "breadcrumbs_ties")
 
 
 def _jobs(path):
@@ -65,7 +68,8 @@ def _recipe(family, method: str, mergekit: bool, extra: str = "") -> str:
 def test_recipe_format_selects_numerics(tmp_path, family, method):
     mk = _jobs(write_recipe(tmp_path / "mk.yaml", _recipe(family, method, True)))
     native = _jobs(write_recipe(tmp_path / "native.yaml", _recipe(family, method, False)))
-    assert {j["params"]["numerics"] for j in mk.values()} == {"mergekit"}
+    default = "exact" if method in SORT_OPT_IN else "mergekit"
+    assert {j["params"]["numerics"] for j in mk.values()} == {default}
     assert {j["params"]["numerics"] for j in native.values()} == {"exact"}
     # an explicit value in a mergekit-format recipe wins over mergekit's default (lowest precedence)
     own = _jobs(
@@ -80,7 +84,14 @@ def test_recipe_format_selects_numerics(tmp_path, family, method):
         )
     )
     for name, j in mixed.items():
-        assert j["params"]["numerics"] == ("exact" if "mlp" in name else "mergekit"), name
+        assert j["params"]["numerics"] == ("exact" if "mlp" in name else default), name
+    if method in SORT_OPT_IN:  # the opt-in, from a mergekit-format recipe
+        opt = _jobs(
+            write_recipe(
+                tmp_path / "opt.yaml", _recipe(family, method, True, "parameters: {numerics: mergekit}\n")
+            )
+        )
+        assert {j["params"]["numerics"] for j in opt.values()} == {"mergekit"}
 
 
 def test_methods_text_documents_numerics():
@@ -96,7 +107,8 @@ def test_methods_text_documents_numerics():
         print_method(METHODS[name], Console(file=buf, width=400))
         text = buf.getvalue()
         assert "numerics" in text and "exact" in text and "mergekit" in text, name
-        assert METHODS[name].mergekit_defaults["numerics"] == "mergekit"
+        want = None if name in SORT_OPT_IN else "mergekit"
+        assert METHODS[name].mergekit_defaults.get("numerics") == want
 
 
 # ----------------------------------------------------------------------------------------------- slerp

@@ -13,9 +13,10 @@ alpha (tuned on 8 vision tasks, start 0.2); our `lambda` defaults to 1 as in tas
 breadcrumbs = sum of the sparse task vectors; breadcrumbs_ties adds TIES sign consensus (a sum of agreeing
 entries unless `normalize`).
 
-`numerics: mergekit` (the default of mergekit-format recipes; granularity tensor) cuts the band from torch's
-ascending sort of |tau| in fp32, as mergekit 0.1.5 does, so magnitudes tied at either edge fall as the sort
-orders them (row-chunked tensors: lowest index).
+`numerics: mergekit` (opt-in, also for mergekit-format recipes; granularity tensor) cuts the band from
+torch's ascending sort of |tau| in fp32, as mergekit 0.1.5 does, so magnitudes tied at either edge fall as
+the sort orders them (row-chunked tensors: lowest index): mergekit's bits at mergekit's price (a full
+sort per tensor and model); the default's exact selection differs only at tied magnitudes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class BreadcrumbsParams(MethodParams):
     numerics: Numerics = numerics_param(
         "band edges' ties broken by lowest index",
         "granularity tensor: the band cut from torch's ascending sort of |tau|, ties as torch's sort orders"
-        " them, as mergekit 0.1.5, to match its output bits (row-chunked tensors: lowest index)",
+        " them, as mergekit 0.1.5, to match its output bits at tied magnitudes; costs a full sort per tensor"
+        " and model, so it is opt-in even for mergekit-format recipes (row-chunked tensors: lowest index)",
     )
 
 
@@ -100,7 +102,8 @@ def breadcrumbs_band(i: int, p: ParamSet, shape: tuple[int, ...]) -> tuple[int, 
     return band_counts(math.prod(shape), p.density[i], p.gamma[i])
 
 
-_MK = {"density": 1.0, "gamma": 0.01, "granularity": "tensor", "numerics": "mergekit"}
+# not numerics: mergekit (torch's sort order at ties): it costs mergekit's full sort; opt-in
+_MK = {"density": 1.0, "gamma": 0.01, "granularity": "tensor"}
 
 BREADCRUMBS = MethodSpec(
     name="breadcrumbs",

@@ -9,9 +9,12 @@ streamed threshold (two radix passes), bitwise equal to the whole-tensor result.
 
 The sums over models (election, disjoint sum, divisor) are formed by weighted_sum: products in the compute
 dtype, accumulated in fp32 for bf16/fp16 and rounded once (mergekit's stacked torch.sum). `numerics:
-mergekit` (the default of mergekit-format recipes) trims as mergekit 0.1.5 does: the first
+mergekit` (opt-in, also for mergekit-format recipes) trims as mergekit 0.1.5 does: the first
 max(1, int(density * n)) entries of torch's descending argsort of |tau| in fp32, so magnitudes tied at the
-threshold fall as torch's sort orders them (row-chunked tensors: lowest index).
+threshold fall as torch's sort orders them (row-chunked tensors: lowest index). That matches mergekit's
+bits where bf16 task vectors tie at the threshold, at mergekit's price (a full sort per tensor and model);
+the default keeps the exact selection (index order at ties, no sort), so a mergekit recipe differs from
+mergekit only in which of the threshold-tied entries are kept (docs/mergekit-compat.md §5 counts them).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class TiesParams(MethodParams):
     numerics: Numerics = numerics_param(
         "trim ties at the threshold broken by lowest index",
         "trim by torch's argsort of |tau| (max(1, int(density*n)) kept, ties as torch's sort orders them),"
-        " as mergekit 0.1.5, to match its output bits (row-chunked tensors: lowest index)",
+        " as mergekit 0.1.5, to match its output bits at tied magnitudes; costs a full sort per tensor and"
+        " model, so it is opt-in even for mergekit-format recipes (row-chunked tensors: lowest index)",
     )
 
 
@@ -218,7 +222,8 @@ SPEC = MethodSpec(
     kernel=ties,
     needs_base=True,
     summary="theta = theta0 + lambda * disjoint_merge(elect(trim(tau_i, density)))",
-    mergekit_defaults={"density": 1.0, "weighted_election": True, "numerics": "mergekit"},
+    # not numerics: mergekit (torch's sort order at ties): it costs mergekit's full sort; opt-in
+    mergekit_defaults={"density": 1.0, "weighted_election": True},
     streamed=Streamed(
         init=_init,
         apply=_apply,
