@@ -40,6 +40,28 @@ def test_draws_agree_in_c_numpy_and_plain_python(monkeypatch, start):
     assert torch.equal(native.uniform(100, start + 777, k0, k1), c[777:877])
 
 
+@pytest.mark.parametrize("start", [0, 5, (1 << 32) - 3, 3 << 33])
+def test_device_draws_agree_with_the_cpu_hash(start):
+    """The torch-integer form of the hash (what the CUDA path runs, here on the CPU) gives the same bits
+    as counter_uniform and as the plain-Python reference, across the 2^32 boundary too."""
+    k0, k1 = 0xFFFFFFFF, 0x80000001  # all-ones and high-bit keys exercise the 32-bit wrap-around
+    d = mbase.counter_uniform_on(k0, k1, start, 3000, torch.device("cpu"))
+    assert d.dtype == torch.float32
+    assert torch.equal(d, mbase.counter_uniform(k0, k1, start, 3000))
+    for j in (0, 1, 2, 1999, 2999):
+        assert float(d[j]) == counter_draw(k0, k1, start + j)
+
+
+@pytest.mark.gpu
+def test_cuda_draws_are_the_cpu_draws():
+    ctx = mbase.TensorCtx(name="model.layers.1.mlp.up_proj.weight", seed=9, offset=1 << 20)
+    cpu = ctx.uniform(2, (300, 70))
+    ctx.device = torch.device("cuda")
+    gpu = ctx.uniform(2, (300, 70))
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), cpu)
+
+
 @needs_native
 def test_draws_look_uniform_and_independent():
     """A quick sanity check of the hash as a generator: mean, variance, neighbour correlation, and the

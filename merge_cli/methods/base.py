@@ -101,6 +101,33 @@ def _mix32(x):
     return x ^ (x >> np.uint32(15))
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors of 32-bit values, without int64 overflow: c is split in 16-bit
+    halves, so every product stays below 2^48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32_torch(x: torch.Tensor) -> torch.Tensor:
+    """_mix32 on int64 tensors holding 32-bit values (any device)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def counter_uniform_on(k0: int, k1: int, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """counter_uniform computed with torch integer ops on `device` (the CUDA path draws where it merges,
+    instead of hashing on the CPU and copying 4 bytes per element across): the same bits."""
+    j = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    x = _mix32_torch((j & _M32) ^ k0)
+    x = _mix32_torch((x + (k1 ^ _mul32(j >> 32, 0x9E3779B9))) & _M32)
+    return (x >> 8).to(torch.float32) * 2.0**-24
+
+
 def counter_uniform(k0: int, k1: int, start: int, n: int) -> torch.Tensor:
     """float32 uniforms in [0, 1) for flat positions start..start+n under key (k0, k1), on the CPU: the
     position j is hashed (two rounds of _mix32 with the key folded in, the high half of j too), and the top
@@ -148,8 +175,12 @@ class TensorCtx:
         so they are bitwise the same on every device, in any order, and whether the tensor is processed
         whole or in chunks."""
         n = math.prod(tuple(shape))
-        u = counter_uniform(*draw_key(self.seed, self.name, model_index), self.offset, n)
-        return u.reshape(tuple(shape)).to(self.device)
+        key = draw_key(self.seed, self.name, model_index)
+        if self.device.type == "cpu":
+            u = counter_uniform(*key, self.offset, n)
+        else:  # drawn where it is used: no CPU hashing and no copy of the draws across
+            u = counter_uniform_on(*key, self.offset, n, self.device)
+        return u.reshape(tuple(shape))
 
 
 @dataclass(frozen=True)
