@@ -41,7 +41,7 @@ def test_draws_agree_in_c_numpy_and_plain_python(monkeypatch, start):
 
 
 @pytest.mark.parametrize("start", [0, 5, (1 << 32) - 3, 3 << 33])
-def test_device_draws_agree_with_the_cpu_hash(start):
+def test_device_draws_agree_with_the_cpu_hash(monkeypatch, start):
     """The torch-integer form of the hash (what the CUDA path runs, here on the CPU) gives the same bits
     as counter_uniform and as the plain-Python reference, across the 2^32 boundary too."""
     k0, k1 = 0xFFFFFFFF, 0x80000001  # all-ones and high-bit keys exercise the 32-bit wrap-around
@@ -50,6 +50,9 @@ def test_device_draws_agree_with_the_cpu_hash(start):
     assert torch.equal(d, mbase.counter_uniform(k0, k1, start, 3000))
     for j in (0, 1, 2, 1999, 2999):
         assert float(d[j]) == counter_draw(k0, k1, start + j)
+    # made in pieces (small ones here): the same draws as in one piece
+    monkeypatch.setattr(mbase, "_DRAW_PIECE", 7)
+    assert torch.equal(mbase.counter_uniform_on(k0, k1, start, 3000, torch.device("cpu")), d)
 
 
 @pytest.mark.gpu

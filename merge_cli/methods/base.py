@@ -102,6 +102,7 @@ def _mix32(x):
 
 
 _M32 = 0xFFFFFFFF
+_DRAW_PIECE = 1 << 24  # positions per piece of counter_uniform_on (a few int64 temporaries of 128 MiB)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -121,11 +122,15 @@ def _mix32_torch(x: torch.Tensor) -> torch.Tensor:
 
 def counter_uniform_on(k0: int, k1: int, start: int, n: int, device: torch.device) -> torch.Tensor:
     """counter_uniform computed with torch integer ops on `device` (the CUDA path draws where it merges,
-    instead of hashing on the CPU and copying 4 bytes per element across): the same bits."""
-    j = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    x = _mix32_torch((j & _M32) ^ k0)
-    x = _mix32_torch((x + (k1 ^ _mul32(j >> 32, 0x9E3779B9))) & _M32)
-    return (x >> 8).to(torch.float32) * 2.0**-24
+    instead of hashing on the CPU and copying 4 bytes per element across): the same bits. Made in pieces
+    of `_DRAW_PIECE` positions, so the int64 temporaries stay bounded whatever the tensor's size."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for s in range(0, n, _DRAW_PIECE):
+        j = torch.arange(start + s, start + min(n, s + _DRAW_PIECE), dtype=torch.int64, device=device)
+        x = _mix32_torch((j & _M32) ^ k0)
+        x = _mix32_torch((x + (k1 ^ _mul32(j >> 32, 0x9E3779B9))) & _M32)
+        out[s : s + j.numel()] = (x >> 8).to(torch.float32) * 2.0**-24
+    return out
 
 
 def counter_uniform(k0: int, k1: int, start: int, n: int) -> torch.Tensor:
