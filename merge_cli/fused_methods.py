@@ -18,7 +18,7 @@ import torch
 
 from merge_cli import fused, native
 from merge_cli.methods import ParamSet
-from merge_cli.methods.base import counter_uniform, draw_key
+from merge_cli.methods.base import counter_uniform, draw_key, mergekit_numerics
 from merge_cli.methods.selection import SAMPLE, StreamingTopK, Threshold, bracket, finish_threshold
 
 FUSED_METHODS = (
@@ -35,7 +35,7 @@ FUSED_METHODS = (
 def run_linear(base, xs, weights, p: ParamSet, out_dtype):
     from merge_cli.methods.linear import divisor as linear_divisor
 
-    divisor = linear_divisor(weights, getattr(p, "numerics", "exact"), torch.float32) if p.normalize else 1.0
+    divisor = linear_divisor(weights, p, torch.float32) if p.normalize else 1.0
     return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype)
 
 
@@ -223,6 +223,17 @@ def consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype):
     return native.merge(base, xs, specs, w, lam, True, weighted, mean, 1.0, out_dtype, offset)
 
 
+def sparse_sum(base, xs, steps, offset, w, lam, divisor, out_dtype):
+    """fused.sparse_sum, on the native kernels when they can run it: (output, kept, NaN/Inf counts, norms)."""
+    specs = _native(base, xs, steps, out_dtype)
+    if specs is None:
+        return fused.sparse_sum(base, xs, steps, offset, w, lam, divisor, out_dtype)
+    out, kept, _, _, bad, sq = native.merge(
+        base, xs, specs, w, lam, False, False, False, divisor, out_dtype, offset
+    )
+    return out, kept, bad, sq
+
+
 def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
     """TIES on a whole tensor or a chunk at flat `offset`, each model trimmed by its `steps` (trims())."""
     return consensus(
@@ -255,8 +266,15 @@ def gta_applies(method: str, p: ParamSet) -> bool:
     return method.startswith("breadcrumbs") and p.granularity == "tensor"
 
 
-def _dropping(p: ParamSet) -> list[int]:
-    return [i for i, d in enumerate(p.density) if d < 1.0]
+def _dare_draws(p: ParamSet, ctx) -> dict[int, Draws]:
+    """The keep-mask draws of each model that drops entries (density < 1)."""
+    return {i: Draws(ctx, i, float(d)) for i, d in enumerate(p.density) if d < 1.0}
+
+
+def _dare_l1_sums(base, xs, masks: dict[int, Draws], offset: int = 0) -> list[tuple[float, float]]:
+    """Each model's (||tau||_1, ||m * tau||_1) over the piece at flat `offset` (the L1 factor is their ratio)."""
+    steps = [[fused.KeepBelow(masks[i])] if i in masks else [] for i in range(len(xs))]
+    return l1_sums(base, xs, steps, offset)
 
 
 def predraw(method: str, p: ParamSet, base, xs, ctx) -> dict[str, Any] | None:
@@ -264,11 +282,7 @@ def predraw(method: str, p: ParamSet, base, xs, ctx) -> dict[str, Any] | None:
     thread ahead of the merge: each model's (||tau||_1, ||m * tau||_1), a pass of its own."""
     if not (method.startswith("dare_") and gta_applies(method, p)) or getattr(p, "rescale", "none") != "l1":
         return None
-    steps = [
-        [fused.KeepBelow(Draws(ctx, i, float(p.density[i])))] if i in _dropping(p) else []
-        for i in range(len(xs))
-    ]
-    return {"l1": l1_sums(base, xs, steps, 0)}
+    return {"l1": _dare_l1_sums(base, xs, _dare_draws(p, ctx))}
 
 
 def l1_sums(base, xs, steps, offset: int) -> list[tuple[float, float]]:
@@ -293,7 +307,7 @@ def gta_sparsify(
     steps: list[list[fused.Sparsify]] = [[] for _ in range(m)]
     if method.startswith("dare_"):
         how = getattr(p, "rescale", "none")
-        masks = {i: Draws(ctx, i, float(p.density[i])) for i in _dropping(p)}
+        masks = _dare_draws(p, ctx)
         for i, mk in masks.items():
             d = float(p.density[i])
             steps[i] = [fused.KeepBelow(mk, div=d if how == "inv_p" and d > 0 else None)]
@@ -302,7 +316,7 @@ def gta_sparsify(
             if sums is None:
                 sums = [[0.0, 0.0] for _ in range(m)]
                 for offset, b, xs in views[1]():
-                    for i, (a, c) in enumerate(l1_sums(b, xs, steps, offset)):
+                    for i, (a, c) in enumerate(_dare_l1_sums(b, xs, masks, offset)):
                         sums[i][0] += a
                         sums[i][1] += c
             for i, mk in masks.items():
@@ -345,16 +359,7 @@ def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offse
         )
     tot = sum(w)
     divisor = (tot if abs(tot) >= 1e-8 else 1.0) if p.normalize else 1.0
-    specs = _native(base, xs, steps, out_dtype)
-    if specs is not None:
-        res = native.merge(
-            base, xs, specs, w, float(p.lambda_), False, False, False, divisor, out_dtype, offset
-        )
-        out, kept, bad, sq = res[0], res[1], res[4], res[5]
-    else:
-        out, kept, bad, sq = fused.sparse_sum(
-            base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype
-        )
+    out, kept, bad, sq = sparse_sum(base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype)
     return out, kept, None, None, bad, sq
 
 
@@ -378,17 +383,11 @@ def _merge_stats(stats: dict[str, Any], res, n: int) -> torch.Tensor:
     return out
 
 
-def _sorted_selection(p: ParamSet) -> bool:
-    """numerics: mergekit: magnitude selections cut where torch's sort puts them (ties.trim_sorted,
-    breadcrumbs.sorted_band), not by the lowest-index rule of these kernels."""
-    return getattr(p, "numerics", "exact") == "mergekit"
-
-
 def applies(method: str, p: ParamSet) -> bool:
     if method == "ties":
         return p.merge_func in ("mean", "sum")
     if method in GTA_METHODS:  # breadcrumbs with mergekit's sorted band: the plain kernels
-        return gta_applies(method, p) and not (method.startswith("breadcrumbs") and _sorted_selection(p))
+        return gta_applies(method, p) and not (method.startswith("breadcrumbs") and mergekit_numerics(p))
     return method in FUSED_METHODS
 
 
@@ -396,7 +395,7 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
     """One whole tensor through its blocked kernel; None if the kernel does not apply. stats['_nonfinite']
     receives the NaN/Inf count of each input ([base] + xs when there is a base), stats['_sqnorms'] the
     squared norm of each task vector when there is a base, and the methods' own statistics. ctx: the
-    tensor's TensorCtx (the seeded draws of dare_*); pre: those draws, made ahead (predraw)."""
+    tensor's TensorCtx (the seeded draws of dare_*); pre: what predraw made ahead (DARE's L1 sums)."""
     if not applies(method, p):
         return None
     if method == "linear":
@@ -405,7 +404,7 @@ def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[st
         return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
     if method == "ties":
         ts, cuts = ties_thresholds(base, xs, p.density)
-        if _sorted_selection(p) and any(
+        if mergekit_numerics(p) and any(
             (t is not None and not t.keep_all_equal)
             or 0 == int(d * base.numel()) < d * base.numel() < base.numel()
             for t, d in zip(ts, p.density)

@@ -56,12 +56,20 @@ def per_model(default: Any, **kw) -> Any:
 Numerics = Literal["exact", "mergekit"]
 
 
-def numerics_param(exact: str, mergekit: str) -> Any:
-    """The `numerics` parameter of a method with an exact and a mergekit-compatible evaluation."""
-    return Field(
-        "exact",
-        description=f"exact: {exact}; mergekit (the default of mergekit-format recipes): {mergekit}",
+def numerics_param(exact: str, mergekit: str, *, mergekit_default: bool = True) -> Any:
+    """The `numerics` parameter of a method with an exact and a mergekit-compatible evaluation
+    (mergekit_default: whether mergekit-format recipes get the latter, as the method's mergekit_defaults say)."""
+    when = (
+        "the default of mergekit-format recipes"
+        if mergekit_default
+        else "opt-in, also for mergekit-format recipes"
     )
+    return Field("exact", description=f"exact: {exact}; mergekit ({when}): {mergekit}")
+
+
+def mergekit_numerics(p: Any) -> bool:
+    """Whether these parameters ask for mergekit's arithmetic (`numerics: mergekit`)."""
+    return getattr(p, "numerics", "exact") == "mergekit"
 
 
 class ParamSet:

@@ -34,6 +34,7 @@ from merge_cli.methods.base import (
     Numerics,
     ParamSet,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
     per_model,
 )
@@ -62,7 +63,8 @@ class BreadcrumbsParams(MethodParams):
         "band edges' ties broken by lowest index",
         "granularity tensor: the band cut from torch's ascending sort of |tau|, ties as torch's sort orders"
         " them, as mergekit 0.1.5, to match its output bits at tied magnitudes; costs a full sort per tensor"
-        " and model, so it is opt-in even for mergekit-format recipes (row-chunked tensors: lowest index)",
+        " and model (row-chunked tensors: lowest index)",
+        mergekit_default=False,
     )
 
 
@@ -78,7 +80,7 @@ def breadcrumbs_keep(i: int, tau: torch.Tensor, p: ParamSet, ctx: TensorCtx):
     d, g = p.density[i], p.gamma[i]
     if d >= 1.0 or tau.numel() == 0 or (p.granularity == "row" and tau.dim() == 0):
         return None, None
-    if p.granularity == "tensor" and getattr(p, "numerics", "exact") == "mergekit":
+    if p.granularity == "tensor" and mergekit_numerics(p):
         return sorted_band(tau, d, g), None
     scores = tau.abs().reshape(-1, tau.shape[-1]) if p.granularity == "row" else tau.abs().reshape(1, -1)
     return gta.band_mask(scores, *band_counts(scores.shape[1], d, g)).reshape(tau.shape), None

@@ -21,10 +21,11 @@ from merge_cli.methods.base import (
     Numerics,
     ParamSet,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
     per_model,
 )
-from merge_cli.methods.task_arithmetic import weighted_sum
+from merge_cli.methods.task_arithmetic import accumulator, weighted_sum
 
 
 class LinearParams(MethodParams):
@@ -42,14 +43,10 @@ def _check(p: ParamSet, n: int) -> str | None:
     return None
 
 
-def accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def divisor(weights, numerics: str, dtype: torch.dtype) -> float:
-    """What normalize divides by: the float64 sum of the weights (exact), or mergekit's sum of the weights
-    rounded to the accumulator dtype, summed in it."""
-    if numerics == "mergekit":
+def divisor(weights, p: ParamSet, dtype: torch.dtype) -> float:
+    """What normalize divides by: the float64 sum of the weights (exact), or (numerics: mergekit) mergekit's
+    sum of the weights rounded to the accumulator dtype, summed in it."""
+    if mergekit_numerics(p):
         return float(torch.tensor([list(weights)], dtype=accumulator(dtype)).sum(dim=1))
     return float(sum(weights))
 
@@ -59,7 +56,7 @@ def linear(base, tensors: list[torch.Tensor], weights, p: ParamSet, ctx: TensorC
     dtype = tensors[0].dtype
     out = weighted_sum(tensors, list(weights), tensors[0], fma=True, out_dtype=accumulator(dtype))
     if p.normalize:
-        out.div_(divisor(weights, getattr(p, "numerics", "exact"), dtype))
+        out.div_(divisor(weights, p, dtype))
     return out.to(dtype)
 
 

@@ -29,6 +29,7 @@ from merge_cli.methods.base import (
     ParamSet,
     Streamed,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
 )
 
@@ -146,7 +147,7 @@ def _record(st: dict, c: torch.Tensor | None, ctx: TensorCtx) -> None:
 
 def model_stock(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     st = {"t": []}
-    if getattr(p, "numerics", "exact") == "mergekit":
+    if mergekit_numerics(p):
         out, c = mergekit_interpolate(base, tensors, p, st)
         _record(st, c, ctx)
         return out

@@ -30,6 +30,7 @@ from merge_cli.methods.base import (
     ParamSet,
     Streamed,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
     per_model,
 )
@@ -101,7 +102,7 @@ def _mergekit_select_and_weigh(stacked: torch.Tensor, select_topk: float) -> tup
 
 def sce(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     stacked = torch.stack([t - base for t in tensors])
-    if getattr(p, "numerics", "exact") == "mergekit":
+    if mergekit_numerics(p):
         stacked, w = _mergekit_select_and_weigh(stacked, p.select_topk)
         st = {"kept": [0] * len(tensors), "numel": 0}
         out = _erase(base, stacked, w, st)

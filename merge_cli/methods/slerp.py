@@ -36,6 +36,7 @@ from merge_cli.methods.base import (
     ParamSet,
     Streamed,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
     per_model,
 )
@@ -204,7 +205,7 @@ def nuslerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str) ->
 def _setup(base, tensors, weights, p: ParamSet):
     """(t, mode, a, b): t from the weights, the vectors (task vectors when there is a base)."""
     w1, w2 = weights
-    if getattr(p, "numerics", "exact") == "mergekit":  # mergekit: 0.5 below 1e-6
+    if mergekit_numerics(p):  # mergekit: 0.5 below 1e-6
         t = w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
     else:
         t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
@@ -218,7 +219,7 @@ def _setup(base, tensors, weights, p: ParamSet):
 def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     t, mode, a, b = _setup(base, tensors, weights, p)
     ctx.stats["t"] = t
-    mk = getattr(p, "numerics", "exact") == "mergekit"
+    mk = mergekit_numerics(p)
     out = nuslerp_mergekit(t, a, b, mode) if mk else slerp_vectors(t, a, b, mode)
     return out if base is None else base + out
 
@@ -232,7 +233,7 @@ def _nu_gather(st, k, base, xs, p, ctx) -> None:
 def _nu_apply(st, base, xs, weights, p, ctx) -> torch.Tensor:
     t, mode, a, b = _setup(base, xs, weights, p)
     ctx.stats["t"] = t
-    if mode == "last" and getattr(p, "numerics", "exact") == "mergekit":
+    if mode == "last" and mergekit_numerics(p):
         out = nuslerp_mergekit(t, a, b, mode)  # each vector lies in one chunk
     else:
         out = slerp_apply(t, a, b, *(slerp_sums(a, b, mode) if mode == "last" else st["sums"]))

@@ -14,6 +14,11 @@ class TaskArithmeticParams(MethodParams):
     normalize: bool = Field(False, description="divide the sum by the sum of weights")
 
 
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: fp32 for the half dtypes, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def weighted_sum(terms, weights, like: torch.Tensor, *, fma: bool = False, out_dtype=None) -> torch.Tensor:
     """sum_i w_i * term_i accumulated in fp32 for half dtypes (the compute dtype otherwise), rounded once to
     `out_dtype` (default: like's dtype), in order, without stacking. Two product roundings:
@@ -23,7 +28,7 @@ def weighted_sum(terms, weights, like: torch.Tensor, *, fma: bool = False, out_d
     - fma: w_i rounded to the accumulator dtype and each product fused into its add (no product rounding),
       as mergekit's linear does (addcmul); more accurate than either rounding the product or adding in bf16.
     """
-    acc_dtype = torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+    acc_dtype = accumulator(like.dtype)
     acc = torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
     for w, term in zip(weights, terms, strict=True):
         if fma:

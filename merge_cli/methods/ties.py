@@ -32,6 +32,7 @@ from merge_cli.methods.base import (
     ParamSet,
     Streamed,
     TensorCtx,
+    mergekit_numerics,
     numerics_param,
     per_model,
 )
@@ -59,7 +60,8 @@ class TiesParams(MethodParams):
         "trim ties at the threshold broken by lowest index",
         "trim by torch's argsort of |tau| (max(1, int(density*n)) kept, ties as torch's sort orders them),"
         " as mergekit 0.1.5, to match its output bits at tied magnitudes; costs a full sort per tensor and"
-        " model, so it is opt-in even for mergekit-format recipes (row-chunked tensors: lowest index)",
+        " model (row-chunked tensors: lowest index)",
+        mergekit_default=False,
     )
 
 
@@ -165,7 +167,7 @@ def ties(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
         return ties_model.ties_whole_model(base, tensors, weights, p, ctx)
     stats = _new_stats(len(tensors))
     stats["numel"] = base.numel()
-    cut = trim_sorted if getattr(p, "numerics", "exact") == "mergekit" else trim
+    cut = trim_sorted if mergekit_numerics(p) else trim
     out = _merge(base, [cut(t - base, d) for t, d in zip(tensors, p.density)], weights, p, stats)
     _record(stats, ctx)
     return out
