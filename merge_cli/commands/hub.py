@@ -1,4 +1,4 @@
-"""CLI commands of the Hugging Face workflow: lock, push, check (registered on merge_cli.cli.app)."""
+"""Commands of the Hugging Face workflow: lock, push, check."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import typer
 
-from merge_cli.cli import _load, app, handle_errors
+from merge_cli.commands.common import handle_errors, load_recipe_arg
 
 
-@app.command()
 @handle_errors
 def lock(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
@@ -26,7 +25,7 @@ def lock(
     from merge_cli.plan import build_plan
     from merge_cli.sidefiles import donor_side_files
 
-    p = build_plan(_load(recipe, seed), allow_arch_mismatch=allow_arch_mismatch)
+    p = build_plan(load_recipe_arg(recipe, seed), allow_arch_mismatch=allow_arch_mismatch)
     try:
         data = LockBuilder(p, donor_side_files(p)).hash()
     finally:
@@ -37,7 +36,6 @@ def lock(
     print(f"locked {len(data['models'])} model(s) ({hub} from the hub or with adapters) into {target}")
 
 
-@app.command()
 @handle_errors
 def push(
     out_dir: Path = typer.Argument(..., help="A finished merge output folder."),
@@ -64,7 +62,6 @@ def push(
     print(f"pushed {len(plan.files)} file(s), {plan.total_bytes / 1e6:.1f} MB to {where}: {url}")
 
 
-@app.command()
 @handle_errors
 def check(
     out_dir: Path = typer.Argument(..., help="A merged model folder."),
