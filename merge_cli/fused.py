@@ -57,9 +57,23 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
-def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: torch.dtype):
+def _in(x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """x as the plain kernels see it in compute dtype cd: rounded to a half cd when it is in another dtype."""
+    return x if cd == torch.float32 or x.dtype == cd else x.to(cd)
+
+
+def abs_tau(x: torch.Tensor, base: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """|x - base| in fp32, computed as the plain kernels compute it in compute dtype cd (exact in fp32)."""
+    if cd == torch.float32:
+        return (x.to(torch.float32) - base.to(torch.float32)).abs()
+    return (x.to(cd) - base.to(cd)).abs().float()
+
+
+def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: torch.dtype, cd=torch.float32):
     """sum_i w_i * x_i / divisor, in fp32, each product fused into its add (add_ with alpha is an fma on the
-    CPU, as the plain kernel's addcmul). Returns (output, NaN/Inf count of each input)."""
+    CPU, as the plain kernel's addcmul). cd, the compute dtype: inputs in another dtype are rounded to it
+    first and the fp32 result is rounded to it before the output dtype, as the plain kernel (which sums in
+    fp32 for every float compute dtype). Returns (output, NaN/Inf count of each input)."""
     flat = [_flat(x) for x in xs]
     n = flat[0].numel()
     out = torch.empty(n, dtype=out_dtype)
@@ -67,14 +81,14 @@ def linear(xs: list[torch.Tensor], w: list[float], divisor: float, out_dtype: to
     total = 0.0
     for s, e in _blocks(n):
         acc, tmp = acc_b[: e - s], tmp_b[: e - s]
-        acc.copy_(flat[0][s:e]).mul_(w[0])
+        acc.copy_(_in(flat[0][s:e], cd)).mul_(w[0])
         for i in range(1, len(flat)):
-            x = flat[i][s:e]  # bf16/fp16 widen exactly; a float64 input is rounded to fp32 first, as in prep
+            x = _in(flat[i][s:e], cd)  # bf16/fp16 widen exactly; float64 is rounded to fp32 first, as in prep
             acc.add_(tmp.copy_(x) if x.dtype == torch.float64 else x, alpha=w[i])
         total += float(acc.sum())  # a NaN/Inf input makes this non-finite
         if divisor != 1.0:
             acc.div_(divisor)
-        out[s:e].copy_(acc)
+        out[s:e].copy_(acc if cd == torch.float32 or cd == out_dtype else acc.to(cd))
     bad = _bad([total], xs)
     return out.reshape(xs[0].shape), bad
 
@@ -312,9 +326,10 @@ def l1_sums(
     return [(a, b) for a, b in sums]
 
 
-def band_counts(base, x, lo: float, hi: float, gather: bool):
-    """One blocked pass over |x - base|: how many entries lie above hi, how many lie in [lo, hi] in each
-    block (for locating the tie cutoff), and, when gather, the in-band values and their flat indices."""
+def band_counts(base, x, lo: float, hi: float, gather: bool, cd=torch.float32):
+    """One blocked pass over |x - base| (in compute dtype cd): how many entries lie above hi, how many lie in
+    [lo, hi] in each block (for locating the tie cutoff), and, when gather, the in-band values and their
+    flat indices."""
     fb, fx = _flat(base), _flat(x)
     n = fb.numel()
     bb_b, t_b, s_b = _buf("base"), _buf("t0"), _buf("sign")
@@ -325,7 +340,10 @@ def band_counts(base, x, lo: float, hi: float, gather: bool):
     for s, e in _blocks(n):
         k = e - s
         t, sg = t_b[:k], s_b[:k]
-        t.copy_(fx[s:e]).sub_(bb_b[:k].copy_(fb[s:e])).abs_()
+        if cd == torch.float32:
+            t.copy_(fx[s:e]).sub_(bb_b[:k].copy_(fb[s:e])).abs_()
+        else:
+            t.copy_(abs_tau(fx[s:e], fb[s:e], cd))
         a_hi, b_hi = _count_sign(torch.sub(t, hi, out=sg).sign_())
         if lo == hi:
             in_band = k - a_hi - b_hi
@@ -340,7 +358,8 @@ def band_counts(base, x, lo: float, hi: float, gather: bool):
     return above, per_block, vals, idxs
 
 
-def nth_equal(base, x, value: float, nth: int) -> int:
-    """Position of the nth (1-based) entry with |x - base| == value in these flat tensors."""
-    a = (x.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)).abs()
+def nth_equal(base, x, value: float, nth: int, cd=torch.float32) -> int:
+    """Position of the nth (1-based) entry with |x - base| == value (in compute dtype cd) in these flat
+    tensors."""
+    a = abs_tau(x.reshape(-1), base.reshape(-1), cd)
     return int(torch.nonzero(a == value).squeeze(1)[nth - 1])

@@ -5,6 +5,11 @@ Each function takes the raw inputs on the CPU (their own dtype) and the job's pa
 output in the output dtype. What needs the whole tensor first (exact top-k thresholds, DARE's L1 factors) is
 found through views of the tensor (whole, or row chunks); the index-ordered tie rule of the exact top-k
 becomes a flat-index cutoff the kernels can test block by block.
+
+`cd` is the compute dtype. fp32 runs on the native kernels or the eager ones of fused.py; bf16/fp16 run
+on the native kernels (they round every op as torch does in that dtype, so the bits are the plain
+kernels'), linear on the eager kernel in any dtype; `fast_path` says why a merge stays on the plain
+kernels.
 """
 
 from __future__ import annotations
@@ -32,17 +37,37 @@ FUSED_METHODS = (
 )
 
 
-def run_linear(base, xs, weights, p: ParamSet, out_dtype):
+F32 = torch.float32
+
+
+def fast_path(methods: Iterable[str], cd: torch.dtype) -> str | None:
+    """None when the blocked kernels can serve these methods in compute dtype cd; otherwise why not, one
+    phrase (linear runs on the eager kernel in every float dtype; the rest need the native kernels outside
+    fp32)."""
+    if cd == F32 or all(m == "linear" for m in methods):
+        return None
+    return native.computes(cd)
+
+
+def run_linear(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
     from merge_cli.methods.linear import divisor as linear_divisor
 
     divisor = linear_divisor(weights, p, torch.float32) if p.normalize else 1.0
-    return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype)
+    return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype, cd)
 
 
-def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype):
+def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
     s = sum(weights)
+    w = [float(x) for x in weights]
+    if cd != F32:  # the plain order in a half dtype: delta rounded, divided, times lambda, plus base
+        divisor = (s if abs(s) >= 1e-8 else 1.0) if p.normalize else 1.0
+        empty = [native.spec([]) for _ in xs]
+        out, _, _, _, bad, sq = native.merge(
+            base, xs, empty, w, float(p.lambda_), False, False, False, float(divisor), out_dtype, 0, cd
+        )
+        return out, bad, sq
     scale = p.lambda_ / (s if abs(s) >= 1e-8 else 1.0) if p.normalize else p.lambda_
-    return fused.task_arithmetic(base, xs, [float(w) for w in weights], float(scale), out_dtype)
+    return fused.task_arithmetic(base, xs, w, float(scale), out_dtype)
 
 
 Chunks = Callable[[], Iterable[tuple[int, torch.Tensor, list[torch.Tensor]]]]
@@ -56,7 +81,7 @@ def counts_for(n: int, densities) -> list[int | None]:
 
 def select_thresholds(
     n: int, ks: list[int | None], samples: Callable[[int], torch.Tensor], chunks: Chunks, region: Region,
-    which: list[int] | None = None,
+    which: list[int] | None = None, cd: torch.dtype = F32,
 ) -> tuple[list[Threshold | None], list[int]]:  # fmt: skip
     """Per selection j: the exact top-ks[j] threshold of |x - base| for x = xs[which[j]] (default: xs[j];
     None: keep all) and the flat-index cutoff of its tie quota (entries equal to the threshold are kept
@@ -71,7 +96,7 @@ def select_thresholds(
     pass counts, per selection, the entries above the bracket and those inside it per block; with quantised
     bf16 deltas the bracket usually collapses onto the threshold value itself and the counts are the
     answer, else the in-band values are gathered. A bracket that misses (rare) costs a radix selection (two
-    passes) and one more counting pass: always exact."""
+    passes) and one more counting pass: always exact. |x - base| is computed in compute dtype cd."""
     which = list(range(len(ks))) if which is None else which
     ts: list[Threshold | None] = []
     cuts = [n] * len(ks)
@@ -85,7 +110,7 @@ def select_thresholds(
             ts.append(None)
             todo[j] = bracket(samples(which[j]), k, n)
     while todo:
-        found = _count_pass(n, todo, ks, which, chunks)
+        found = _count_pass(n, todo, ks, which, chunks, cd)
         todo = {}
         for j, res in found.items():
             if len(res) == 2:  # a narrower bracket (native histogram): again
@@ -93,23 +118,24 @@ def select_thresholds(
                 continue
             t, blocks, cut = res
             if t is None:  # the bracket missed: radix-select the value, then count its ties
-                value = _radix_value(which[j], ks[j], n, chunks)
+                value = _radix_value(which[j], ks[j], n, chunks, cd)
                 todo[j] = (value, value)
                 continue
             ts[j] = t
             if not t.keep_all_equal:
-                cuts[j] = cut if cut is not None else _equal_cutoff(which[j], t, blocks, region)
+                cuts[j] = cut if cut is not None else _equal_cutoff(which[j], t, blocks, region, cd)
     return ts, cuts
 
 
-def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks: Chunks) -> dict:
+def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks: Chunks, cd=F32) -> dict:
     """Per selection j: (Threshold or None when the bracket missed, per-block in-band counts, tie cutoff or
     None), or, on the native kernels, a narrower bracket (lo, hi) to resolve again."""
     out: dict = {}
     if native.lib() is not None:  # wide brackets: a histogram pass narrows them instead of gathering values
         for j, (lo, hi) in list(todo.items()):
             if hi < math.inf:
-                got = native.narrow(((b, xs[which[j]]) for _, b, xs in chunks()), max(lo, 0.0), hi, ks[j])
+                pairs = ((b, xs[which[j]]) for _, b, xs in chunks())
+                got = native.narrow(pairs, max(lo, 0.0), hi, ks[j], cd)
                 if got is native.UNSUPPORTED:
                     continue
                 if got is None or len(got) == 2:  # missed, or narrower
@@ -120,13 +146,13 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
                 cut = None
                 if not t.keep_all_equal:
                     pairs = ((b, xs[which[j]]) for _, b, xs in chunks())
-                    cut = native.nth_equal(pairs, value, t.take_equal) + 1
+                    cut = native.nth_equal(pairs, value, t.take_equal, cd) + 1
                 out[j] = (t, [], cut)
         todo = {j: v for j, v in todo.items() if j not in out}
     acc = {j: [0, [], [], []] for j in todo}  # above, blocks (g0, g1, in-band), values, flat indices
     for offset, b, xs in chunks() if todo else ():
         for j, (lo, hi) in todo.items():
-            above, per_block, vals, idxs = _band_counts(b, xs[which[j]], lo, hi, lo != hi)
+            above, per_block, vals, idxs = _band_counts(b, xs[which[j]], lo, hi, lo != hi, cd)
             a = acc[j]
             a[0] += above
             size = b.numel()
@@ -153,36 +179,36 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
     return out
 
 
-def _band_counts(b, x, lo: float, hi: float, gather: bool):
+def _band_counts(b, x, lo: float, hi: float, gather: bool, cd=F32):
     """fused.band_counts; a pure count runs on the native kernels when they can take it."""
     if gather or fused.BLOCK % native.TILE or native.lib() is None or not native.supports(b, x):
-        return fused.band_counts(b, x, lo, hi, gather)
-    above, per_block = native.band_counts(b, x, lo, hi, fused.BLOCK)
+        return fused.band_counts(b, x, lo, hi, gather, cd)
+    above, per_block = native.band_counts(b, x, lo, hi, fused.BLOCK, cd)
     return above, per_block, [], []
 
 
-def _equal_cutoff(i: int, t: Threshold, blocks, region: Region) -> int:
+def _equal_cutoff(i: int, t: Threshold, blocks, region: Region, cd=F32) -> int:
     """Flat index just past the take_equal-th entry equal to the threshold, from per-block counts."""
     seen = 0
     for g0, g1, c in blocks:
         if seen + c >= t.take_equal:
             b, x = region(i, g0, g1)
-            return g0 + fused.nth_equal(b, x, t.value, t.take_equal - seen) + 1
+            return g0 + fused.nth_equal(b, x, t.value, t.take_equal - seen, cd) + 1
         seen += c
     raise AssertionError("threshold-equal entries miscounted")
 
 
-def _radix_value(i: int, k: int, n: int, chunks: Chunks) -> float:
+def _radix_value(i: int, k: int, n: int, chunks: Chunks, cd=F32) -> float:
     sel = StreamingTopK(k, n)
     for p in range(2):
         for _, b, xs in chunks():
-            sel.update((xs[i].to(torch.float32) - b.to(torch.float32)).abs())
+            sel.update(fused.abs_tau(xs[i], b, cd))
         if p == 0:
             sel.next_pass()
     return sel.result().value
 
 
-def whole_views(base, xs):
+def whole_views(base, xs, cd=F32):
     """(samples, chunks, region) of select_thresholds for whole tensors (samples: a fixed flat stride)."""
     n = base.numel()
     fb = base.reshape(-1)
@@ -190,7 +216,7 @@ def whole_views(base, xs):
 
     @functools.cache  # breadcrumbs brackets two thresholds per model from one sample
     def samples(i: int) -> torch.Tensor:
-        return (xs[i].reshape(-1)[::step].to(torch.float32) - fb[::step].to(torch.float32)).abs()
+        return fused.abs_tau(xs[i].reshape(-1)[::step], fb[::step], cd)
 
     def region(i: int, g0: int, g1: int):
         return fb[g0:g1], xs[i].reshape(-1)[g0:g1]
@@ -198,47 +224,57 @@ def whole_views(base, xs):
     return samples, (lambda: [(0, base, xs)]), region
 
 
-def ties_thresholds(base, xs, densities) -> tuple[list[Threshold | None], list[int]]:
-    return select_thresholds(base.numel(), counts_for(base.numel(), densities), *whole_views(base, xs))
+def ties_thresholds(base, xs, densities, cd=F32) -> tuple[list[Threshold | None], list[int]]:
+    n = base.numel()
+    return select_thresholds(n, counts_for(n, densities), *whole_views(base, xs, cd), cd=cd)
 
 
 def trims(thresholds, cutoffs) -> list[list[fused.Sparsify]]:
     return [[] if t is None else [fused.Trim(t.value, c)] for t, c in zip(thresholds, cutoffs)]
 
 
-def _native(base, xs, steps, out_dtype) -> list[native.Spec] | None:
+class NoKernel(Exception):
+    """A half-dtype merge the native kernels cannot take (an input dtype they do not read): the caller
+    merges the tensor with the plain kernels."""
+
+
+def _native(base, xs, steps, out_dtype, cd=F32) -> list[native.Spec] | None:
     """The native kernels' per-model specs for these steps, or None when they cannot run them (no
-    compiler, or dtypes they do not take): the eager kernels of fused.py run instead."""
-    if native.lib() is None or not native.supports(base, *xs) or out_dtype not in native.DTYPES:
+    compiler, or dtypes they do not take): the eager kernels of fused.py run instead (fp32 compute;
+    in bf16/fp16, NoKernel: the plain kernels)."""
+    ok = native.lib() is not None and native.supports(base, *xs) and native.dtype_ok(out_dtype)
+    specs = [native.spec(s) for s in steps] if ok and native.dtype_ok(cd) else [None]
+    if any(s is None for s in specs):
+        if cd != F32:
+            raise NoKernel
         return None
-    specs = [native.spec(s) for s in steps]
-    return None if any(s is None for s in specs) else specs
+    return specs
 
 
-def consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype):
+def consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype, cd=F32):
     """fused.consensus, on the native kernels when they can run it (bitwise the same result)."""
-    specs = _native(base, xs, steps, out_dtype)
+    specs = _native(base, xs, steps, out_dtype, cd)
     if specs is None:
         return fused.consensus(base, xs, steps, offset, w, lam, weighted, mean, out_dtype)
-    return native.merge(base, xs, specs, w, lam, True, weighted, mean, 1.0, out_dtype, offset)
+    return native.merge(base, xs, specs, w, lam, True, weighted, mean, 1.0, out_dtype, offset, cd)
 
 
-def sparse_sum(base, xs, steps, offset, w, lam, divisor, out_dtype):
+def sparse_sum(base, xs, steps, offset, w, lam, divisor, out_dtype, cd=F32):
     """fused.sparse_sum, on the native kernels when they can run it: (output, kept, NaN/Inf counts, norms)."""
-    specs = _native(base, xs, steps, out_dtype)
+    specs = _native(base, xs, steps, out_dtype, cd)
     if specs is None:
         return fused.sparse_sum(base, xs, steps, offset, w, lam, divisor, out_dtype)
     out, kept, _, _, bad, sq = native.merge(
-        base, xs, specs, w, lam, False, False, False, divisor, out_dtype, offset
+        base, xs, specs, w, lam, False, False, False, divisor, out_dtype, offset, cd
     )
     return out, kept, bad, sq
 
 
-def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
+def run_ties(base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0, cd=F32):
     """TIES on a whole tensor or a chunk at flat `offset`, each model trimmed by its `steps` (trims())."""
     return consensus(
         base, xs, steps, offset, [float(w) for w in weights], float(p.lambda_),
-        bool(p.weighted_election), p.merge_func == "mean", out_dtype,
+        bool(p.weighted_election), p.merge_func == "mean", out_dtype, cd,
     )  # fmt: skip
 
 
@@ -271,30 +307,33 @@ def _dare_draws(p: ParamSet, ctx) -> dict[int, Draws]:
     return {i: Draws(ctx, i, float(d)) for i, d in enumerate(p.density) if d < 1.0}
 
 
-def _dare_l1_sums(base, xs, masks: dict[int, Draws], offset: int = 0) -> list[tuple[float, float]]:
+def _dare_l1_sums(base, xs, masks: dict[int, Draws], offset: int = 0, cd=F32) -> list[tuple[float, float]]:
     """Each model's (||tau||_1, ||m * tau||_1) over the piece at flat `offset` (the L1 factor is their ratio)."""
     steps = [[fused.KeepBelow(masks[i])] if i in masks else [] for i in range(len(xs))]
-    return l1_sums(base, xs, steps, offset)
+    return l1_sums(base, xs, steps, offset, cd)
 
 
-def predraw(method: str, p: ParamSet, base, xs, ctx) -> dict[str, Any] | None:
+def predraw(method: str, p: ParamSet, base, xs, ctx, cd=F32) -> dict[str, Any] | None:
     """What a whole-tensor dare_* merge with `rescale: l1` needs before it can run, made on the reader
     thread ahead of the merge: each model's (||tau||_1, ||m * tau||_1), a pass of its own."""
     if not (method.startswith("dare_") and gta_applies(method, p)) or getattr(p, "rescale", "none") != "l1":
         return None
-    return {"l1": _dare_l1_sums(base, xs, _dare_draws(p, ctx))}
+    try:
+        return {"l1": _dare_l1_sums(base, xs, _dare_draws(p, ctx), 0, cd)}
+    except NoKernel:  # the merge itself will say so (plain kernels)
+        return None
 
 
-def l1_sums(base, xs, steps, offset: int) -> list[tuple[float, float]]:
+def l1_sums(base, xs, steps, offset: int, cd=F32) -> list[tuple[float, float]]:
     """fused.l1_sums, on the native kernels when they can run it."""
-    specs = _native(base, xs, steps, torch.float32)
-    return (
-        fused.l1_sums(base, xs, steps, offset) if specs is None else native.l1_sums(base, xs, specs, offset)
-    )
+    specs = _native(base, xs, steps, torch.float32, cd)
+    if specs is None:
+        return fused.l1_sums(base, xs, steps, offset)
+    return native.l1_sums(base, xs, specs, offset, cd)
 
 
 def gta_sparsify(
-    method: str, p: ParamSet, n: int, m: int, ctx, views, pre: dict[str, Any] | None = None
+    method: str, p: ParamSet, n: int, m: int, ctx, views, pre: dict[str, Any] | None = None, cd=F32
 ) -> list[list[fused.Sparsify]]:
     """Each model's sparsify steps for a tensor of n elements seen through views = (samples, chunks,
     region): DARE's seeded drop and rescale (the L1 factor takes one counting pass, unless `pre`, the
@@ -316,7 +355,7 @@ def gta_sparsify(
             if sums is None:
                 sums = [[0.0, 0.0] for _ in range(m)]
                 for offset, b, xs in views[1]():
-                    for i, (a, c) in enumerate(_dare_l1_sums(b, xs, masks, offset)):
+                    for i, (a, c) in enumerate(_dare_l1_sums(b, xs, masks, offset, cd)):
                         sums[i][0] += a
                         sums[i][1] += c
             for i, mk in masks.items():
@@ -331,7 +370,7 @@ def gta_sparsify(
                 k_hi, k_top = band_counts(n, p.density[i], p.gamma[i])
                 ks += [k_hi if k_hi < n else None, k_top]
                 which += [i, i]
-        ts, cuts = select_thresholds(n, ks, *views, which=which)
+        ts, cuts = select_thresholds(n, ks, *views, which=which, cd=cd)
         j = 0
         for i in range(m):
             if p.density[i] < 1.0:
@@ -341,7 +380,7 @@ def gta_sparsify(
     return steps
 
 
-def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0):
+def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0, cd=F32):
     """(output, kept per model, touched, conflict, NaN/Inf counts, squared norms) of a GTA-family chunk."""
     w = [float(x) for x in weights]
     if method.endswith("_ties"):
@@ -356,10 +395,11 @@ def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offse
             True,
             bool(p.normalize),
             out_dtype,
+            cd,
         )
     tot = sum(w)
     divisor = (tot if abs(tot) >= 1e-8 else 1.0) if p.normalize else 1.0
-    out, kept, bad, sq = sparse_sum(base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype)
+    out, kept, bad, sq = sparse_sum(base, xs, steps, offset, w, float(p.lambda_), divisor, out_dtype, cd)
     return out, kept, None, None, bad, sq
 
 
@@ -391,26 +431,32 @@ def applies(method: str, p: ParamSet) -> bool:
     return method in FUSED_METHODS
 
 
-def whole(method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any], ctx=None, pre=None):
+def whole(
+    method: str, base, xs, weights, p: ParamSet, out_dtype, stats: dict[str, Any], ctx=None, pre=None, cd=F32
+):  # fmt: skip
     """One whole tensor through its blocked kernel; None if the kernel does not apply. stats['_nonfinite']
     receives the NaN/Inf count of each input ([base] + xs when there is a base), stats['_sqnorms'] the
     squared norm of each task vector when there is a base, and the methods' own statistics. ctx: the
-    tensor's TensorCtx (the seeded draws of dare_*); pre: what predraw made ahead (DARE's L1 sums)."""
-    if not applies(method, p):
+    tensor's TensorCtx (the seeded draws of dare_*); pre: what predraw made ahead (DARE's L1 sums); cd: the
+    compute dtype. In bf16/fp16, raises NoKernel when the native kernels cannot take the inputs."""
+    if not applies(method, p) or fast_path([method], cd) is not None:
         return None
     if method == "linear":
-        return _out(run_linear(base, xs, weights, p, out_dtype), stats)
+        return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
+    if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
+        raise NoKernel
     if method == "task_arithmetic":
-        return _out(run_task_arithmetic(base, xs, weights, p, out_dtype), stats)
+        return _out(run_task_arithmetic(base, xs, weights, p, out_dtype, cd), stats)
     if method == "ties":
-        ts, cuts = ties_thresholds(base, xs, p.density)
+        ts, cuts = ties_thresholds(base, xs, p.density, cd)
         if mergekit_numerics(p) and any(
             (t is not None and not t.keep_all_equal)
             or 0 == int(d * base.numel()) < d * base.numel() < base.numel()
             for t, d in zip(ts, p.density)
         ):  # the sort would choose among threshold-equal entries (or keep one of none): the plain kernel
             return None
-        res = run_ties(base, xs, weights, p, out_dtype, trims(ts, cuts))
+        res = run_ties(base, xs, weights, p, out_dtype, trims(ts, cuts), 0, cd)
         return _merge_stats(stats, res, base.numel())
-    steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, whole_views(base, xs), pre)
-    return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps), base.numel())
+    views = whole_views(base, xs, cd)
+    steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, views, pre, cd)
+    return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps, 0, cd), base.numel())

@@ -194,9 +194,10 @@ def test_nan_input_raises_nonfinite():
 
 
 def test_unknown_steps_and_dtypes_fall_back():
-    """What the native kernels cannot take is left to the eager ones: a float16 input, an unknown step,
-    two trims in a row."""
-    assert not native.supports(torch.zeros(3, dtype=torch.float16))
+    """What the native kernels cannot take is left to the eager ones: a float64 input (fp16 only where
+    the compiler knows _Float16), an unknown step, two trims in a row."""
+    assert not native.supports(torch.zeros(3, dtype=torch.float64))
+    assert native.supports(torch.zeros(3, dtype=torch.float16)) == native.has_f16()
     assert not native.supports(torch.zeros(4)[::2])
     assert native.spec([lambda t, g0, g1: None]) is None
     assert native.spec([fused.Trim(0.1, 0), fused.Trim(0.2, 0)]) is None

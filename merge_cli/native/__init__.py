@@ -30,7 +30,7 @@ from merge_cli import fused
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # fp16 only where has_f16()
 
 # spec_t flags (kernels.c)
 HI, TOP, DARE, NEG, MUL, DIV = 1, 2, 4, 8, 16, 32
@@ -141,16 +141,18 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_uniform.argtypes = [vp, i64, i64, u32, u32]
     so.mk_uniform.restype = None
     so.mk_merge.argtypes = [i64, i64, vp, i32, i32, vp, vp, vp, vp, f32, i32, i32, i32, f32, vp, i32,
-                            p64, p64, p64, pd]  # fmt: skip
+                            p64, p64, p64, pd, i32, i32]  # fmt: skip
     so.mk_merge.restype = ctypes.c_int
-    so.mk_l1_sums.argtypes = [i64, i64, vp, i32, i32, vp, vp, vp, pd]
+    so.mk_l1_sums.argtypes = [i64, i64, vp, i32, i32, vp, vp, vp, pd, i32]
     so.mk_l1_sums.restype = ctypes.c_int
-    so.mk_band_counts.argtypes = [i64, vp, i32, vp, i32, f32, f32, i64, p64, p64]
+    so.mk_band_counts.argtypes = [i64, vp, i32, vp, i32, f32, f32, i64, p64, p64, i32]
     so.mk_band_counts.restype = ctypes.c_int
-    so.mk_band_hist.argtypes = [i64, vp, i32, vp, i32, f32, f32, i32, p64, p64]
+    so.mk_band_hist.argtypes = [i64, vp, i32, vp, i32, f32, f32, i32, p64, p64, i32]
     so.mk_band_hist.restype = ctypes.c_int
-    so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64]
+    so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64, i32]
     so.mk_nth_equal.restype = ctypes.c_int64
+    so.mk_has_f16.argtypes = []
+    so.mk_has_f16.restype = ctypes.c_int
     return so
 
 
@@ -186,9 +188,34 @@ def spec(steps) -> Spec | None:
     return s
 
 
+def has_f16() -> bool:
+    """Were fp16 inputs, outputs and compute built in (the compiler knows _Float16)?"""
+    so = lib()
+    return so is not None and bool(so.mk_has_f16())
+
+
+def dtype_ok(dtype: torch.dtype) -> bool:
+    """Can the native kernels read, write or compute in this dtype?"""
+    return dtype in DTYPES and (dtype != torch.float16 or has_f16())
+
+
+def computes(cd: torch.dtype) -> str | None:
+    """None when the native kernels can merge in compute dtype cd; otherwise why not (one phrase)."""
+    if lib() is None:
+        return f"native kernels unavailable: {unavailable_reason()}"
+    if not dtype_ok(cd):
+        return f"{str(cd).removeprefix('torch.')} compute has no native path"
+    return None
+
+
+def weights_in(w: list[float], cd: torch.dtype) -> list[float]:
+    """The weights as the plain kernels multiply by them in compute dtype cd (torch.tensor(w, dtype=cd))."""
+    return list(w) if cd == torch.float32 else [float(torch.tensor(x, dtype=cd)) for x in w]
+
+
 def supports(*tensors: torch.Tensor) -> bool:
-    """Can the native kernels take these tensors as they are (CPU, contiguous, fp32 or bf16)?"""
-    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
+    """Can the native kernels take these tensors as they are (CPU, contiguous, fp32, bf16 or fp16)?"""
+    return all(t.device.type == "cpu" and dtype_ok(t.dtype) and t.is_contiguous() for t in tensors)
 
 
 def _ptrs(xs: list[torch.Tensor]):
@@ -210,11 +237,13 @@ def uniform(n: int, start: int, k0: int, k1: int) -> torch.Tensor:
 
 def merge(
     base, xs, specs: list[Spec], w: list[float], lam: float, consensus: bool, weighted: bool, mean: bool,
-    divisor: float, out_dtype: torch.dtype, offset: int = 0,
+    divisor: float, out_dtype: torch.dtype, offset: int = 0, cd: torch.dtype = torch.float32,
 ):  # fmt: skip
     """kernels.c mk_merge over whole flat tensors: (output, kept per model, touched, conflict, NaN/Inf
     counts of [base, *xs] (zeros), squared norm of each task vector). Raises fused.NonFinite when an input
-    holds a NaN/Inf (a squared norm is then not finite)."""
+    holds a NaN/Inf (a squared norm is then not finite). cd: the compute dtype; in bf16/fp16 every op is
+    rounded as torch rounds it, the weights as the plain kernels round them (weights_in), and a mean's
+    divisor is clamped to cd's smallest normal when every weight is positive (ties.disjoint_merge)."""
     m, n = len(xs), base.numel()
     out = torch.empty(base.shape, dtype=out_dtype)
     ptrs, codes = _ptrs(xs)
@@ -231,7 +260,7 @@ def merge(
             ptrs,
             codes,
             (Spec * m)(*specs),
-            (ctypes.c_float * m)(*w),
+            (ctypes.c_float * m)(*weights_in(w, cd)),
             lam,
             int(consensus),
             int(weighted),
@@ -243,6 +272,8 @@ def merge(
             ctypes.byref(touched),
             ctypes.byref(conflict),
             sq,
+            DTYPES[cd],
+            int(all(x > 0 for x in w)),
         )  # fmt: skip
     )
     sq = list(sq)
@@ -252,7 +283,7 @@ def merge(
     return out, list(kept), touched.value, conflict.value, bad, sq
 
 
-def l1_sums(base, xs, specs: list[Spec], offset: int = 0) -> list[tuple[float, float]]:
+def l1_sums(base, xs, specs: list[Spec], offset: int = 0, cd=torch.float32) -> list[tuple[float, float]]:
     m = len(xs)
     ptrs, codes = _ptrs(xs)
     sums = (ctypes.c_double * (2 * m))()
@@ -267,6 +298,7 @@ def l1_sums(base, xs, specs: list[Spec], offset: int = 0) -> list[tuple[float, f
             codes,
             (Spec * m)(*specs),
             sums,
+            DTYPES[cd],
         )
     )
     return [(sums[2 * i], sums[2 * i + 1]) for i in range(m)]
@@ -275,9 +307,9 @@ def l1_sums(base, xs, specs: list[Spec], offset: int = 0) -> list[tuple[float, f
 TILE = 1024  # kernels.c's tile: band_counts' blocks must be multiples of it
 
 
-def band_counts(base, x, lo: float, hi: float, block: int) -> tuple[int, list[int]]:
+def band_counts(base, x, lo: float, hi: float, block: int, cd=torch.float32) -> tuple[int, list[int]]:
     """(entries of |x - base| above hi, entries in [lo, hi] per block of `block` elements, a multiple of
-    TILE)."""
+    TILE); |x - base| computed in compute dtype cd."""
     n = base.numel()
     above = ctypes.c_int64()
     per = (ctypes.c_int64 * max(1, -(-n // block)))()
@@ -293,6 +325,7 @@ def band_counts(base, x, lo: float, hi: float, block: int) -> tuple[int, list[in
             block,
             ctypes.byref(above),
             per,
+            DTYPES[cd],
         )  # fmt: skip
     )
     return above.value, list(per)[: -(-n // block)]
@@ -309,7 +342,7 @@ def _float(bits: int) -> float:
 UNSUPPORTED = object()
 
 
-def narrow(pairs, lo: float, hi: float, k: int):
+def narrow(pairs, lo: float, hi: float, k: int, cd=torch.float32):
     """One pass over (base, x) pieces that narrows the bracket [lo, hi] (0 <= lo <= hi < inf) of the k-th
     largest |x - base|, from a histogram of the in-band entries by their float bits (non-negative floats
     order like their bits): at most 65536 buckets, so a bracket spanning fewer floats resolves to the exact
@@ -321,7 +354,7 @@ def narrow(pairs, lo: float, hi: float, k: int):
         for base, x in pairs:
             if not supports(base, x):
                 return UNSUPPORTED
-            a, per = band_counts(base, x, lo, hi, max(TILE, -(-base.numel() // TILE) * TILE))
+            a, per = band_counts(base, x, lo, hi, max(TILE, -(-base.numel() // TILE) * TILE), cd)
             above, equal = above + a, equal + sum(per)
         return (lo, above, equal) if above < k <= above + equal else None
     lo_b, hi_b = _bits(lo), _bits(hi)
@@ -344,6 +377,7 @@ def narrow(pairs, lo: float, hi: float, k: int):
                 shift,
                 ctypes.byref(above),
                 h,
+                DTYPES[cd],
             )  # fmt: skip
         )
     need = k - above.value
@@ -358,7 +392,7 @@ def narrow(pairs, lo: float, hi: float, k: int):
     return _float(b_lo), _float(min(hi_b, b_lo + (1 << shift) - 1))
 
 
-def nth_equal(pairs, v: float, nth: int) -> int | None:
+def nth_equal(pairs, v: float, nth: int, cd=torch.float32) -> int | None:
     """The flat index (over the pieces in order) of the nth (1-based) entry with |x - base| == v, reading
     only as far as it; None when there are fewer."""
     offset = 0
@@ -366,8 +400,9 @@ def nth_equal(pairs, v: float, nth: int) -> int | None:
         seen = ctypes.c_int64()
         n = base.numel()
         at = lib().mk_nth_equal(
-            n, base.data_ptr(), DTYPES[base.dtype], x.data_ptr(), DTYPES[x.dtype], v, nth, ctypes.byref(seen)
-        )
+            n, base.data_ptr(), DTYPES[base.dtype], x.data_ptr(), DTYPES[x.dtype], v, nth, ctypes.byref(seen),
+            DTYPES[cd],
+        )  # fmt: skip
         if at >= 0:
             return offset + at
         nth -= seen.value

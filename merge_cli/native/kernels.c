@@ -6,7 +6,12 @@
  * the eager kernels of merge_cli/fused.py and the plain kernels of merge_cli/methods/ (compiled with
  * -ffp-contract=off, no fast-math), so the outputs are bitwise equal to theirs; tests check it.
  *
- * Inputs and outputs are flat arrays in fp32 or bf16 (dtype codes below). */
+ * Inputs and outputs are flat arrays in fp32, bf16 or fp16 (dtype codes below).
+ *
+ * Compute dtype (`cd`): F32 runs everything in fp32. BF16/F16 reproduce torch's CPU arithmetic in that
+ * dtype: each elementwise op is computed in fp32 and rounded to the half dtype (round to nearest even),
+ * inputs are rounded to it as they are loaded, and sums over models accumulate in fp32 and are rounded
+ * once, as the plain kernels of merge_cli/methods/ do (weighted_sum), so the results are bitwise theirs. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,7 +23,17 @@
 #define TILE 1024
 #define STRIDE (TILE + 80) /* buffers TILE apart would alias in the L1 cache (4 KB strides) */
 
-enum { F32 = 0, BF16 = 1 };
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1
+typedef _Float16 half_t;
+#else
+#define HAVE_F16 0
+#endif
+
+/* 1 when fp16 inputs, outputs and compute are built in (the compiler knows _Float16) */
+int mk_has_f16(void) { return HAVE_F16; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -34,9 +49,36 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN -> q
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* v rounded to bf16 (nearest even; NaN -> the quiet NaN torch makes), as a float */
+static inline float bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    if (f != f) u = 0x7FC00000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round n floats in place to the compute dtype cd (F32: nothing) */
+static void rnd(float *restrict t, int64_t n, int cd) {
+    if (cd == BF16) {
+        for (int64_t j = 0; j < n; j++) t[j] = bf16_round(t[j]);
+    }
+#if HAVE_F16
+    else if (cd == F16) {
+        for (int64_t j = 0; j < n; j++) t[j] = (float)(half_t)t[j];
+    }
+#endif
+}
+
 static void load(float *restrict dst, const void *src, int dtype, int64_t start, int64_t n) {
     if (dtype == F32) {
         memcpy(dst, (const float *)src + start, (size_t)n * 4);
+#if HAVE_F16
+    } else if (dtype == F16) {
+        const half_t *restrict s = (const half_t *)src + start;
+        for (int64_t j = 0; j < n; j++) dst[j] = (float)s[j];
+#endif
     } else {
         const uint16_t *restrict s = (const uint16_t *)src + start;
         for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
@@ -48,15 +90,39 @@ static void load_tau(float *restrict t, const void *x, int dtype, int64_t start,
     if (dtype == F32) {
         const float *restrict s = (const float *)x + start;
         for (int64_t j = 0; j < n; j++) t[j] = s[j] - bb[j];
+#if HAVE_F16
+    } else if (dtype == F16) {
+        const half_t *restrict s = (const half_t *)x + start;
+        for (int64_t j = 0; j < n; j++) t[j] = (float)s[j] - bb[j];
+#endif
     } else {
         const uint16_t *restrict s = (const uint16_t *)x + start;
         for (int64_t j = 0; j < n; j++) t[j] = bf16_to_f32(s[j]) - bb[j];
     }
 }
 
+/* load, then rounded to the compute dtype (torch's .to(cd) of an input in another dtype) */
+static void load_c(float *restrict dst, const void *src, int dtype, int64_t start, int64_t n, int cd) {
+    load(dst, src, dtype, start, n);
+    if (cd != F32 && dtype != cd) rnd(dst, n, cd);
+}
+
+/* t = round_cd(round_cd(x) - bb) for a half compute dtype (bb already rounded) */
+static void load_tau_c(float *restrict t, const void *x, int dtype, int64_t start, int64_t n, const float *restrict bb,
+                       int cd) {
+    load_c(t, x, dtype, start, n, cd);
+    for (int64_t j = 0; j < n; j++) t[j] = t[j] - bb[j];
+    rnd(t, n, cd);
+}
+
 static void store(void *dst, int dtype, int64_t start, const float *restrict src, int64_t n) {
     if (dtype == F32) {
         memcpy((float *)dst + start, src, (size_t)n * 4);
+#if HAVE_F16
+    } else if (dtype == F16) {
+        half_t *restrict d = (half_t *)dst + start;
+        for (int64_t j = 0; j < n; j++) d[j] = (half_t)src[j];
+#endif
     } else {
         uint16_t *restrict d = (uint16_t *)dst + start;
         for (int64_t j = 0; j < n; j++) d[j] = f32_to_bf16(src[j]);
@@ -119,7 +185,7 @@ static inline float trim1(float t, float thr, int64_t cut, int64_t g) {
     return (a > thr || (a == thr && g < cut)) ? t : 0.0f;
 }
 
-static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s) {
+static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s, int cd) {
     int f = s->flags;
     if (f & (HI | TOP)) {
         for (int64_t j = 0; j < n; j++) {
@@ -133,10 +199,14 @@ static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s) 
         draw_tile(u, n, g0, s->k0, s->k1);
         const uint32_t bound = s->bound;
         for (int64_t j = 0; j < n; j++) t[j] = t[j] * (u[j] < bound ? 1.0f : 0.0f);
-        if (f & MUL)
+        if (f & MUL) {
             for (int64_t j = 0; j < n; j++) t[j] = t[j] * s->scale;
-        if (f & DIV)
+            rnd(t, n, cd);
+        }
+        if (f & DIV) {
             for (int64_t j = 0; j < n; j++) t[j] = t[j] / s->scale;
+            rnd(t, n, cd);
+        }
     }
     if (f & NEG)
         for (int64_t j = 0; j < n; j++) t[j] = -t[j];
@@ -177,10 +247,21 @@ static double sumabs(const float *restrict t, int64_t n) {
  * sum: (sum_i w_i tau_i) / divisor * lam + base.
  * Statistics (added to): kept[i] nonzero sparsified entries, touched/conflict (consensus), sq[i] squared
  * norm of tau_i (non-finite when an input holds a NaN/Inf). Returns 0, or -1 when out of memory. */
+static int merge_half(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                      const int32_t *x_dtypes, const spec_t *specs, const float *w, float lam, int32_t consensus,
+                      int32_t weighted, int32_t mean, float divisor, void *out, int out_dtype, int64_t *kept,
+                      int64_t *touched, int64_t *conflict, double *sq, int cd, int32_t clamp);
+
+/* cd: the compute dtype (F32, or BF16/F16: torch's per-op rounding, see the top). w: the weights already
+ * rounded to cd. clamp (half cd, mean): the divisor is max(den, smallest normal of cd), as the plain kernel
+ * does when every weight is positive; otherwise den == 0 -> 1. */
 int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
              const int32_t *x_dtypes, const spec_t *specs, const float *w, float lam, int32_t consensus,
              int32_t weighted, int32_t mean, float divisor, void *out, int out_dtype, int64_t *kept,
-             int64_t *touched, int64_t *conflict, double *sq) {
+             int64_t *touched, int64_t *conflict, double *sq, int32_t cd, int32_t clamp) {
+    if (cd != F32)
+        return merge_half(n, offset, base, base_dtype, m, xs, x_dtypes, specs, w, lam, consensus, weighted, mean,
+                          divisor, out, out_dtype, kept, touched, conflict, sq, cd, clamp);
     float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(2 * m + 6));
     if (!buf) return -1;
     float *restrict bb = buf, *restrict acc = buf + STRIDE, *restrict den = buf + 2 * STRIDE;
@@ -193,7 +274,7 @@ int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_
             float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
             load_tau(t, xs[i], x_dtypes[i], s, k, bb);
             sq[i] += sumsq(t, k);
-            sparsify(t, k, g0, &specs[i]);
+            sparsify(t, k, g0, &specs[i], F32);
             int32_t c = 0;
             const float wi = w[i];
             const int by_w = weighted || !consensus; /* the election (or the sum) adds w_i tau_i, else tau_i */
@@ -253,20 +334,116 @@ int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_
     return 0;
 }
 
+/* mk_merge in a half compute dtype: the plain kernels' operations, each rounded to cd where torch rounds.
+ * Per model: tau = cd(cd(x) - cd(base)); sparsify (rescales rounded); product cd(tau * w). The election's
+ * sum and the merged sums accumulate in fp32 from +0 (weighted_sum) and are rounded once; then the mean's
+ * division, lambda and the base, each rounded. */
+static int merge_half(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                      const int32_t *x_dtypes, const spec_t *specs, const float *w, float lam, int32_t consensus,
+                      int32_t weighted, int32_t mean, float divisor, void *out, int out_dtype, int64_t *kept,
+                      int64_t *touched, int64_t *conflict, double *sq, int cd, int32_t clamp) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(2 * m + 6));
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict acc = buf + STRIDE, *restrict den = buf + 2 * STRIDE;
+    float *restrict sg = buf + 3 * STRIDE, *restrict smax = buf + 4 * STRIDE, *restrict smin = buf + 5 * STRIDE;
+    float *ts = buf + 6 * STRIDE, *wts = ts + (size_t)m * STRIDE;
+    const float tiny = cd == BF16 ? 0x1p-126f : 0x1p-14f; /* torch.finfo(cd).tiny */
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE, g0 = offset + s;
+        load_c(bb, base, base_dtype, s, k, cd);
+        for (int32_t i = 0; i < m; i++) {
+            float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+            load_tau_c(t, xs[i], x_dtypes[i], s, k, bb, cd);
+            sq[i] += sumsq(t, k);
+            sparsify(t, k, g0, &specs[i], cd);
+            int32_t c = 0;
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) {
+                c += t[j] != 0.0f;
+                wt[j] = t[j] * wi;
+            }
+            rnd(wt, k, cd);
+            const int by_w = weighted || !consensus;
+            if (i == 0) {
+                for (int64_t j = 0; j < k; j++) acc[j] = 0.0f + (by_w ? wt[j] : t[j]);
+            } else {
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + (by_w ? wt[j] : t[j]);
+            }
+            kept[i] += c;
+        }
+        if (consensus) {
+            rnd(acc, k, cd); /* the election's total, rounded to cd, then compared with 0 */
+            for (int64_t j = 0; j < k; j++) {
+                sg[j] = acc[j] < 0.0f ? -1.0f : 1.0f;
+                acc[j] = 0.0f;
+                den[j] = 0.0f;
+                smax[j] = -2.0f;
+                smin[j] = 2.0f;
+            }
+            for (int32_t i = 0; i < m; i++) {
+                const float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+                const float wi = w[i];
+                for (int64_t j = 0; j < k; j++) {
+                    float a = signf(t[j] * sg[j]);
+                    smax[j] = a > smax[j] ? a : smax[j];
+                    smin[j] = a < smin[j] ? a : smin[j];
+                    a = a > 0.0f ? a : 0.0f;
+                    acc[j] = acc[j] + wt[j] * a;
+                    den[j] = den[j] + wi * a;
+                }
+            }
+            int32_t tch = 0, cfl = 0;
+            for (int64_t j = 0; j < k; j++) {
+                tch += smax[j] == 1.0f;
+                cfl += smin[j] == -1.0f;
+            }
+            *touched += tch;
+            *conflict += cfl;
+            rnd(acc, k, cd);
+            if (mean) {
+                rnd(den, k, cd);
+                if (clamp)
+                    for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] < tiny ? tiny : den[j]);
+                else
+                    for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] == 0.0f ? 1.0f : den[j]);
+                rnd(acc, k, cd);
+            }
+        } else {
+            rnd(acc, k, cd);
+            if (divisor != 1.0f) {
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+                rnd(acc, k, cd);
+            }
+        }
+        if (lam != 1.0f) {
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
+            rnd(acc, k, cd);
+        }
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        rnd(acc, k, cd);
+        store(out, out_dtype, s, acc, k);
+    }
+    free(buf);
+    return 0;
+}
+
 /* Per model: sums[2i] += ||tau_i||_1 and sums[2i + 1] += ||sparsify(tau_i)||_1, in double (DARE's L1
  * rescale). Returns 0, or -1 when out of memory. */
 int mk_l1_sums(int64_t n, int64_t offset, const void *base, int base_dtype, int32_t m, const void *const *xs,
-               const int32_t *x_dtypes, const spec_t *specs, double *sums) {
+               const int32_t *x_dtypes, const spec_t *specs, double *sums, int32_t cd) {
     float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
     if (!buf) return -1;
     float *restrict bb = buf, *restrict t = buf + STRIDE;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
-        load(bb, base, base_dtype, s, k);
+        load_c(bb, base, base_dtype, s, k, cd);
         for (int32_t i = 0; i < m; i++) {
-            load_tau(t, xs[i], x_dtypes[i], s, k, bb);
+            if (cd == F32)
+                load_tau(t, xs[i], x_dtypes[i], s, k, bb);
+            else
+                load_tau_c(t, xs[i], x_dtypes[i], s, k, bb, cd);
             sums[2 * i] += sumabs(t, k);
-            sparsify(t, k, offset + s, &specs[i]);
+            sparsify(t, k, offset + s, &specs[i], cd);
             sums[2 * i + 1] += sumabs(t, k);
         }
     }
@@ -276,20 +453,29 @@ int mk_l1_sums(int64_t n, int64_t offset, const void *base, int base_dtype, int3
 
 /* One counting pass over |x - base| for the exact top-k: how many entries lie above hi, and how many lie
  * in [lo, hi] in each block of `block` elements (per_block, n / block rounded up entries). */
+/* |x - base| of one tile into t, in the compute dtype cd */
+static void abs_tau(float *restrict t, float *restrict bb, const void *base, int base_dtype, const void *x,
+                    int x_dtype, int64_t s, int64_t k, int cd) {
+    load_c(bb, base, base_dtype, s, k, cd);
+    load_c(t, x, x_dtype, s, k, cd);
+    for (int64_t j = 0; j < k; j++) t[j] = t[j] - bb[j];
+    rnd(t, k, cd);
+    for (int64_t j = 0; j < k; j++) t[j] = fabsf(t[j]);
+}
+
 int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
-                   int64_t block, int64_t *above, int64_t *per_block) {
+                   int64_t block, int64_t *above, int64_t *per_block, int32_t cd) {
     float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
     if (!buf) return -1;
     float *restrict bb = buf, *restrict t = buf + STRIDE;
     int64_t up = 0;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
-        load(bb, base, base_dtype, s, k);
-        load(t, x, x_dtype, s, k);
+        abs_tau(t, bb, base, base_dtype, x, x_dtype, s, k, cd);
         /* a tile never straddles two blocks when block is a multiple of TILE (the caller's promise) */
         int32_t c_up = 0, c_in = 0;
         for (int64_t j = 0; j < k; j++) {
-            float a = fabsf(t[j] - bb[j]);
+            float a = t[j];
             c_up += a > hi;
             c_in += a >= lo && a <= hi;
         }
@@ -306,7 +492,7 @@ int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, i
  * non-negative floats the bits order like the values), plus how many entries lie above hi. It narrows a
  * top-k bracket without gathering the values. */
 int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
-                 int32_t shift, int64_t *above, int64_t *hist) {
+                 int32_t shift, int64_t *above, int64_t *hist, int32_t cd) {
     float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
     if (!buf) return -1;
     float *restrict bb = buf, *restrict t = buf + STRIDE;
@@ -315,13 +501,9 @@ int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int
     int64_t up = 0;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
-        load(bb, base, base_dtype, s, k);
-        load(t, x, x_dtype, s, k);
+        abs_tau(t, bb, base, base_dtype, x, x_dtype, s, k, cd);
         int32_t c_up = 0;
-        for (int64_t j = 0; j < k; j++) {
-            t[j] = fabsf(t[j] - bb[j]);
-            c_up += t[j] > hi;
-        }
+        for (int64_t j = 0; j < k; j++) c_up += t[j] > hi;
         up += c_up;
         /* compact the in-band values (branch-free: a store per entry, the index advances only in band),
          * then count only those into the histogram */
@@ -361,18 +543,17 @@ int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int
 /* The flat index of the nth (1-based) entry with |x - base| == v, scanning from the start and stopping
  * there; -1 when there are fewer, with *seen the number met (the caller goes on in the next piece). */
 int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float v, int64_t nth,
-                     int64_t *seen) {
+                     int64_t *seen, int32_t cd) {
     float bb[TILE], t[TILE];
     int64_t met = 0;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
-        load(bb, base, base_dtype, s, k);
-        load(t, x, x_dtype, s, k);
+        abs_tau(t, bb, base, base_dtype, x, x_dtype, s, k, cd);
         int32_t c = 0;
-        for (int64_t j = 0; j < k; j++) c += fabsf(t[j] - bb[j]) == v;
+        for (int64_t j = 0; j < k; j++) c += t[j] == v;
         if (met + c >= nth) {
             for (int64_t j = 0; j < k; j++)
-                if (fabsf(t[j] - bb[j]) == v && ++met == nth) return s + j;
+                if (t[j] == v && ++met == nth) return s + j;
         }
         met += c;
     }
