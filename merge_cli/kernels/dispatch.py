@@ -1,4 +1,4 @@
-"""How the engine runs the blocked kernels of fused.py: linear, task_arithmetic, TIES, dare_linear/dare_ties and
+"""How the engine runs the blocked kernels of kernels/blocked.py: linear, task_arithmetic, TIES, dare_linear/dare_ties and
 tensor-level breadcrumbs/breadcrumbs_ties.
 
 Each function takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
@@ -6,7 +6,7 @@ output in the output dtype. What needs the whole tensor first (exact top-k thres
 found through views of the tensor (whole, or row chunks); the index-ordered tie rule of the exact top-k
 becomes a flat-index cutoff the kernels can test block by block.
 
-`cd` is the compute dtype. fp32 runs on the native kernels or the eager ones of fused.py; bf16/fp16 run
+`cd` is the compute dtype. fp32 runs on the native kernels or the eager ones of blocked.py; bf16/fp16 run
 on the native kernels (they round every op as torch does in that dtype, so the bits are the plain
 kernels'), linear on the eager kernel in any dtype; `fast_path` says why a merge stays on the plain
 kernels.
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from merge_cli import fused, native
+from merge_cli.kernels import blocked as fused
+from merge_cli.kernels import native
 from merge_cli.methods import ParamSet
 from merge_cli.methods.base import counter_uniform, draw_key, mergekit_numerics
 from merge_cli.methods.selection import SAMPLE, StreamingTopK, Threshold, bracket, finish_threshold
@@ -240,7 +241,7 @@ class NoKernel(Exception):
 
 def _native(base, xs, steps, out_dtype, cd=F32) -> list[native.Spec] | None:
     """The native kernels' per-model specs for these steps, or None when they cannot run them (no
-    compiler, or dtypes they do not take): the eager kernels of fused.py run instead (fp32 compute;
+    compiler, or dtypes they do not take): the eager kernels of kernels/blocked.py run instead (fp32 compute;
     in bf16/fp16, NoKernel: the plain kernels)."""
     ok = native.lib() is not None and native.supports(base, *xs) and native.dtype_ok(out_dtype)
     specs = [native.spec(s) for s in steps] if ok and native.dtype_ok(cd) else [None]
