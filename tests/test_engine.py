@@ -358,7 +358,7 @@ def test_report_names_the_kernels_that_ran(tmp_path, monkeypatch):
     m = _models(tmp_path)
     recipe = _recipe(tmp_path, m, "ties", "{density: 0.5}", "{}")
     _, _, res = _merge(tmp_path, recipe, "plain", fused="off")
-    assert res.engine.kernels == "plain"
+    assert res.engine.kernels == "plain kernels: --fused off"
     if native.lib() is not None:
         _, _, res = _merge(tmp_path, recipe, "native", fused="on")
         assert res.engine.kernels == "native"

@@ -44,7 +44,7 @@ def _recipe(tmp_path, m, method: str, params: str, top: str, dtype: str, out_dty
     """mergekit format (what model cards use): `dtype` is the compute dtype."""
     base = f"base_model: {m['base']}\n" if method != "linear" else ""
     models = "".join(
-        f"  - model: {m[e]}\n    parameters: {{weight: {w}, {params}}}\n"
+        f"  - model: {m[e]}\n    parameters: {{weight: {w}{', ' + params if params else ''}}}\n"
         for e, w in (("e0", 0.6), ("e1", 1.1), ("e2", 0.3))
     )
     return write_recipe(
@@ -64,9 +64,9 @@ def _merge(tmp_path, recipe, label: str, **options):
 
 
 CASES = [
-    ("linear", "density: 1.0", "{normalize: true}"),
-    ("task_arithmetic", "density: 1.0", "{lambda: 0.8}"),
-    ("task_arithmetic", "density: 1.0", "{normalize: true}"),
+    ("linear", "", "{normalize: true}"),
+    ("task_arithmetic", "", "{lambda: 0.8}"),
+    ("task_arithmetic", "", "{normalize: true}"),
     ("ties", "density: 0.3", "{normalize: true}"),
     ("ties", "density: 0.6", "{normalize: false, lambda: 1.2}"),
     ("dare_ties", "density: 0.4", "{}"),
@@ -123,7 +123,7 @@ def test_plain_kernels_say_why(tmp_path, monkeypatch):
     assert res.engine.kernels == (
         "plain kernels: bf16 compute needs the native kernels (no C compiler found (set CC))"
     )
-    recipe = _recipe(tmp_path, m, "linear", "density: 1.0", "{}", "bfloat16")
+    recipe = _recipe(tmp_path, m, "linear", "", "{}", "bfloat16")
     _, res = _merge(tmp_path, recipe, "linear_nocc")
     assert res.engine.kernels.startswith("eager blocked")
     r = run_cli(

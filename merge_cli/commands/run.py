@@ -131,7 +131,7 @@ def run(
     e = outcome.engine
     print(
         f"merged {len(p.jobs)} tensors into {outcome.out_dir} ({len(p.shards)} shard(s), "
-        f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
+        f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device} ({e.kernels}); report: {outcome.out_dir / 'merge_report.json'}"
     )
     if lock is not None and lock.get("output"):
         from merge_cli.io.lock import LOCK_NAME

@@ -17,6 +17,7 @@ from merge_cli.engine.stats import whole_model_job, whole_model_streamed
 from merge_cli.errors import MergeCliError
 from merge_cli.finite import ensure_finite
 from merge_cli.kernels.blocked import NonFinite
+from merge_cli.kernels.choice import dtype_name
 from merge_cli.methods import METHODS, ParamSet
 from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import TensorJob, report_params
@@ -30,8 +31,9 @@ class ChunkedPath:
         """A per-chunk blocked apply (offset, base, xs) -> (out, squared task-vector norms or None), or None
         when the blocked kernels do not apply. For ties, dare_* and breadcrumbs*, what needs the whole
         tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
+        from merge_cli.kernels import native
+        from merge_cli.kernels.blocked import abs_tau
         from merge_cli.kernels.dispatch import (
-            applies,
             counts_for,
             gta_sparsify,
             run_gta,
@@ -41,18 +43,29 @@ class ChunkedPath:
             whole,
         )  # fmt: skip
 
-        if not (self.fused and applies(job.method, params)) or whole_model_job(job):
+        if not self.fused:
             return None
+        why = self.why_plain(job, params)
+        if why is not None:
+            self.ran_plain(why)
+            return None
+        cd = self.dtype
+        models = self.plan.models
+        if cd != torch.float32 and job.method != "linear":  # the native kernels must read every input
+            refs = ([job.base] if job.base else []) + list(job.inputs)
+            if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
+                self.ran_plain(f"{dtype_name(cd)} compute of inputs the native kernels do not read")
+                return None
         if job.method in ("linear", "task_arithmetic"):
+            self.log.ran_fast()
 
             def elementwise(offset, b, xs):
                 st: dict[str, Any] = {}
-                out = whole(job.method, b, xs, weights, params, out_dtype, st)
+                out = whole(job.method, b, xs, weights, params, out_dtype, st, cd=cd)
                 self.check_counts(job, st.get("_nonfinite"), offset, b, xs)
                 return out, st.get("_sqnorms")
 
             return elementwise
-        models = self.plan.models
         per_row = job.numel // job.shape[0]
 
         def read(ref, r0: int, r1: int) -> torch.Tensor:
@@ -61,9 +74,9 @@ class ChunkedPath:
         @functools.cache  # breadcrumbs brackets two thresholds per model from one sample
         def samples(i: int) -> torch.Tensor:  # whole rows at a fixed stride, about SAMPLE entries
             picked = range(0, job.shape[0], max(1, job.shape[0] // max(1, SAMPLE // per_row)))
-            b = torch.cat([read(job.base, r, r + 1) for r in picked]).to(torch.float32)
-            x = torch.cat([read(job.inputs[i], r, r + 1) for r in picked]).to(torch.float32)
-            return (x - b).abs()
+            b = torch.cat([read(job.base, r, r + 1) for r in picked])
+            x = torch.cat([read(job.inputs[i], r, r + 1) for r in picked])
+            return abs_tau(x, b, cd)
 
         def region(i: int, g0: int, g1: int):
             r0, r1 = g0 // per_row, -(-g1 // per_row)
@@ -74,21 +87,24 @@ class ChunkedPath:
         ctx = _ctx(self.plan, job, self.device)
         try:
             if job.method == "ties":
-                steps = trims(*select_thresholds(job.numel, counts_for(job.numel, params.density), *views))
+                ks = counts_for(job.numel, params.density)
+                steps = trims(*select_thresholds(job.numel, ks, *views, cd=cd))
             else:
-                steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views)
+                steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views, cd=cd)
         except NonFinite:  # a NaN/Inf input reached a count
             if self.check_finite:
                 for _ in self.chunks(job, rows, raw=True):  # names the model, tensor and rows, and raises
                     pass
+            self.ran_plain("NaN/Inf inputs (--allow-nonfinite)")
             return None  # --allow-nonfinite: the plain streamed kernels merge it
+        self.log.ran_fast()
 
         def apply(offset, b, xs):
             try:
                 if job.method == "ties":
-                    res = run_ties(b, xs, weights, params, out_dtype, steps, offset)
+                    res = run_ties(b, xs, weights, params, out_dtype, steps, offset, cd)
                 else:
-                    res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset)
+                    res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset, cd)
             except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly
                 self.check_counts(job, [1] * (len(xs) + 1), offset, b, xs)
                 raise MergeCliError(

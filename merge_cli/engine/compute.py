@@ -15,6 +15,7 @@ from merge_cli.engine.jobs import _bitwise_copy, _ctx, _params
 from merge_cli.engine.stats import whole_model_job
 from merge_cli.finite import check_finite_inputs, ensure_finite
 from merge_cli.kernels.blocked import NonFinite
+from merge_cli.kernels.choice import KernelLog, dtype_name, why_plain
 from merge_cli.methods import METHODS
 from merge_cli.plan import MergePlan, TensorJob, report_params
 
@@ -22,38 +23,68 @@ from merge_cli.plan import MergePlan, TensorJob, report_params
 class _Compute(ChunkedPath):
     """Moves inputs to the device in the compute dtype and runs kernels; accumulates task-vector norms."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, fused: bool = False):
+    def __init__(
+        self, plan: MergePlan, device: torch.device, fused: bool = False, off_reason: str | None = None
+    ):
         self.plan, self.device = plan, device
         self.dtype = ST_TO_TORCH[plan.compute_dtype]
         self.cuda = device.type == "cuda"
-        self.fused = fused and self.dtype == torch.float32
+        self.fused = fused  # the blocked path is on; per tensor, fast() says whether it serves it
+        self.log = KernelLog(None if fused else (off_reason or "off"))
+        self.restore_threads: int | None = None  # set when one compute thread was chosen for the fast path
         self.check_finite = False  # issue 6: run_merge sets it unless --allow-nonfinite
+
+    def why_plain(self, job: TensorJob, params=None) -> str | None:
+        """None when the fast kernels serve this job in the compute dtype, else why not."""
+        if whole_model_job(job):
+            return f"{job.method} with granularity: model has no fast path"
+        return why_plain(job.method, _params(job) if params is None else params, self.dtype)
+
+    def ran_plain(self, reason: str) -> None:
+        """Record a tensor merged by the plain kernels; they want every compute thread back."""
+        self.log.ran_plain(reason)
+        if self.restore_threads:
+            torch.set_num_threads(self.restore_threads)
+            self.restore_threads = None
 
     def predraw(self, job: TensorJob, base, inputs):
         """What a whole-tensor blocked dare_* merge needs first (the L1 sums), made on the reader thread
-        (fused_methods.predraw)."""
-        if not self.fused or whole_model_job(job) or base is None:
+        (dispatch.predraw)."""
+        if not self.fused or base is None or self.why_plain(job) is not None:
             return None
         from merge_cli.kernels.dispatch import predraw
 
-        return predraw(job.method, _params(job), base, inputs, _ctx(self.plan, job, self.device))
+        ctx = _ctx(self.plan, job, self.device)
+        return predraw(job.method, _params(job), base, inputs, ctx, self.dtype)
 
     def try_fused(self, job: TensorJob, base, inputs, stats, pre=None) -> torch.Tensor | None:
-        from merge_cli.kernels.dispatch import FUSED_METHODS, whole
+        from merge_cli.kernels.dispatch import NoKernel, whole
 
-        if not (self.fused and job.method in FUSED_METHODS) or whole_model_job(job):
+        if not self.fused:
+            return None
+        why = self.why_plain(job)
+        if why is not None:
+            self.ran_plain(why)
             return None
         b = base.to(self.device, non_blocking=True) if base is not None else None
         xs = [t.to(self.device, non_blocking=True) for t in inputs]
         try:
             out = whole(
                 job.method, b, xs, list(job.weights), _params(job), ST_TO_TORCH[job.out_dtype], stats,
-                _ctx(self.plan, job, self.device), pre,
+                _ctx(self.plan, job, self.device), pre, self.dtype,
             )  # fmt: skip
         except NonFinite:  # a NaN/Inf input reached a count
             if self.check_finite:
                 check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises
+            self.ran_plain("NaN/Inf inputs (--allow-nonfinite)")
             return None  # --allow-nonfinite: the plain kernels merge it
+        except NoKernel:
+            self.ran_plain(f"{dtype_name(self.dtype)} compute of inputs the native kernels do not read")
+            return None
+        if out is None:  # numerics: mergekit where the sort chooses among tied magnitudes
+            self.ran_plain(f"{job.method} with numerics: mergekit at tied magnitudes (torch's sort order)")
+            return None
+        self.log.ran_fast()
         bad = stats.pop("_nonfinite", None)
         if out is not None and self.check_finite and bad and any(bad):
             check_finite_inputs(self.plan, job, base, inputs)  # names the model and tensor, and raises

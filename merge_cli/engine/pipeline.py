@@ -98,17 +98,21 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
     _return_freed_memory()
     budget = opts.max_memory or default_max_memory()
     result = EngineResult(device=str(device), max_memory=budget)
-    compute = _Compute(plan, device, use_fused(opts.fused, plan, device))
-    if compute.fused:
+    on = use_fused(opts.fused, plan, device)
+    off = "--fused off" if opts.fused == "off" else f"the fast kernels are CPU-only (device {device.type})"
+    compute = _Compute(plan, device, on, None if on else off)
+    if compute.fused:  # a first run builds the native kernels while the first tensors are read
         from merge_cli.kernels import native
 
-        why = native.unavailable_reason() if native.lib() is None else None
-        result.kernels = "native" if why is None else f"eager blocked ({why})"
+        native.warm_up()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     elif compute.fused and all_blocked(plan):
         # The blocked kernels run one op per ~1 MB block: splitting each op over threads costs more in
-        # wake-ups than it gains, and the other cores serve the reader, writer and hasher threads.
+        # wake-ups than it gains, and the other cores serve the reader, writer and hasher threads. (A
+        # tensor that falls to the plain kernels after all, e.g. bf16 compute without a compiler, gives
+        # the threads back: _Compute.ran_plain.)
+        compute.restore_threads = torch.get_num_threads()
         torch.set_num_threads(1)
     compute.check_finite = not opts.allow_nonfinite
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
@@ -223,4 +227,5 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
         readers.join(timeout=5)
         writers.join(timeout=5)
     result.seconds = time.perf_counter() - start
+    result.kernels = compute.log.line()
     return result

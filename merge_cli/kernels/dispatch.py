@@ -8,8 +8,8 @@ becomes a flat-index cutoff the kernels can test block by block.
 
 `cd` is the compute dtype. fp32 runs on the native kernels or the eager ones of blocked.py; bf16/fp16 run
 on the native kernels (they round every op as torch does in that dtype, so the bits are the plain
-kernels'), linear on the eager kernel in any dtype; `fast_path` says why a merge stays on the plain
-kernels.
+kernels'), linear on the eager kernel in any dtype; kernels/choice.py says why a merge stays on the
+plain kernels.
 """
 
 from __future__ import annotations
@@ -41,13 +41,23 @@ FUSED_METHODS = (
 F32 = torch.float32
 
 
-def fast_path(methods: Iterable[str], cd: torch.dtype) -> str | None:
-    """None when the blocked kernels can serve these methods in compute dtype cd; otherwise why not, one
-    phrase (linear runs on the eager kernel in every float dtype; the rest need the native kernels outside
-    fp32)."""
-    if cd == F32 or all(m == "linear" for m in methods):
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return _NAMES.get(dt, str(dt).removeprefix("torch."))
+
+
+def fast_path(methods, cd: torch.dtype) -> str | None:
+    """None when the fast kernels can merge these methods in compute dtype cd; otherwise why not (a
+    phrase). Resolving the native kernels may wait for their build (native.warm_up started it)."""
+    if cd == torch.float32 or all(m == "linear" for m in methods):
         return None
-    return native.computes(cd)
+    if native.lib() is None:
+        return f"{dtype_name(cd)} compute needs the native kernels ({native.unavailable_reason()})"
+    if not native.dtype_ok(cd):
+        return f"{dtype_name(cd)} compute has no native path (the C compiler has no _Float16)"
+    return None
 
 
 def run_linear(base, xs, weights, p: ParamSet, out_dtype, cd=F32):

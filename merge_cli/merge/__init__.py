@@ -57,6 +57,10 @@ def execute(
     interrupt or a write error keeps the temporary folder; `resume=True` reuses its verified shards."""
     out_dir = Path(out_dir)
     check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
+    if (options or EngineOptions()).fused != "off":  # a first run builds the native kernels meanwhile
+        from merge_cli.kernels import native
+
+        native.warm_up()
     # issue 7 (hub, lock, side files, card): merge_cli/merge/inputs.py
     hub = prepare_inputs(plan, locked, lock_path)
     run = ResumableRun(plan, out_dir, resume)

@@ -52,6 +52,11 @@ def summarize(tensors: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _kernels(line: str) -> str:
+    """engine.kernels as a phrase: 'native kernels', 'plain kernels: della has no fast path'."""
+    return line if line.startswith("plain kernels") else f"{line} kernels"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Merge report ({report['tool']} {report['version']})",
@@ -59,7 +64,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- method: `{report['method']}`; compute {report['compute_dtype']}, output {report['out_dtype']}; seed {report['seed']}",
         f"- models: {', '.join(m['label'] for m in report['models'])} (config and tokenizer from `{report['donor']}`)",
         f"- engine: {report['engine'].get('seconds', 0):.2f} s on {report['engine'].get('device')} "
-        f"({report['engine'].get('kernels', 'plain')} kernels), "
+        f"({_kernels(report['engine'].get('kernels', 'plain'))}), "
         f"{report['engine'].get('bytes_read', 0) / 1e6:.1f} MB read, {report['engine'].get('bytes_written', 0) / 1e6:.1f} MB written",
         "",
         "| method | tensors | mean kept fraction | mean sign-conflict rate |",

@@ -241,15 +241,6 @@ def dtype_ok(dtype: torch.dtype) -> bool:
     return dtype in DTYPES and (dtype != torch.float16 or has_f16())
 
 
-def computes(cd: torch.dtype) -> str | None:
-    """None when the native kernels can merge in compute dtype cd; otherwise why not (one phrase)."""
-    if lib() is None:
-        return f"native kernels unavailable: {unavailable_reason()}"
-    if not dtype_ok(cd):
-        return f"{str(cd).removeprefix('torch.')} compute has no native path"
-    return None
-
-
 def weights_in(w: list[float], cd: torch.dtype) -> list[float]:
     """The weights as the plain kernels multiply by them in compute dtype cd (torch.tensor(w, dtype=cd))."""
     return list(w) if cd == torch.float32 else [float(torch.tensor(x, dtype=cd)) for x in w]
