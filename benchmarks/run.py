@@ -86,6 +86,7 @@ def summarize(runs: list[dict], methods: list[str], tools: list[str]) -> list[di
                 rss=med(FLOOR, FLOOR, "peak_rss_gb"),
                 cpu=med(FLOOR, FLOOR, "cpu_s"),
                 anon=med(FLOOR, FLOOR, "peak_anon_gb"),
+                load=med(FLOOR, FLOOR, "load"),
             )
         )
     for m in methods:
@@ -94,6 +95,7 @@ def summarize(runs: list[dict], methods: list[str], tools: list[str]) -> list[di
             n = sum(1 for r in runs if r["method"] == m and r["tool"] == t)
             row = dict(method=m, tool=t, wall=med(m, t, "wall_s"), rss=med(m, t, "peak_rss_gb"), ok=n_ok, n=n)
             row["cpu"], row["anon"] = med(m, t, "cpu_s"), med(m, t, "peak_anon_gb")
+            row["load"] = med(m, t, "load")
             mk_wall, mk_rss = med(m, "mergekit", "wall_s"), med(m, "mergekit", "peak_rss_gb")
             if t != "mergekit" and row["wall"] and mk_wall:
                 row["vs_mk_time"], row["vs_mk_rss"] = row["wall"] / mk_wall, row["rss"] / mk_rss
@@ -110,10 +112,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Benchmark {meta['machine']['date']}: preset `{meta['preset']}` (base + {meta['experts']} experts), "
         f"{meta['repeats']} repeat(s), medians. Machine: {meta['machine']['nproc']} cores "
-        f"({meta['machine']['cpu']}), {meta['machine']['mem_gb']} GB RAM.",
+        f"({meta['machine']['cpu']}), {meta['machine']['mem_gb']} GB RAM; page cache "
+        f"{meta.get('page_cache', 'warm')}.",
         "",
-        "| method | tool | median wall s | median peak RSS GB (anon) | CPU s | vs mergekit (time, RSS) | vs I/O floor (time) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | tool | median wall s | median peak RSS GB (anon) | CPU s | vs mergekit (time, RSS) | vs I/O floor (time) | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs_mk = f"{r['vs_mk_time']:.2f}x, {r['vs_mk_rss']:.2f}x" if "vs_mk_time" in r else "—"
@@ -121,12 +124,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         vs_floor = f"{r['vs_floor']:.1f}x" if "vs_floor" in r else "—"
         lines.append(
             f"| {r['method']} | {r['tool']}{status} | {f(r['wall'], '{:.1f}')} | {f(r['rss'])} ({f(r.get('anon'))}) | "
-            f"{f(r.get('cpu'), '{:.0f}')} | {vs_mk} | {vs_floor} |"
+            f"{f(r.get('cpu'), '{:.0f}')} | {vs_mk} | {vs_floor} | {f(r.get('load'), '{:.1f}')} |"
         )
     lines += [
         "",
         "Peak RSS: sum of RSS over the whole process tree, sampled from /proc every 50 ms; in parentheses its",
         "anonymous part (RSS minus resident file-backed pages such as mmapped inputs). CPU s: user + system.",
+        "load: median over the runs of the 1-minute load average (the larger of before and after each run).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -158,7 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for latest.md and latest.json",
     )
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every timed run (sync; echo 3 > /proc/sys/vm/drop_caches; needs root)",
+    )
     return ap
+
+
+def drop_page_cache() -> None:
+    """Cold page cache: every input is read from the disk again (needs write access to drop_caches)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,12 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         out = work / "out" / f"{label.replace(':', '_')}.{tool}"
         log = work / "logs" / f"{label.replace(':', '_')}.{tool}.{r}.log"
         shutil.rmtree(out, ignore_errors=True)
+        if args.cold:
+            drop_page_cache()
+        load = os.getloadavg()[0]  # the machine may be shared: the 1-minute load beside every figure
         res: Measurement = measure(command(tool, recipes.get((label, tool)), out), log=log)
+        load = max(load, os.getloadavg()[0])
         ok = res.ok and any(out.glob("*.safetensors"))
-        runs.append({"method": label, "tool": tool, "repeat": r, "ok": ok, **res.as_dict()})
+        runs.append({"method": label, "tool": tool, "repeat": r, "ok": ok, "load": load, **res.as_dict()})
         note = "" if ok else f"  FAILED (rc={res.returncode}, see {log})"
         print(
-            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB{note}",
+            f"[{r + 1}/{args.repeats}] {label:<40} {tool:<9} {res.wall_s:7.1f} s  {res.peak_rss_gb:5.2f} GB"
+            f"  load {load:.1f}{note}",
             flush=True,
         )
         if not ok:
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         os.sync()  # flush dirty pages now so that writeback does not bleed into the next run
 
-    if not args.no_floor:  # untimed warm-up: every run then reads from a warm page cache
+    if not args.no_floor and not args.cold:  # untimed warm-up: every run then reads from a warm page cache
         subprocess.run(command(FLOOR, None, work / "out" / "warmup"), check=True, capture_output=True)
         shutil.rmtree(work / "out" / "warmup", ignore_errors=True)
     for r in range(args.repeats):
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions,
         "merge_cli_format": args.merge_cli_format,
         "mergekit_dtype": args.mergekit_dtype,
+        "page_cache": "cold (dropped before every run)" if args.cold else "warm",
         "commands": {
             f"{k[0]} / {k[1]}": command(k[1], v, Path("OUT")) for k, v in recipes.items() if k[1] in exes
         },
