@@ -197,6 +197,41 @@ def _try_transformers(out: Path) -> str:
     return f"transformers loaded {type(model).__name__}; logits {tuple(logits.shape)}, finite={bool(torch.isfinite(logits).all())}"
 
 
+def _tune_step(repo: Path, console) -> None:
+    """A short `merge-cli tune` (issue 17): 10 AdaMerging steps from recipes/tune_adamerging.yaml."""
+    start, data = repo / "recipes" / "tune_adamerging.yaml", repo / "recipes" / "tune_data.jsonl"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        console.print("tune step skipped: transformers not installed (pip install 'merge-cli[tune]')")
+        return
+    if not (start.exists() and data.exists()):
+        return
+    from merge_cli.cli import app
+
+    out = repo / "examples" / "out" / "tuned.yaml"
+    t0 = time.perf_counter()
+    args = [
+        "tune",
+        str(start),
+        str(out),
+        "--data",
+        str(data),
+        "--steps",
+        "10",
+        "--lr",
+        "0.01",
+        "--device",
+        "cpu",
+    ]
+    try:
+        app(args, standalone_mode=False)
+    except SystemExit as e:  # a user error was printed as one line
+        console.print(f"tune step failed (exit {e.code})")
+        return
+    console.print(f"tune step: {time.perf_counter() - t0:.1f} s; tuned recipe {out.relative_to(repo)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -239,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ties" in outs:
         console.print(f"ties output: {_try_transformers(outs['ties'])}")
         console.print(f"report: {outs['ties'] / 'merge_report.md'}; card: {outs['ties'] / 'README.md'}")
+    _tune_step(repo, console)
     console.print(
         f"demo done in {time.perf_counter() - t0:.1f} s; try `.venv/bin/merge-cli plan recipes/ties.yaml`"
     )

@@ -116,13 +116,14 @@ def test_tuned_recipe_rebuilds_the_in_memory_model(bench, tmp_path, method, gran
 
 
 def test_entropy_tuning_lowers_entropy_and_raises_accuracy(bench):
-    _, merged, tuner = _setup(bench, granularity="task", steps=60)
+    _, merged, tuner = _setup(bench, granularity="layer", steps=60)
     before_h, before_acc = tuner.evaluate(merged.start), _accuracy(merged, merged.start)
     coeffs, _ = tuner.run(merged.start)
     after_h, after_acc = tuner.evaluate(coeffs), _accuracy(merged, coeffs)
     assert after_h < before_h - 0.5, (before_h, after_h)
-    # measured: mean held-out accuracy 0.12 with task arithmetic (weights 0.3), 0.26 tuned
-    assert sum(after_acc) / 2 > sum(before_acc) / 2 + 0.05, (before_acc, after_acc)
+    # measured: held-out accuracy (0.35, 0.25) with task arithmetic at weights 0.3, (0.53, 0.41) tuned
+    assert sum(after_acc) / 2 > sum(before_acc) / 2 + 0.1, (before_acc, after_acc)
+    assert all(a >= b for a, b in zip(after_acc, before_acc)), (before_acc, after_acc)
 
 
 def test_fixed_seed_gives_the_same_coefficients(bench):

@@ -164,6 +164,7 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     merged = MergedModel(plan, granularity, dev)
     model = build_model(folder, {**merged.base, **merged.fixed}, dev, merged.dtype)
     tuner = Tuner(merged, model, tasks, opts)
+    out_recipe.parent.mkdir(parents=True, exist_ok=True)
     state = out_recipe.with_name(out_recipe.name + ".tune-state.pt")
     if resume and not state.exists():
         raise MergeCliError(f"--resume: no saved state {state}; run without --resume first")

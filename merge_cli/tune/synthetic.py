@@ -1,10 +1,11 @@
 """A synthetic merging benchmark for tests, `make demo` and benchmarks/tune_bench.py (needs transformers).
 
-A tiny Llama base is pre-trained as a language model of random symbol strings (it knows the symbols,
-no task); each expert is the base
-fine-tuned on one task ("<tK> n n n x" -> f_K(x), f_K a fixed permutation of 16 symbols, n noise). Task
-vectors are genuine fine-tuning deltas, the tasks interfere, and accuracy on held-out prompts (fresh noise)
-measures a merge. Everything is seeded: the same call writes the same bytes.
+A tiny Llama base is pre-trained as a language model of "<marker> n n n ..." strings of random symbols (it
+knows the format, answers no task: high entropy everywhere). Expert K is the base fine-tuned on its task,
+"<tK> n n n x" -> f_K(x), f_K a fixed permutation of its own block of 8 symbols (n noise), with the base's
+data as rehearsal, so it stays unsure outside its task as a real fine-tune does. Task vectors are genuine
+fine-tuning deltas that interfere when added; accuracy on held-out prompts (fresh noise) measures a merge.
+Everything is seeded: the same call writes the same models.
 """
 
 from __future__ import annotations
@@ -30,15 +31,20 @@ CONFIG = {
 NOISE = 3
 
 
-def permutation(task: int) -> list[int]:
-    order = list(range(len(SYMBOLS)))
+BLOCK = 8  # task k queries the symbols [8k, 8k + 8) (mod 16): each expert has its own domain
+
+
+def permutation(task: int) -> dict[int, int]:
+    """f_task over the task's block of symbols: symbol index -> symbol index."""
+    start = (task * BLOCK) % len(SYMBOLS)
+    order = list(range(start, start + BLOCK))
     random.Random(1000 + task).shuffle(order)
-    return order
+    return dict(zip(range(start, start + BLOCK), order))
 
 
 def prompt(task: int | None, rng: random.Random) -> tuple[list[str], str]:
-    """Words of one prompt and its answer; task None is the base's copy task."""
-    x = rng.randrange(len(SYMBOLS))
+    """Words of one prompt and its answer (task None: a random query, answer itself; unused in training)."""
+    x = rng.randrange(len(SYMBOLS)) if task is None else (task * BLOCK) % len(SYMBOLS) + rng.randrange(BLOCK)
     marker = "<copy>" if task is None else f"<{TASKS[task]}>"
     words = [marker] + [rng.choice(SYMBOLS) for _ in range(NOISE)] + [SYMBOLS[x]]
     answer = SYMBOLS[x] if task is None else SYMBOLS[permutation(task)[x]]
@@ -56,21 +62,26 @@ def examples(task: int | None, n: int, seed: int) -> tuple[torch.Tensor, torch.T
     return torch.tensor([ids(w) for w, _ in rows]), torch.tensor([VOCAB.index(a) for _, a in rows])
 
 
+def _lm_loss(model, g: torch.Generator) -> torch.Tensor:
+    """The base's "pre-training" data: a random marker then random symbols, next-symbol loss (uniform is
+    optimal), so the base knows the format and answers no task: high entropy on every prompt."""
+    first = len(SPECIALS)
+    marker = torch.randint(first, first + 1 + len(TASKS), (64, 1), generator=g)
+    x = torch.cat([marker, torch.randint(first + 1 + len(TASKS), len(VOCAB), (64, 7), generator=g)], 1)
+    logits = model(input_ids=x).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
 def _train(model, task: int | None, steps: int, seed: int, lr: float) -> None:
-    """Experts: the answer given the prompt. Base (task None): next-symbol LM on random symbol strings,
-    so it knows the symbols but no task (its answers are near-uniform: high entropy)."""
+    """Base (task None): the LM loss above. Expert: its task's answers plus the base's data as rehearsal
+    (a fine-tune keeps its general behaviour: it stays unsure on prompts outside its task)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for s in range(steps):
-        if task is None:
-            x = torch.randint(len(SPECIALS) + 1 + len(TASKS), len(VOCAB), (64, 8), generator=g)
-            logits = model(input_ids=x).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
-            )
-        else:
+        loss = _lm_loss(model, g)
+        if task is not None:
             x, y = examples(task, 64, seed * 100_000 + s)
-            loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits[:, -1], y)
+            loss = loss + torch.nn.functional.cross_entropy(model(input_ids=x).logits[:, -1], y)
         opt.zero_grad()
         loss.backward()
         opt.step()
