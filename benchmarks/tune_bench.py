@@ -33,16 +33,21 @@ def cli(*args, timed=False):
     if timed:
         cmd = ["/usr/bin/time", "-v", *cmd]
     r = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     if not timed:
         return None
+    loop = float(re.search(r" in \d+ step\(s\), ([\d.]+) s;", r.stdout).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", r.stderr)
     h, m, s = (float(x) if x else 0.0 for x in wall.groups())
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return h * 3600 + m * 60 + s, rss / 1024
+    return h * 3600 + m * 60 + s, rss / 1024, loop
 
 
 def accuracy_of(folder: Path) -> list[float]:
@@ -95,16 +100,17 @@ def main() -> None:
         rows.append((label, accuracy_of(work / f"tm{k}"), cost))
     lines = [
         f"# merge-cli tune on the synthetic benchmark ({args.steps} steps, lr 0.01, batch 8/task, entropy on "
-        "the last prompt token, 64 unlabeled prompts, 1 CPU thread)",
+        "the last prompt token, 64 unlabeled prompts, OMP_NUM_THREADS=1)",
         "",
         "Held-out accuracy (256 fresh prompts per task; chance 1/16). Tuned rows: the tuned recipe rebuilt by "
-        "`merge-cli run`; time and peak RSS of `merge-cli tune` (/usr/bin/time -v, process start included).",
+        "`merge-cli run`; time and peak RSS of `merge-cli tune` (/usr/bin/time -v: process start, imports, model build, data, "
+        "writing and re-planning the recipe included) and the time of its optimizer steps.",
         "",
-        "| model | task t0 | task t1 | mean | tune wall s | tune peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| model | task t0 | task t1 | mean | tune wall s | of which steps s | tune peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, acc, cost in rows:
-        c = f"{cost[0]:.1f} | {cost[1]:.0f}" if cost else "- | -"
+        c = f"{cost[0]:.1f} | {cost[2]:.1f} | {cost[1]:.0f}" if cost else "- | - | -"
         lines.append(f"| {label} | {acc[0]:.3f} | {acc[1]:.3f} | {sum(acc) / 2:.3f} | {c} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -202,3 +202,19 @@ def test_cli_nll_preset_and_merge(bench, tmp_path):
     weights = [m["parameters"]["weight"] for m in yaml.safe_load(out.read_text())["models"]]
     assert len(weights) == 2 and weights != [0.3, 0.3]
     assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_missing_transformers_is_one_line(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    r = run_cli("tune", bench["recipes"]["task_arithmetic"], tmp_path / "o.yaml", "--data", bench["data"])
+    _one_line_error(r, "pip install 'merge-cli[tune]'")
+
+
+def test_existing_merge_folder_is_refused_before_tuning(bench, tmp_path):
+    (tmp_path / "m").mkdir()
+    r = run_cli(
+        "tune", bench["recipes"]["task_arithmetic"], tmp_path / "o.yaml", "--data", bench["data"],
+        "--merge", tmp_path / "m",
+    )  # fmt: skip
+    _one_line_error(r, str(tmp_path / "m"))
+    assert not (tmp_path / "o.yaml").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -142,6 +143,10 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     )
     lr, seed = opts.lr, opts.seed
     dev = resolve_device(device)
+    if merge is not None:  # before the tune, not after it
+        from merge_cli.io.writer import check_output
+
+        check_output(merge, [Path(m.path) for m in plan.models], overwrite=False)
     base_slot = next(j.base.model for j in plan.jobs if j.base is not None)
     base_path = Path(plan.models[base_slot].path)
     folder = base_path if base_path.is_dir() else base_path.parent
@@ -169,8 +174,10 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     if resume and not state.exists():
         raise MergeCliError(f"--resume: no saved state {state}; run without --resume first")
     before = tuner.evaluate(merged.start)
+    t0 = time.perf_counter()
     with progress(steps, quiet) as on_step:
         coeffs, history = tuner.run(merged.start, state, resume, on_step)
+    seconds = time.perf_counter() - t0
     after = tuner.evaluate(coeffs)
     digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()[:12]
     header = [
@@ -181,7 +188,7 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     form = write_recipe(r, plan, merged, coeffs, out_recipe, header)
     if not quiet:
         print_table(merged, coeffs)
-    print(f"{objective}: {before:.4f} -> {after:.4f}; wrote {out_recipe} ({form}, {len(merged.groups)} group(s) x "
+    print(f"{objective}: {before:.4f} -> {after:.4f} in {steps} step(s), {seconds:.1f} s; wrote {out_recipe} ({form}, {len(merged.groups)} group(s) x "
           f"{len(merged.models)} model(s))")  # fmt: skip
     if merge is not None:
         from merge_cli.merge import execute
