@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from merge_cli.commands.common import handle_errors, load_recipe_arg, out, size_arg
 from merge_cli.errors import MergeCliError
@@ -36,10 +40,46 @@ def _clamp(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _human(n: float) -> str:
-    from merge_cli.render import human_bytes
+def _memory_line(m: dict[str, int]) -> tuple[str, str]:
+    from merge_cli.commands.render import human_bytes as h
 
-    return human_bytes(n)
+    parts = (
+        f"base {h(m['base'])} + {m['K']} task vectors {h(m['task vectors'])} + merged copy "
+        f"{h(m['merged copy'])} + activations ~{h(m['activations'])}"
+    )
+    return h(m["total"]), parts
+
+
+@contextlib.contextmanager
+def _progress(steps: int, quiet: bool):
+    """Yields on_step(step, loss) that advances a rich bar showing the loss."""
+    if quiet or steps == 0:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("[bold]tuning[/bold]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task("tune", total=steps, loss="-")
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+        yield on_step
+
+
+def _print_table(merged, coeffs, limit: int = 60) -> None:
+    table = Table(title="learned coefficients (weight per model)")
+    table.add_column("group")
+    for label in merged.models:
+        table.add_column(label, justify="right")
+    for g, key in enumerate(merged.groups[:limit]):
+        start = merged.start[g]
+        table.add_row(key, *(f"{float(c):.4f} ({float(s):.2f})" for c, s in zip(coeffs[g], start)))
+    if len(merged.groups) > limit:
+        table.add_row(f"... {len(merged.groups) - limit} more", *([""] * len(merged.models)))
+    Console().print(table)
 
 
 @handle_errors
@@ -91,10 +131,10 @@ def tune(
 
     Memory: base + K task vectors + one merged copy of the tuned tensors stay on the device (see --max-memory).
 
-    Example: merge-cli tune recipes/tune_start.yaml tuned.yaml --data recipes/tune_data.jsonl --steps 50
+    Example: merge-cli tune recipes/tune_adamerging.yaml tuned.yaml --data recipes/tune_data.jsonl --steps 50
     """
     from merge_cli.plan import build_plan
-    from merge_cli.stages import is_multi_stage
+    from merge_cli.recipe.stages import is_multi_stage
     from merge_cli.tune.loop import TuneOptions
     from merge_cli.tune.merged import TUNABLE
     from merge_cli.tune.objective import OBJECTIVES, require_transformers
@@ -130,9 +170,9 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     from merge_cli.tune.data import Tokenizer, by_task, load_data
     from merge_cli.tune.emit import write_recipe
     from merge_cli.tune.loop import Tuner
+    from merge_cli.tune.memory import memory_bound
     from merge_cli.tune.merged import MergedModel
     from merge_cli.tune.objective import build_model
-    from merge_cli.tune.report import memory_bound, print_table, progress
 
     objective, granularity, steps, batch, clamp_range = (
         opts.objective,
@@ -154,17 +194,18 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     vocab = int(embed.shape[0]) if embed else int((plan.config or {}).get("vocab_size", 0))
     examples = load_data(data, objective, vocab, Tokenizer(folder), plan.models[base_slot].label, max_length)
     tasks = by_task(examples)
-    bound, parts = memory_bound(plan, tasks, batch)
-    if max_memory is not None and bound > size_arg(max_memory, "--max-memory"):
+    mem = memory_bound(plan, tasks, batch)
+    bound, parts = _memory_line(mem)
+    if max_memory is not None and mem["total"] > size_arg(max_memory, "--max-memory"):
         raise MergeCliError(
-            f"--max-memory {max_memory} cannot hold the tune: it needs about {_human(bound)} ({parts}); "
+            f"--max-memory {max_memory} cannot hold the tune: it needs about {bound} ({parts}); "
             "raise --max-memory, tune fewer models, or use a smaller --batch/--max-length"
         )
     if not quiet:
         out.print(
             f"tune: {objective} on {len(examples)} example(s) in {len(tasks)} task(s), granularity {granularity}, "
             f"{steps} step(s), lr {lr}, batch {batch}/task, clamp {list(clamp_range) if clamp_range else 'none'}, "
-            f"device {dev}; memory bound about {_human(bound)} ({parts})"
+            f"device {dev}; memory bound about {bound} ({parts})"
         )
     merged = MergedModel(plan, granularity, dev)
     model = build_model(folder, {**merged.base, **merged.fixed}, dev, merged.dtype)
@@ -175,7 +216,7 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
         raise MergeCliError(f"--resume: no saved state {state}; run without --resume first")
     before = tuner.evaluate(merged.start)
     t0 = time.perf_counter()
-    with progress(steps, quiet) as on_step:
+    with _progress(steps, quiet) as on_step:
         coeffs, history = tuner.run(merged.start, state, resume, on_step)
     seconds = time.perf_counter() - t0
     after = tuner.evaluate(coeffs)
@@ -187,7 +228,7 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     ]
     form = write_recipe(r, plan, merged, coeffs, out_recipe, header)
     if not quiet:
-        print_table(merged, coeffs)
+        _print_table(merged, coeffs)
     print(f"{objective}: {before:.4f} -> {after:.4f} in {steps} step(s), {seconds:.1f} s; wrote {out_recipe} ({form}, {len(merged.groups)} group(s) x "
           f"{len(merged.models)} model(s))")  # fmt: skip
     if merge is not None:

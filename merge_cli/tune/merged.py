@@ -20,8 +20,8 @@ from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.errors import MergeCliError
 from merge_cli.methods import METHODS, ParamSet, TensorCtx
 from merge_cli.methods.base import mergekit_numerics
+from merge_cli.methods.consensus import elect, trim, trim_sorted
 from merge_cli.methods.task_arithmetic import accumulator
-from merge_cli.methods.ties import elect, trim, trim_sorted
 from merge_cli.plan import MergePlan, TensorJob
 
 TUNABLE = ("task_arithmetic", "ties")
