@@ -218,3 +218,50 @@ def test_existing_merge_folder_is_refused_before_tuning(bench, tmp_path):
     )  # fmt: skip
     _one_line_error(r, str(tmp_path / "m"))
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_bf16_checkpoints_rebuild_bitwise(bench, tmp_path):
+    """Real checkpoints are bf16: compute in fp32, round once to bf16, as `merge-cli run` does."""
+    from safetensors.torch import load_file, save_file
+
+    for name in ["base"] + [f"expert_{t}" for t in S.TASKS[:2]]:
+        shutil.copytree(bench["root"] / name, tmp_path / name)
+        f = tmp_path / name / "model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
+    shutil.copy(bench["recipes"]["task_arithmetic"], tmp_path / "r.yaml")
+    plan = build_plan(load_recipe(tmp_path / "r.yaml"))
+    assert plan.out_dtype == "BF16"
+    merged = MergedModel(plan, "layer", CPU)
+    model = build_model(tmp_path / "base", {**merged.base, **merged.fixed}, CPU, torch.float32)
+    tasks = by_task(load_data(bench["data"], "entropy", 32, Tokenizer(tmp_path / "base"), "base"))
+    coeffs, _ = Tuner(merged, model, tasks, TuneOptions("entropy", "layer", steps=3, lr=0.05)).run(
+        merged.start
+    )
+    emit_recipe(plan.recipe, plan, merged, coeffs, tmp_path / "tuned.yaml", ["test"])
+    assert run_cli("run", tmp_path / "tuned.yaml", tmp_path / "m", "-q").exit_code == 0
+    got, want = load_output(tmp_path / "m"), merged.state(coeffs)
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+
+
+def test_starting_overrides_are_kept_in_the_tuned_recipe(bench, tmp_path):
+    """An override of the starting recipe (attention trimmed to density 0.8) would be shadowed by compact
+    per-layer overrides: the recipe then spells out each tensor's parameters, and still rebuilds bitwise."""
+    recipe = yaml.safe_load(bench["recipes"]["ties"].read_text())
+    recipe["overrides"] = [{"match": "attention", "parameters": {"density": 0.8}}]
+    path = write_recipe(bench["root"] / "ties_override.yaml", recipe)
+    plan = build_plan(load_recipe(path))
+    merged = MergedModel(plan, "layer", CPU)
+    model = build_model(bench["base"], {**merged.base, **merged.fixed}, CPU, torch.float32)
+    tasks = by_task(load_data(bench["data"], "entropy", 32, Tokenizer(bench["base"]), "base"))
+    coeffs, _ = Tuner(merged, model, tasks, TuneOptions("entropy", "layer", steps=3, lr=0.05)).run(
+        merged.start
+    )
+    form = emit_recipe(plan.recipe, plan, merged, coeffs, tmp_path / "tuned.yaml", ["test"])
+    assert form == "spelled out"
+    tuned = build_plan(load_recipe(tmp_path / "tuned.yaml"))
+    q = next(j for j in tuned.jobs if j.name.endswith("layers.0.self_attn.q_proj.weight"))
+    assert list(q.params["density"]) == [0.8, 0.8]
+    tuned.close()
+    assert run_cli("run", tmp_path / "tuned.yaml", tmp_path / "m", "-q").exit_code == 0
+    got, want = load_output(tmp_path / "m"), merged.state(coeffs)
+    assert all(torch.equal(got[k], want[k]) for k in want)

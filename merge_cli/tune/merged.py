@@ -157,7 +157,8 @@ class MergedModel:
         refs = ([job.base] if job.base else []) + job.inputs
         xs = [self.plan.models[r.model].checkpoint.read(r.name) for r in refs]
         if job.method == "passthrough" and job.params.get("scale", 1.0) == 1.0:
-            return xs[-1].to(self.device)
+            x = xs[-1].to(self.device)  # the model computes in the compute dtype (float: exact round trip)
+            return x.to(self.dtype) if x.is_floating_point() else x
         xs = [x.to(self.device, self.dtype) for x in xs]
         base, inputs = (xs[0], xs[1:]) if job.base else (None, xs)
         ctx = TensorCtx(name=job.name, layer=job.layer, group=job.group, seed=self.plan.recipe.seed)
