@@ -106,6 +106,8 @@ def write_tokenizer(folder: Path) -> None:
 def _save(model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if CONFIG.get("tie_word_embeddings"):  # a tied head is stored once, as HF does
+        sd.pop("lm_head.weight", None)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=1))
     write_tokenizer(folder)
