@@ -136,7 +136,7 @@ def tune(
     from merge_cli.plan import build_plan
     from merge_cli.recipe.stages import is_multi_stage
     from merge_cli.tune.loop import TuneOptions
-    from merge_cli.tune.merged import TUNABLE
+    from merge_cli.tune.merged import GRANULARITIES, TUNABLE
     from merge_cli.tune.objective import OBJECTIVES, require_transformers
 
     p_obj, p_gran, p_clamp = PRESETS.get(preset or "adamerging", (None, None, None))
@@ -147,6 +147,8 @@ def tune(
     clamp_range = _clamp(clamp) if clamp is not None else p_clamp
     if objective not in OBJECTIVES:
         raise MergeCliError(f"--objective {objective}: use entropy or nll")
+    if granularity not in GRANULARITIES:
+        raise MergeCliError(f"--granularity {granularity}: use task, layer or block")
     if entropy_on not in ("all", "last"):
         raise MergeCliError(f"--entropy-on {entropy_on}: use all or last")
     require_transformers()
@@ -174,14 +176,10 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
     from merge_cli.tune.merged import MergedModel
     from merge_cli.tune.objective import build_model
 
-    objective, granularity, steps, batch, clamp_range = (
-        opts.objective,
-        opts.granularity,
-        opts.steps,
-        opts.batch,
-        opts.clamp,
-    )
-    lr, seed = opts.lr, opts.seed
+    o = opts
+    objective, granularity, steps, batch, clamp_range, lr, seed = (
+        o.objective, o.granularity, o.steps, o.batch, o.clamp, o.lr, o.seed
+    )  # fmt: skip
     dev = resolve_device(device)
     if merge is not None:  # before the tune, not after it
         from merge_cli.io.writer import check_output
