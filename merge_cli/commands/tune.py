@@ -23,8 +23,8 @@ PRESETS = {  # objective, granularity, clamp
 }
 MEMORY_HELP = (
     "Memory budget, e.g. 24GB: refuse (one line) when the tune cannot fit. The tune holds the base model plus, "
-    "for every tuned tensor, K task vectors and one merged copy, all in the recipe's compute dtype: about "
-    "(K + 2) x the model's size, plus activations of one batch per task."
+    "for every tuned tensor, K task vectors, one merged copy and its gradient, all in the recipe's compute "
+    "dtype: about (K + 3) x the model's size, plus activations of one batch per task."
 )
 
 
@@ -45,7 +45,7 @@ def _memory_line(m: dict[str, int]) -> tuple[str, str]:
 
     parts = (
         f"base {h(m['base'])} + {m['K']} task vectors {h(m['task vectors'])} + merged copy "
-        f"{h(m['merged copy'])} + activations ~{h(m['activations'])}"
+        f"{h(m['merged copy'])} + its gradient {h(m['its gradient'])} + activations ~{h(m['activations'])}"
     )
     return h(m["total"]), parts
 
@@ -129,7 +129,8 @@ def tune(
     """Learn per-model merge weights (per task, layer or tensor block) by gradient descent through the merged
     model, and write them as an ordinary recipe that `merge-cli run` rebuilds without data.
 
-    Memory: base + K task vectors + one merged copy of the tuned tensors stay on the device (see --max-memory).
+    Memory: base + K task vectors + a merged copy of the tuned tensors and its gradient, on the device:
+    about (K + 3) x the model, plus activations (see --max-memory).
 
     Example: merge-cli tune recipes/tune_adamerging.yaml tuned.yaml --data recipes/tune_data.jsonl --steps 50
     """
