@@ -265,3 +265,15 @@ def test_starting_overrides_are_kept_in_the_tuned_recipe(bench, tmp_path):
     assert run_cli("run", tmp_path / "tuned.yaml", tmp_path / "m", "-q").exit_code == 0
     got, want = load_output(tmp_path / "m"), merged.state(coeffs)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_models_sharing_a_name_are_refused(bench, tmp_path):
+    """The tuned weights name the models (model_parameters): the recipe check already refuses duplicates."""
+    for sub, t in (("a", "t0"), ("b", "t1")):
+        shutil.copytree(bench["root"] / f"expert_{t}", tmp_path / sub / "expert")
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {"method": "task_arithmetic", "base_model": str(bench["base"]), "models": ["a/expert", "b/expert"]},
+    )
+    r = run_cli("tune", path, tmp_path / "o.yaml", "--data", bench["data"], "-q")
+    _one_line_error(r, "named 'expert'", "name:")

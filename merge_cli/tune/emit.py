@@ -31,7 +31,9 @@ from merge_cli.tune.merged import MergedModel
 def _relocate(ref: str, recipe: Recipe, out_dir: Path) -> str:
     """A local model path as seen from the new recipe's folder; hub ids and LoRA refs as they were."""
     p = Path(os.path.expanduser(ref))
-    for c in ([recipe.base_dir / p] if recipe.base_dir and not p.is_absolute() else []) + [p]:
+    if p.is_absolute():
+        return ref
+    for c in ([recipe.base_dir / p] if recipe.base_dir else []) + [p]:
         if c.exists():
             return os.path.relpath(c.resolve(), out_dir.resolve())
     return ref

@@ -33,9 +33,9 @@ class Tuner:
         self.merged, self.model, self.tasks, self.opts = merged, model, tasks, opts
         self.device = merged.device
 
-    def loss(self, coeffs: torch.Tensor, batches: dict[str, list[Example]]) -> torch.Tensor:
+    def loss(self, coeffs: torch.Tensor, batches: dict[str, list[Example]], params=None) -> torch.Tensor:
         """Mean over tasks of each task's objective on its batch, through the merged model for coeffs."""
-        params = self.merged.merged(coeffs)
+        params = self.merged.merged(coeffs) if params is None else params
         losses = []
         for exs in batches.values():
             ids, mask, plen = collate(exs, self.device)
@@ -44,12 +44,14 @@ class Tuner:
         return torch.stack(losses).mean()
 
     def evaluate(self, coeffs: torch.Tensor, limit: int = 256) -> float:
-        """The objective over (up to `limit` examples of) every task, without gradients."""
+        """The objective over (up to `limit` examples of) every task, without gradients: the mean over
+        tasks of each task's mean over its examples (batches of 64)."""
         with torch.no_grad():
+            params = self.merged.merged(coeffs)
             per_task = []
             for exs in self.tasks.values():
                 chunks = [exs[i : i + 64] for i in range(0, min(len(exs), limit), 64)]
-                vals = [float(self.loss(coeffs, {"t": c})) * len(c) for c in chunks]
+                vals = [float(self.loss(coeffs, {"t": c}, params)) * len(c) for c in chunks]
                 per_task.append(sum(vals) / sum(len(c) for c in chunks))
         return sum(per_task) / len(per_task)
 

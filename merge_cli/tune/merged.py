@@ -113,7 +113,7 @@ class MergedModel:
 
     def _add_tuned(self, job: TensorJob, start: dict[int, list[float]]) -> None:
         labels = [self.plan.models[i.model].label for i in job.inputs]
-        if self.models is None:
+        if self.models is None:  # distinct: the recipe refuses two models of one name
             self.models = labels
         elif labels != self.models:
             raise MergeCliError(
