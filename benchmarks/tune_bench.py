@@ -146,12 +146,19 @@ def main() -> None:
         ("tuned block-wise (entropy)", "r0.yaml", "block"),
         ("tuned layer-wise++ (from TIES sum, w 0.3)", "r2.yaml", "layer"),
     ]
+    tuned.append(
+        ("tuned task-wise (nll on 64 labelled pairs, self-positioning)", "r0.yaml", "self-positioning")
+    )
     for k, (label, start, gran) in enumerate(tuned):
         out = work / f"t{k}.yaml"
+        how = (
+            ["--data", work / "nll_data.jsonl", "--preset", gran]
+            if gran == "self-positioning"
+            else ["--data", work / "tune_data.jsonl", "--granularity", gran, "--entropy-on", "last"]
+        )
         cost = cli(
-            "tune", work / start, out, "--data", work / "tune_data.jsonl", "--granularity", gran, "--steps",
-            args.steps, "--lr", "0.01", "--batch", "8", "--entropy-on", "last", "--device", "cpu", "-q",
-            timed=True,
+            "tune", work / start, out, *how, "--steps", args.steps, "--lr", "0.01", "--batch", "8",
+            "--device", "cpu", "-q", timed=True,
         )  # fmt: skip
         cli("run", out, work / f"tm{k}", "-q")
         rows.append((label, accuracy_of(work / f"tm{k}"), cost))
