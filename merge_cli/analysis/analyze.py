@@ -12,8 +12,8 @@ Whole-model methods first get their statistics passes (stats_pass.run_stats_pass
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,8 +24,6 @@ from merge_cli.analysis.stats import TOP_SHARES, Acc
 from merge_cli.dtypes import ST_TO_TORCH
 from merge_cli.methods import METHODS, ParamSet, TensorCtx
 from merge_cli.plan import Input, MergePlan, TensorJob
-
-TOTAL = "all"
 
 
 def _read(plan: MergePlan, job: TensorJob):

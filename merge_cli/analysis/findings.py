@@ -5,7 +5,8 @@ Each rule reads the figures of `analyze()` and returns sentences; thresholds are
 - imbalance: an expert's task-vector norm is >= IMBALANCE times the median of the other experts' in a run
   of consecutive layers -> suggest scaling its weight by the inverse ratio (and the converse, <= 1/IMBALANCE).
 - conflict: a pair of experts disagrees in sign on >= CONFLICT of the entries where both moved, in a
-  module group (attention, mlp, ...) -> name it; at >= CHANCE the signs are as good as independent.
+  module group (attention, mlp, ...) -> one sentence per pair naming those groups, worst first; at
+  >= CHANCE the signs are as good as independent.
 - cosine: a pair's task vectors have cosine >= REDUNDANT (nearly the same update) or <= OPPOSED.
 - concentration: the top 20% of an expert's magnitudes hold < DENSE_MASS of its L1 mass while the recipe
   keeps a density <= 0.3 (a dense update is trimmed hard); or the top 5% hold >= SPARSE_MASS (sparse:
@@ -83,19 +84,26 @@ def imbalance(res: dict[str, Any]) -> list[str]:
 
 
 def conflict(res: dict[str, Any]) -> list[str]:
-    out = []
+    """One sentence per pair of experts: the module groups where they conflict, worst first."""
+    hits: dict[tuple[str, str], list[tuple[float, str]]] = {}
     for group, g in res["by_group"].items():
         for p in g["pairs"]:
             c = p["sign_conflict"]
-            if c is None or c < CONFLICT:
-                continue
-            tail = (
-                "as good as independent signs (50% is chance): sign election (ties, dare_ties) keeps one "
-                "side per entry"
-                if c >= CHANCE
-                else "a sign-electing method (ties, dare_ties) resolves them; a plain average cancels them"
-            )
-            out.append(f"{p['a']} and {p['b']} conflict in {_pct(c)} of signs in {group} layers: {tail}")
+            if c is not None and c >= CONFLICT:
+                hits.setdefault((p["a"], p["b"]), []).append((c, group))
+    out = []
+    for (a, b), gs in hits.items():
+        gs.sort(reverse=True)
+        where = f"{_pct(gs[0][0])} of signs in {gs[0][1]} layers" + "".join(
+            f", {_pct(c)} in {g}" for c, g in gs[1:]
+        )
+        tail = (
+            "as good as independent signs (50% is chance): a plain average cancels much of both; sign "
+            "election (ties, dare_ties) keeps one side per entry"
+            if gs[0][0] >= CHANCE
+            else "a sign-electing method (ties, dare_ties) resolves them; a plain average cancels them"
+        )
+        out.append(f"{a} and {b} conflict in {where}: {tail}")
     return out
 
 

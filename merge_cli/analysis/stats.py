@@ -127,7 +127,15 @@ class Acc:
 
     def merge(self, o: Acc) -> None:
         """Add another accumulator's sums into this one."""
-        for name in ("numel", "base_sq", "eff_numel", "kept_numel", "merged_sq", "conflict", "conflict_numel"):
+        for name in (
+            "numel",
+            "base_sq",
+            "eff_numel",
+            "kept_numel",
+            "merged_sq",
+            "conflict",
+            "conflict_numel",
+        ):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for name in ("sq", "l1", "kept", "agree", "agree_den"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(o, name))])

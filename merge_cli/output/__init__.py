@@ -1,0 +1,1 @@
+"""What a merge writes beside the model: reports (JSON, Markdown, HTML), card, side files, checks."""
