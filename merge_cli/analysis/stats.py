@@ -166,8 +166,8 @@ class Acc:
     def to_json(self, labels: list[str]) -> dict[str, Any]:
         """Figures per expert and per pair, rounded for the report (None where undefined)."""
 
-        def r(x):
-            return None if x is None else round(x, 6)
+        def r(x):  # 7 significant digits
+            return None if x is None else float(f"{x:.7g}")
 
         experts = {}
         for i, lab in enumerate(labels):
