@@ -122,7 +122,8 @@ def write_html_report(writer, report: dict, recipe_text: str, lock: dict) -> str
     from merge_cli.output.html_report import merge_report_html
 
     try:
-        writer.write_text("merge_report.html", merge_report_html(report, recipe_text, lock))
-    except Exception as e:  # a plotting library bug must not lose a finished merge
+        page = merge_report_html(report, recipe_text, lock)
+    except Exception as e:  # a plotting bug must not lose a finished merge (write errors still stop it)
         return f"merge_report.html was not written ({type(e).__name__}: {e}); `merge-cli report OUT_DIR` redraws it"
+    writer.write_text("merge_report.html", page)
     return ""

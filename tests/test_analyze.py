@@ -257,3 +257,11 @@ def test_analyze_bad_input_is_one_line(tmp_path, make, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
     assert "Traceback" not in r.output
+
+
+def test_analyze_unwritable_html_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("analyze", _family(tmp_path), "-q", "--html", tmp_path / "file" / "a.html")
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "a.html" in lines[0]

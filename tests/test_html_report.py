@@ -112,3 +112,24 @@ def test_report_bad_input_is_one_line(tmp_path, setup):
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "out" in lines[0]
+
+
+def test_a_drawing_failure_does_not_fail_the_merge(tmp_path, family, monkeypatch):
+    import merge_cli.output.html_report as html_report
+
+    def broken(*a, **k):
+        raise ValueError("plotting broke")
+
+    monkeypatch.setattr(html_report, "merge_report_html", broken)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"base_model": str(family["base"]), "method": "task_arithmetic",
+         "models": [{"model": str(family["expert0"])}]},
+    )  # fmt: skip
+    r = run_cli("run", recipe, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    assert "merge_report.html was not written (ValueError: plotting broke)" in r.stderr
+    assert (tmp_path / "out" / "merge_report.json").exists() and (
+        tmp_path / "out" / "merge_report.md"
+    ).exists()
+    assert not (tmp_path / "out" / "merge_report.html").exists()

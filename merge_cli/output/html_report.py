@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from merge_cli.errors import MergeCliError
 from merge_cli.output import plots
 from merge_cli.output.run_stats import layer_table
 
@@ -94,10 +95,15 @@ class Page:
 
 
 def write_html(path: Path, text: str) -> Path:
-    """Write atomically: a temporary file beside it, renamed when complete."""
+    """Write atomically: a temporary file beside it, renamed when complete (one-line error if it cannot)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
+    except OSError as e:
+        raise MergeCliError(
+            f"{path}: cannot write the page there ({e.strerror or e}); choose another path"
+        ) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -105,6 +111,11 @@ def write_html(path: Path, text: str) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is as readable as the model
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise MergeCliError(
+            f"{path}: cannot write the page ({e.strerror or e}); choose another path"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
