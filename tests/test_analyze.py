@@ -38,6 +38,16 @@ def test_norms_cosine_conflict_by_hand():
     assert acc.top_share(1) == pytest.approx([0.5, 0.5, 0.5])
 
 
+def test_top_mass_of_a_large_tensor_is_exact():
+    """Above 4 x SAMPLE entries the sampled bracket is used: it must give torch.topk's exact sums."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300_000, generator=g).abs() * (torch.rand(300_000, generator=g) < 0.3)  # many ties at 0
+    want = [float(torch.topk(a, math.ceil(p * a.numel())).values.double().sum()) for p in (0.01, 0.05, 0.2)]
+    assert top_mass(a) == pytest.approx(want, rel=1e-6)
+    b = torch.ones(300_000)  # every value tied
+    assert top_mass(b) == pytest.approx([3000, 15000, 60000])
+
+
 def test_top_mass_by_hand():
     a = torch.arange(1, 101, dtype=torch.float32)[torch.randperm(100)]  # 1..100, shuffled; L1 5050
     # top 1% = {100}, top 5% = {96..100}, top 20% = {81..100}
@@ -71,8 +81,9 @@ def test_effect_by_hand():
     taus = [torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([-1.0, -1.0, 0.0, 1.0])]
     merged = torch.tensor([0.5, -1.0, 0.0, 2.0])  # delta signs: +, -, 0, +
     acc = Acc(2)
-    acc.add_piece(base, [base + t for t in taus])
-    acc.add_effect(base, taus, merged, {"kept_fraction": [0.75, 0.5], "sign_conflict_rate": 0.25})
+    got = acc.add_piece(base, [base + t for t in taus])
+    assert torch.equal(got, torch.stack(taus))
+    acc.add_effect(base, got, merged, {"kept_fraction": [0.75, 0.5], "sign_conflict_rate": 0.25})
     # expert 0: entries 0, 1 count (entry 2 has a zero delta, entry 3 a zero tau): both agree
     # expert 1: entries 0 (-, +: disagree), 1 (agree), 3 (agree)
     assert (acc.agree, acc.agree_den) == ([2, 2], [2, 3])

@@ -122,13 +122,17 @@ def analyze(
         spec = METHODS[job.method]
         acc = Acc(n)
         for offset, base, inputs, whole in _pieces(plan, job, budget):
-            b = base.to(device).to(compute)
-            xs = [x.to(device).to(compute) for x in inputs]
+            b = base.to(device).to(torch.float32)  # statistics in fp32; the kernel in the compute dtype
+            xs = [x.to(device).to(torch.float32) for x in inputs]
             del base, inputs
             taus = acc.add_piece(b, xs)
             if whole or spec.elementwise:
                 ctx = _ctx(plan, job, offset, device)
-                merged = spec.kernel(b if kernel_base else None, xs, list(job.weights), _params(job), ctx)
+                kb, kxs = (
+                    (b, xs) if compute == torch.float32 else (b.to(compute), [x.to(compute) for x in xs])
+                )
+                merged = spec.kernel(kb if kernel_base else None, kxs, list(job.weights), _params(job), ctx)
+                del kb, kxs
                 acc.add_effect(b, taus, merged, ctx.stats)
                 del merged
             elif job.name not in effect_skipped:

@@ -18,24 +18,48 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 TOP_SHARES = (0.01, 0.05, 0.2)  # the mass held by the largest 1%, 5% and 20% of magnitudes
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.sum(dtype=torch.float64))
+EXACT_COUNTS = 1 << 24  # fp32 sums of +-1/0 are exact below 2^24 terms: sign counts go by column blocks
+SAMPLE = 1 << 15  # entries sampled to bracket a top-k threshold
 
 
 def top_mass(a: torch.Tensor, shares=TOP_SHARES) -> list[float]:
-    """Sum of the largest ceil(p * n) values of a (non-negative, flat), for each p in shares."""
+    """Sum of the largest ceil(p * n) values of a (non-negative, flat), for each p in shares: exact.
+
+    Only the candidates at or above a threshold are sorted: a sorted sample of SAMPLE entries (fixed seed)
+    gives a value below the largest share's k-th largest with a wide margin, so every top entry is among the
+    candidates; if the count says otherwise (very unlikely), the whole tensor is sorted instead."""
     n = a.numel()
     if n == 0:
         return [0.0] * len(shares)
     ks = [min(n, math.ceil(p * n)) for p in shares]
-    vals = torch.topk(a, max(ks), sorted=True).values.double()
-    csum = torch.cumsum(vals, 0)
-    return [float(csum[k - 1]) for k in ks]
+    k = max(ks)
+    cand = a
+    if n > 4 * SAMPLE:
+        g = torch.Generator(device=a.device).manual_seed(n)
+        sample = torch.sort(
+            a[torch.randint(n, (SAMPLE,), generator=g, device=a.device)], descending=True
+        ).values
+        q = k / n
+        lo = sample[min(SAMPLE - 1, int(q * SAMPLE + 6 * math.sqrt(SAMPLE * q * (1 - q)) + 16))]
+        if a.device.type == "cpu":  # numpy's masks and sort are vectorised (many times torch's on the CPU)
+            an = a.numpy()
+            cand = an[an >= float(lo)]
+            csum = np.cumsum(np.sort(cand if cand.size >= k else an)[::-1][:k], dtype=np.float64)
+            return [float(csum[j - 1]) for j in ks]
+        cand = a[a >= lo]
+        if cand.numel() < k:
+            cand = a
+    if cand.device.type == "cpu":
+        csum = np.cumsum(np.sort(cand.numpy())[::-1][:k], dtype=np.float64)
+    else:
+        csum = torch.cumsum(torch.sort(cand, descending=True).values[:k], 0, dtype=torch.float64)
+    return [float(csum[j - 1]) for j in ks]
 
 
 @dataclass
@@ -78,44 +102,52 @@ class Acc:
                 setattr(self, name, make())
 
     # -- gathering ---------------------------------------------------------------------------------
-    def add_piece(self, base: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Add one piece (flat or shaped; base and every expert alike, float). Returns the task vectors."""
-        taus = [(x - base).reshape(-1) for x in xs]
+    def add_piece(self, base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Add one piece (flat or shaped; base and every expert alike, float32). Returns the task vectors
+        as the rows of one (experts x entries) tensor."""
         b = base.reshape(-1)
+        taus = torch.stack([x.reshape(-1) for x in xs]).sub_(b)
         self.numel += b.numel()
-        self.base_sq += _f(b.double().square()) if b.numel() < 1 << 20 else _f(b.square())
-        signs = [torch.sign(t).to(torch.int8) for t in taus]
-        for i, t in enumerate(taus):
-            a = t.abs()
-            self.sq[i] += _f(t.double().square())
-            self.l1[i] += _f(a)
-            for k, m in enumerate(top_mass(a)):
+        self.base_sq += float(torch.dot(b, b))
+        for s in range(0, b.numel(), EXACT_COUNTS):  # Gram matrices: all norms, dots and sign counts at once
+            t = taus[:, s : s + EXACT_COUNTS]
+            gram = (t @ t.T).double()
+            sg = torch.sign(t)
+            agree_minus_opp = (sg @ sg.T).round().long()
+            sg.abs_()
+            both = (sg @ sg.T).round().long()
+            del sg
+            for i in range(self.n):
+                self.sq[i] += float(gram[i, i])
+                for j in range(self.n):
+                    if i != j:
+                        self.dot[i][j] += float(gram[i, j])
+                        self.both[i][j] += int(both[i, j])
+                        self.opp[i][j] += int((both[i, j] - agree_minus_opp[i, j]) // 2)
+        mags = taus.abs()
+        for i in range(self.n):
+            self.l1[i] += float(mags[i].sum())
+            for k, m in enumerate(top_mass(mags[i])):
                 self.top[i][k] += m
-            for j in range(i + 1, self.n):
-                d = _f(t.double() * taus[j].double())
-                prod = signs[i] * signs[j]
-                both, opp = int(torch.count_nonzero(prod)), int((prod < 0).sum())
-                self.dot[i][j] += d
-                self.dot[j][i] += d
-                self.both[i][j] += both
-                self.both[j][i] += both
-                self.opp[i][j] += opp
-                self.opp[j][i] += opp
         return taus
 
     def add_effect(
-        self, base: torch.Tensor, taus: list[torch.Tensor], merged: torch.Tensor, stats: dict[str, Any]
+        self, base: torch.Tensor, taus: torch.Tensor, merged: torch.Tensor, stats: dict[str, Any]
     ) -> None:
         """Add what the method's kernel did on this piece: its output and the statistics it reported."""
         n = base.numel()
-        delta = (merged.reshape(-1).to(base.dtype) - base.reshape(-1)).reshape(-1)
+        delta = merged.reshape(-1).to(base.dtype) - base.reshape(-1)
         self.eff_numel += n
-        self.merged_sq += _f(delta.double().square())
-        ds = torch.sign(delta).to(torch.int8)
-        for i, t in enumerate(taus):
-            prod = torch.sign(t).to(torch.int8) * ds
-            self.agree_den[i] += int(torch.count_nonzero(prod))
-            self.agree[i] += int((prod > 0).sum())
+        self.merged_sq += float(torch.dot(delta, delta))
+        ds = torch.sign(delta)
+        for s in range(0, n, EXACT_COUNTS):
+            sg = torch.sign(taus[:, s : s + EXACT_COUNTS])
+            d = ds[s : s + EXACT_COUNTS]
+            same_minus_diff = (sg @ d).round().long()
+            den = (sg.abs_() @ d.abs()).round().long()
+            for i in range(self.n):
+                self.agree_den[i] += int(den[i])
+                self.agree[i] += int((den[i] + same_minus_diff[i]) // 2)
         kf = stats.get("kept_fraction")
         if isinstance(kf, list) and len(kf) == self.n:
             self.kept_numel += n
