@@ -24,7 +24,8 @@ import torch
 TOP_SHARES = (0.01, 0.05, 0.2)  # the mass held by the largest 1%, 5% and 20% of magnitudes
 
 
-EXACT_COUNTS = 1 << 24  # fp32 sums of +-1/0 are exact below 2^24 terms: sign counts go by column blocks
+BLOCK = 1 << 16  # columns per fp32 product: short fp32 sums (~1e-7 relative), added up in float64; sign
+# counts (sums of +-1/0) are exact in fp32 below 2^24 terms
 SAMPLE = 1 << 15  # entries sampled to bracket a top-k threshold
 
 
@@ -107,23 +108,28 @@ class Acc:
         as the rows of one (experts x entries) tensor."""
         b = base.reshape(-1)
         taus = torch.stack([x.reshape(-1) for x in xs]).sub_(b)
-        self.numel += b.numel()
-        self.base_sq += float(torch.dot(b, b))
-        for s in range(0, b.numel(), EXACT_COUNTS):  # Gram matrices: all norms, dots and sign counts at once
-            t = taus[:, s : s + EXACT_COUNTS]
-            gram = (t @ t.T).double()
+        n, m = self.n, b.numel()
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        same = torch.zeros(n, n, dtype=torch.int64)  # (same signs) - (opposite signs), both non-zero
+        both = torch.zeros(n, n, dtype=torch.int64)
+        base_sq = torch.zeros((), dtype=torch.float64)
+        for s in range(0, m, BLOCK):  # Gram matrices: every norm, dot and sign count in one sweep
+            t, bb = taus[:, s : s + BLOCK], b[s : s + BLOCK]
+            gram += (t @ t.T).cpu().double()
+            base_sq += float(torch.dot(bb, bb))
             sg = torch.sign(t)
-            agree_minus_opp = (sg @ sg.T).round().long()
+            same += (sg @ sg.T).round().long().cpu()
             sg.abs_()
-            both = (sg @ sg.T).round().long()
-            del sg
-            for i in range(self.n):
-                self.sq[i] += float(gram[i, i])
-                for j in range(self.n):
-                    if i != j:
-                        self.dot[i][j] += float(gram[i, j])
-                        self.both[i][j] += int(both[i, j])
-                        self.opp[i][j] += int((both[i, j] - agree_minus_opp[i, j]) // 2)
+            both += (sg @ sg.T).round().long().cpu()
+        self.numel += m
+        self.base_sq += float(base_sq)
+        for i in range(n):
+            self.sq[i] += float(gram[i, i])
+            for j in range(n):
+                if i != j:
+                    self.dot[i][j] += float(gram[i, j])
+                    self.both[i][j] += int(both[i, j])
+                    self.opp[i][j] += int((both[i, j] - same[i, j]) // 2)
         mags = taus.abs()
         for i in range(self.n):
             self.l1[i] += float(mags[i].sum())
@@ -138,16 +144,18 @@ class Acc:
         n = base.numel()
         delta = merged.reshape(-1).to(base.dtype) - base.reshape(-1)
         self.eff_numel += n
-        self.merged_sq += float(torch.dot(delta, delta))
-        ds = torch.sign(delta)
-        for s in range(0, n, EXACT_COUNTS):
-            sg = torch.sign(taus[:, s : s + EXACT_COUNTS])
-            d = ds[s : s + EXACT_COUNTS]
-            same_minus_diff = (sg @ d).round().long()
-            den = (sg.abs_() @ d.abs()).round().long()
-            for i in range(self.n):
-                self.agree_den[i] += int(den[i])
-                self.agree[i] += int((den[i] + same_minus_diff[i]) // 2)
+        same = torch.zeros(self.n, dtype=torch.int64)
+        den = torch.zeros(self.n, dtype=torch.int64)
+        for s in range(0, n, BLOCK):
+            d = delta[s : s + BLOCK]
+            self.merged_sq += float(torch.dot(d, d))
+            d = torch.sign(d)
+            sg = torch.sign(taus[:, s : s + BLOCK])
+            same += (sg @ d).round().long().cpu()
+            den += (sg.abs_() @ d.abs()).round().long().cpu()
+        for i in range(self.n):
+            self.agree_den[i] += int(den[i])
+            self.agree[i] += int((den[i] + same[i]) // 2)
         kf = stats.get("kept_fraction")
         if isinstance(kf, list) and len(kf) == self.n:
             self.kept_numel += n
