@@ -6,7 +6,7 @@ task vectors to the accumulators of its layer, its module group, its (layer, gro
 model (stats.Acc). The recipe's own kernel runs on each tensor (merge_cli.methods: nothing re-implemented)
 for its kept fraction and elected-sign agreement; on a tensor read in pieces only elementwise kernels run
 (others would see a piece, not the tensor) and the tensor is counted as `effect_skipped`.
-Whole-model methods first get their statistics passes (stats_pass.run_stats_passes), as in a merge.
+Whole-model methods first get their statistics passes (engine.stats.run_stats_passes), as in a merge.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def _params(job: TensorJob) -> ParamSet:
 
 def _pieces(plan: MergePlan, job: TensorJob, budget: int):
     """(offset, base, inputs, whole): the job's tensors whole (shaped) when they fit the budget, else in
-    flat pieces (stats_pass.read_pieces)."""
+    flat pieces (engine.stats.read_pieces)."""
     if working_bytes(plan, job) <= budget:
         base, inputs = _read(plan, job)
         yield 0, base, inputs, True
         return
-    from merge_cli.stats_pass import piece_elements, read_pieces
+    from merge_cli.engine.stats import piece_elements, read_pieces
 
     piece = piece_elements(plan, job, budget)
     for offset, base, inputs, _n in read_pieces(plan, job, piece, lambda p, j: _read(p, j)):
@@ -90,7 +90,7 @@ def analyze(
     recipe_text: str = "",
 ) -> dict[str, Any]:
     """Stream the plan's inputs once and return the analysis (a JSON-able dict)."""
-    from merge_cli.stats_pass import run_stats_passes, whole_model_jobs
+    from merge_cli.engine.stats import run_stats_passes, whole_model_jobs
 
     device = device or torch.device("cpu")
     start = time.perf_counter()

@@ -36,7 +36,7 @@ def load_output(out_dir: Path) -> tuple[dict, str, dict | None]:
         recipe_text = (out_dir / "recipe.yaml").read_text()
     except OSError:
         recipe_text = ""
-    from merge_cli.lock import LOCK_NAME, LockError, load_lock
+    from merge_cli.io.lock import LOCK_NAME, LockError, load_lock
 
     lock = None
     if (out_dir / LOCK_NAME).exists():
