@@ -276,3 +276,21 @@ def test_analyze_unwritable_html_is_one_line(tmp_path):
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "a.html" in lines[0]
+
+
+def test_analyze_nonfinite_input_is_one_line(tmp_path):
+    base = {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)}
+    bad = torch.ones(4, 4)
+    bad[1, 2] = float("nan")
+    paths = {"base": write_model(tmp_path / "base", base)}
+    paths["a"] = write_model(tmp_path / "a", {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4)})
+    paths["b"] = write_model(tmp_path / "b", {"model.layers.0.mlp.up_proj.weight": bad})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"base_model": str(paths["base"]), "method": "task_arithmetic",
+         "models": [{"model": str(paths["a"])}, {"model": str(paths["b"])}]},
+    )  # fmt: skip
+    r = run_cli("analyze", recipe, "-q")
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.layers.0.mlp.up_proj.weight" in lines[0] and "NaN" in lines[0]

@@ -11,6 +11,7 @@ Whole-model methods first get their statistics passes (engine.stats.run_stats_pa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,8 @@ from merge_cli import __version__
 from merge_cli.analysis.findings import findings
 from merge_cli.analysis.stats import TOP_SHARES, Acc
 from merge_cli.dtypes import ST_TO_TORCH
+from merge_cli.errors import CheckpointError
+from merge_cli.finite import count_nonfinite, describe_nonfinite
 from merge_cli.methods import METHODS, ParamSet, TensorCtx
 from merge_cli.plan import Input, MergePlan, TensorJob
 
@@ -126,6 +129,8 @@ def analyze(
             xs = [x.to(device).to(torch.float32) for x in inputs]
             del base, inputs
             taus = acc.add_piece(b, xs)
+            if not math.isfinite(acc.base_sq + sum(acc.sq)):
+                _nonfinite(plan, job, b, xs)
             if whole or spec.elementwise:
                 ctx = _ctx(plan, job, offset, device)
                 kb, kxs = (
@@ -187,6 +192,20 @@ def analyze(
         notes.append("the recipe has no base model: task vectors (expert - base) cannot be measured")
     result["findings"] = findings(result)
     return result
+
+
+def _nonfinite(plan: MergePlan, job: TensorJob, base: torch.Tensor, xs: list[torch.Tensor]) -> None:
+    """Name the model and tensor holding NaN/Inf (the statistics would be meaningless) and stop."""
+    for ref, t in zip([job.base, *job.inputs], [base, *xs]):
+        nan, inf = count_nonfinite(t)
+        if nan or inf:
+            raise CheckpointError(
+                f"model '{plan.models[ref.model].label}', tensor '{ref.name}': "
+                f"{describe_nonfinite(nan, inf, t.numel())}; analyze needs finite inputs (a corrupt download?)"
+            )
+    raise CheckpointError(
+        f"tensor '{job.name}': its task vectors overflow float32; analyze cannot measure them"
+    )
 
 
 def _with_base(plan: MergePlan, job: TensorJob, base_slot: int | None) -> TensorJob:
