@@ -106,7 +106,7 @@ def _recipe(tmp_path, paths, method="ties", **params):
             "models": [
                 {"model": str(paths[e]), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts
             ]
-            if method == "ties"
+            if method in ("ties", "dare_ties")
             else [{"model": str(paths[e]), "parameters": {"weight": 1.0}} for e in experts],
             "method": method,
             "parameters": params,
@@ -187,6 +187,26 @@ def test_pieces_equal_whole_tensors(tmp_path):
     finally:
         plan.close()
     assert pieced["effect_skipped"] and any("read in pieces" in n for n in pieced["notes"])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_fast_kernels_give_the_plain_kernels_figures(tmp_path, method, monkeypatch):
+    """analyze runs the engine's fast CPU kernels where they apply: the same figures as the plain kernels."""
+    import merge_cli.kernels.dispatch as dispatch
+
+    ran, real = [], dispatch.whole
+    monkeypatch.setattr(dispatch, "whole", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    paths = tiny_family(tmp_path, n_experts=2)
+    extra = {"trim_density": 1.0} if method == "dare_ties" else {}  # (MergeLM's extra trim: plain kernels)
+    plan = build_plan(load_recipe(_recipe(tmp_path, paths, method=method, **extra)))
+    try:
+        fast, plain = analyze(plan, 1 << 30), analyze(plan, 1 << 30, fast=False)
+    finally:
+        plan.close()
+    assert sum(r is not None for r in ran) == len(plan.jobs)  # every tensor went through a fast kernel
+    for key in ("overall", "by_layer", "by_group"):
+        assert fast[key] == plain[key]
+    assert "sign_agreement" in fast["overall"]["experts"]["expert0"]
 
 
 # -- findings --------------------------------------------------------------------------------------

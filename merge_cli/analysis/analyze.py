@@ -91,8 +91,10 @@ def analyze(
     device: torch.device | None = None,
     progress: Callable[[TensorJob, int], None] | None = None,
     recipe_text: str = "",
+    fast: bool = True,
 ) -> dict[str, Any]:
-    """Stream the plan's inputs once and return the analysis (a JSON-able dict)."""
+    """Stream the plan's inputs once and return the analysis (a JSON-able dict). fast: the engine's fast CPU
+    kernels where they apply (bitwise the plain kernels' output; False: always the plain kernels)."""
     from merge_cli.engine.stats import run_stats_passes, whole_model_jobs
 
     device = device or torch.device("cpu")
@@ -136,9 +138,9 @@ def analyze(
                 kb, kxs = (
                     (b, xs) if compute == torch.float32 else (b.to(compute), [x.to(compute) for x in xs])
                 )
-                merged = spec.kernel(kb if kernel_base else None, kxs, list(job.weights), _params(job), ctx)
+                merged, stats = _merged(job, kb if kernel_base else None, kxs, ctx, fast and whole)
                 del kb, kxs
-                acc.add_effect(b, taus, merged, ctx.stats)
+                acc.add_effect(b, taus, merged, stats)
                 del merged
             elif job.name not in effect_skipped:
                 effect_skipped.append(job.name)
@@ -192,6 +194,28 @@ def analyze(
         notes.append("the recipe has no base model: task vectors (expert - base) cannot be measured")
     result["findings"] = findings(result)
     return result
+
+
+def _merged(job: TensorJob, base, xs, ctx: TensorCtx, fast: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The method's output in fp32 and the statistics its kernel reports: the engine's fast CPU kernel when
+    it applies (kernels/dispatch.py, bitwise equal to the plain kernel), else the method's plain kernel."""
+    from merge_cli.engine.stats import whole_model_job
+    from merge_cli.kernels.blocked import NonFinite
+    from merge_cli.kernels.dispatch import FUSED_METHODS, predraw, whole
+
+    params = _params(job)
+    if fast and ctx.device.type == "cpu" and xs[0].dtype == torch.float32 and job.method in FUSED_METHODS:
+        if not whole_model_job(job):
+            stats: dict[str, Any] = {}
+            try:
+                pre = predraw(job.method, params, base, xs, ctx) if base is not None else None
+                out = whole(job.method, base, xs, list(job.weights), params, torch.float32, stats, ctx, pre)
+            except NonFinite:
+                out = None
+            if out is not None:
+                return out, stats
+    out = METHODS[job.method].kernel(base, xs, list(job.weights), params, ctx)
+    return out, ctx.stats
 
 
 def _nonfinite(plan: MergePlan, job: TensorJob, base: torch.Tensor, xs: list[torch.Tensor]) -> None:
