@@ -55,6 +55,7 @@ def report(
     compare: Optional[tuple[str, str]] = typer.Option(
         None,
         "--compare",
+        metavar="OUT_A OUT_B",
         help="Two merge output folders to put side by side (e.g. a ties and a dare_ties merge of the same inputs).",
     ),
     output: Optional[Path] = typer.Option(
@@ -70,8 +71,11 @@ def report(
     `merge-cli run` writes merge_report.html itself; this command redraws it (e.g. after installing
     matplotlib for the plots) or builds a comparison page of two merges.
 
-    Examples: merge-cli report out/ties --open
-              merge-cli report --compare out/ties out/dare_ties -o ties_vs_dare.html
+    Examples:
+
+    \b
+    merge-cli report out/ties --open
+    merge-cli report --compare out/ties out/dare_ties -o ties_vs_dare.html
     """
     from merge_cli.output.html_report import compare_html, merge_report_html, write_html
 
