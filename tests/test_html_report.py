@@ -133,3 +133,18 @@ def test_a_drawing_failure_does_not_fail_the_merge(tmp_path, family, monkeypatch
         tmp_path / "out" / "merge_report.md"
     ).exists()
     assert not (tmp_path / "out" / "merge_report.html").exists()
+
+
+def test_run_report_names_a_dominant_expert(tmp_path):
+    """The norm-imbalance rule of analyze also runs on the engine's figures in merge_report.html."""
+    tensors = []
+    for layer in range(4):
+        big = 10.0 if layer in (2, 3) else 1.0
+        tensors.append({"name": f"model.layers.{layer}.mlp.up_proj.weight", "method": "task_arithmetic",
+                        "params": {"weight": [0.5, 0.5]}, "task_vector_norms": [1.0, big]})  # fmt: skip
+    report = {"tool": "merge-cli", "method": "task_arithmetic", "experts": ["a", "b"], "tensors": tensors}
+    found = check_page(merge_report_html(report, "", None))
+    assert (
+        "b's task vector is 10.0x the others' in layers 2-3: consider weight 0.05 there (now 0.5)"
+        in found.text
+    )

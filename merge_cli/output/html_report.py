@@ -17,7 +17,7 @@ from typing import Any
 
 from merge_cli.errors import MergeCliError
 from merge_cli.output import plots
-from merge_cli.output.run_stats import layer_table
+from merge_cli.output.run_stats import layer_table, run_findings
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -220,6 +220,11 @@ def merge_report_html(report: dict, recipe_text: str = "", lock: dict | None = N
     page.h2("Summary per method")
     page.table(["method", "tensors", "mean kept fraction", "mean sign-conflict rate"], _summary(report))
     lt = layer_table(report)
+    found = run_findings(report, lt)
+    if found:
+        page.h2("Findings")
+        for f in found:
+            page.parts.append(f'<div class="finding">{esc(f)}</div>')
     page.h2("Per layer")
     if not lt["layers"]:
         page.p("No per-layer statistics: no tensor of this merge reported task-vector figures.")

@@ -87,3 +87,25 @@ def plan_experts(plan) -> list[str]:
         if job.base is not None:
             return [plan.models[r.model].label for r in job.inputs]
     return []
+
+
+def run_findings(report: dict[str, Any], lt: dict[str, Any]) -> list[str]:
+    """The analysis rules that the engine's figures support (per-layer norm imbalance), for the HTML report."""
+    from merge_cli.analysis.findings import imbalance
+
+    experts = lt["experts"]
+    if len(experts) < 2 or not lt["norm"]:
+        return []
+    weights: dict[str, list[float]] = {e: [] for e in experts}
+    for t in report.get("tensors", []):
+        w = (t.get("params") or {}).get("weight")
+        if isinstance(w, list) and len(w) == len(experts):
+            for e, v in zip(experts, w):
+                weights[e].append(float(v))
+    rows = [
+        {"layer": k, "experts": {e: {"norm": lt["norm"][e][i]} for e in experts}}
+        for i, k in enumerate(lt["layers"])
+        if all(lt["norm"][e][i] is not None for e in experts)
+    ]
+    res = {"experts": experts, "by_layer": rows, "weights": {e: _mean(w) for e, w in weights.items()}}
+    return imbalance(res)
