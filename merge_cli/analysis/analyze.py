@@ -161,7 +161,8 @@ def analyze(
     if effect_skipped:
         notes.append(
             f"method effect not measured on {len(effect_skipped)} tensor(s) read in pieces (the kernel needs "
-            f"the whole tensor): {', '.join(effect_skipped[:3])}{' ...' if len(effect_skipped) > 3 else ''}"
+            f"the whole tensor): {', '.join(effect_skipped[:3])}{' ...' if len(effect_skipped) > 3 else ''}; "
+            "a larger --max-memory reads them whole"
         )
     result: dict[str, Any] = {
         "tool": "merge-cli",
