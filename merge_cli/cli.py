@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from merge_cli import __version__
-from merge_cli.commands import hub, info, output, recipe, run
+from merge_cli.commands import analyze, hub, info, output, recipe, report, run, tune
 
 app = typer.Typer(
     name="merge-cli",
@@ -53,6 +53,9 @@ COMMANDS = [
     ("lock", hub.lock),
     ("push", hub.push),
     ("check", hub.check),
+    ("tune", tune.tune),
+    ("analyze", analyze.analyze),
+    ("report", report.report),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)

@@ -2,10 +2,13 @@
 
 A merge writes into `.OUT.partial/` beside the output. The journal there (JOURNAL, one JSON object per
 line) starts with a fingerprint of the plan, then gets one line per shard once that shard is fsynced:
-its file name, sha256, size and the per-tensor statistics the report needs. A process killed at any
-moment (SIGKILL included) leaves at worst an unfinished shard and a torn last journal line; both are
-ignored. `merge-cli run RECIPE OUT --resume` checks the fingerprint, re-hashes every journaled shard,
-keeps those that match, and computes only the rest. Kernels are deterministic and random methods are
+its file name, sha256, size and the per-tensor statistics the report needs. An unfinished shard gets a
+"piece" line each time another CHECKPOINT_BYTES of it are fsynced (io/writer.py): how many of its tensors
+are written, the byte offset they end at, the sha256 of the file up to there, and those tensors'
+statistics. A process killed at any moment (SIGKILL included) leaves at worst a partly written shard and a
+torn last journal line. `merge-cli run RECIPE OUT --resume` checks the fingerprint, re-hashes every
+journaled shard, keeps those that match, continues the unfinished shard after its last verified piece,
+and computes only the rest: a kill loses at most the tensors written since the last checkpoint. Kernels are deterministic and random methods are
 seeded per tensor, so the resumed output is bitwise identical to an uninterrupted run.
 """
 
@@ -23,11 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from merge_cli import __version__
+from merge_cli.engine.journal import JOURNAL_FORMAT, Journal, read_journal, verified_piece
 from merge_cli.errors import MergeCliError, OutputError
-from merge_cli.io.writer import JOURNAL, ShardedWriter, WriteError, file_digest, temp_dir_for, write_failed
-from merge_cli.plan import MergePlan, TensorJob
-
-JOURNAL_FORMAT = 1
+from merge_cli.io.writer import (
+    JOURNAL,
+    PartialShard,
+    ShardedWriter,
+    WriteError,
+    file_digest,
+    temp_dir_for,
+    write_failed,
+)
+from merge_cli.plan import MergePlan
 
 
 def resume_hint(recipe: Path | str | None, out_dir: Path | str) -> str:
@@ -68,31 +78,12 @@ def plan_fingerprint(plan: MergePlan) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _read_journal(path: Path) -> tuple[dict | None, list[dict]]:
-    """(header, shard records) from a journal; a torn or garbled line ends it (what follows is ignored)."""
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError:
-        return None, []
-    records = []
-    for raw in lines:
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            break
-        if not isinstance(rec, dict):
-            break
-        records.append(rec)
-    if not records or "fingerprint" not in records[0]:
-        return None, []
-    return records[0], records[1:]
-
-
 @dataclass
 class ResumeState:
     """What an earlier run left that can be reused."""
 
     reuse: dict[str, tuple[str, int]] = field(default_factory=dict)  # shard file -> (sha256, size)
+    partial: PartialShard | None = None  # the unfinished shard, continued after its verified tensors
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # tensor name -> report statistics
     records: list[dict] = field(default_factory=list)
     note: str = ""
@@ -103,7 +94,7 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
     tmp = temp_dir_for(out_dir)
     if not tmp.is_dir():
         return ResumeState(note=f"nothing to resume ({tmp} does not exist): merging from the start")
-    header, records = _read_journal(tmp / JOURNAL)
+    header, records = read_journal(tmp / JOURNAL)
     if header is None:
         return ResumeState(note=f"nothing to resume ({tmp} holds no journal): merging from the start")
     if header.get("fingerprint") != fingerprint:
@@ -135,10 +126,15 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
         state.reuse[fname] = (rec["sha256"], rec["size"])
         state.stats.update({t["name"]: t for t in stats})
         state.records.append(rec)
-    # anything else in the folder (an unfinished shard, side files, a manifest) is rebuilt
+    state.partial, pieces = verified_piece(tmp, records, names, state.reuse)
+    for rec in pieces:
+        state.stats.update({t["name"]: t for t in rec["tensors"]})
+        state.records.append(rec)
+    keep = set(state.reuse) | ({state.partial.filename} if state.partial else set())
+    # anything else in the folder (an unfinished shard's unverified part, side files, a manifest) is rebuilt
     try:
         for p in tmp.iterdir():
-            if p.name != JOURNAL and p.name not in state.reuse:
+            if p.name != JOURNAL and p.name not in keep:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
@@ -146,78 +142,9 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
     except OSError as e:
         raise write_failed(tmp, e) from None
     state.note = f"resuming: {len(state.reuse)} of {len(plan.shards)} shard(s) already complete and verified"
+    if state.partial is not None:
+        state.note += f", and {state.partial.count} tensor(s) of {state.partial.filename}"
     return state
-
-
-class Journal:
-    """Appends one fsynced line per completed shard. A line needs both halves: the writer thread reports the
-    shard flushed to disk, the compute thread reports each of its tensors' statistics; whichever arrives
-    last writes the line (tensors can be written in row chunks before their statistics exist)."""
-
-    def __init__(self, path: Path, plan: MergePlan):
-        self.path = path
-        self.names = {s.filename: [plan.jobs[i].name for i in s.jobs] for s in plan.shards}
-        self._pending: dict[str, dict[str, Any]] = {}  # tensor name -> statistics
-        self._flushed: dict[str, tuple[str, int]] = {}  # shard on disk, waiting for statistics
-        self._lock = threading.Lock()
-        self._append_lock = threading.Lock()
-        self.completed = 0
-
-    def start(self, fingerprint: str, records: list[dict]) -> None:
-        """Write the journal afresh (header + still-valid records) and make it durable."""
-        lines = [{"fingerprint": fingerprint, "format": JOURNAL_FORMAT}, *records]
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines)
-        part = self.path.with_name(self.path.name + ".new")
-        try:
-            with open(part, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(part, self.path)
-        except OSError as e:
-            raise write_failed(self.path, e) from None
-
-    def record_stats(self, job: TensorJob, stats: dict[str, Any]) -> None:
-        with self._lock:
-            self._pending[job.name] = stats
-            ready = self._ready()
-        self._append(ready)
-
-    def shard_done(self, fname: str, sha256: str, size: int) -> None:
-        with self._lock:
-            self._flushed[fname] = (sha256, size)
-            ready = self._ready()
-        self._append(ready)
-
-    def _ready(self) -> list[dict]:
-        out = []
-        for fname, (sha256, size) in list(self._flushed.items()):
-            names = self.names[fname]
-            if all(n in self._pending for n in names):
-                del self._flushed[fname]
-                tensors = [self._pending.pop(n) for n in names]
-                out.append({"shard": fname, "sha256": sha256, "size": size, "tensors": tensors})
-        return out
-
-    def _append(self, records: list[dict]) -> None:
-        if not records:
-            return
-        text = "".join(json.dumps(r, separators=(",", ":"), default=_jsonable) + "\n" for r in records)
-        with self._append_lock:
-            try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise write_failed(self.path, e) from None
-            self.completed += len(records)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return list(v)
-    return str(v)
 
 
 class ResumableRun:
@@ -232,43 +159,57 @@ class ResumableRun:
 
     def writer(self, shards) -> ShardedWriter:
         reuse = self.state.reuse if self.state.reuse else None
-        w = ShardedWriter(self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done)
+        w = ShardedWriter(
+            self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done,
+            partial=self.state.partial, on_piece_done=self._piece_done,
+        )  # fmt: skip
         w.manifest_extra = {"plan_fingerprint": self.fingerprint}
         self.journal = Journal(w.tmp / JOURNAL, self.plan)
         self.journal.start(self.fingerprint, self.state.records)
+        self.journal.resume_from(self.state.partial, self.state.stats)
         return w
+
+    def _piece_done(self, fname: str, count: int, end: int, sha256: str) -> None:
+        assert self.journal is not None
+        self.journal.piece_done(fname, count, end, sha256)
 
     def _shard_done(self, fname: str, sha256: str, size: int) -> None:
         assert self.journal is not None
         self.journal.shard_done(fname, sha256, size)
 
+    def reused_jobs(self) -> list[int]:
+        """plan.jobs positions whose output an interrupted run wrote and this one keeps."""
+        out = [j for s in self.plan.shards if s.filename in self.state.reuse for j in s.jobs]
+        p = self.state.partial
+        if p is not None:
+            out += next(s.jobs[: p.count] for s in self.plan.shards if s.filename == p.filename)
+        return out
+
     def engine_options(self, options):
-        skip = frozenset(i for i, s in enumerate(self.plan.shards) if s.filename in self.state.reuse)
+        skip = frozenset(self.reused_jobs())
         assert self.journal is not None
         if options.progress is not None and skip:  # the progress bar starts where the last run stopped
             from merge_cli.engine.jobs import job_inputs_bytes
 
-            for job in self.plan.jobs:
-                if job.shard in skip:
-                    options.progress(job, job_inputs_bytes(self.plan, job))
-        return dataclasses.replace(options, skip_shards=skip, on_stats=self.journal.record_stats)
+            for i in sorted(skip):
+                options.progress(self.plan.jobs[i], job_inputs_bytes(self.plan, self.plan.jobs[i]))
+        return dataclasses.replace(options, skip_jobs=skip, on_stats=self.journal.record_stats)
 
     def complete(self, result) -> None:
         """Make an engine result describe the whole merge: per-tensor statistics in plan order (journaled ones
-        for reused shards) and bytes read/written counting the reused shards' jobs, so the report and card
-        of a resumed merge match an uninterrupted one (only the timings differ)."""
-        if not self.state.reuse:
+        for reused tensors) and bytes read/written counting the reused jobs, so the report and card of a
+        resumed merge match an uninterrupted one (only the timings differ)."""
+        reused = self.reused_jobs()
+        if not reused:
             return
         from merge_cli.engine.jobs import job_inputs_bytes
 
         by_name = {t["name"]: t for t in result.tensors}
         by_name.update(self.state.stats)
         result.tensors = [by_name[j.name] for j in self.plan.jobs]
-        for shard in self.plan.shards:
-            if shard.filename in self.state.reuse:
-                for j in shard.jobs:
-                    result.bytes_read += job_inputs_bytes(self.plan, self.plan.jobs[j])
-                    result.bytes_written += self.plan.jobs[j].nbytes
+        for j in reused:
+            result.bytes_read += job_inputs_bytes(self.plan, self.plan.jobs[j])
+            result.bytes_written += self.plan.jobs[j].nbytes
 
     @property
     def reused(self) -> int:
@@ -279,7 +220,9 @@ class ResumableRun:
         resumable = isinstance(error, (KeyboardInterrupt, WriteError))
         if isinstance(error, MergeCliError) and not isinstance(error, WriteError):
             resumable = False
-        has_work = bool(self.state.reuse) or bool(self.journal and self.journal.completed)
+        has_work = bool(self.state.reuse or self.state.partial) or bool(
+            self.journal and self.journal.completed
+        )
         keep = resumable and has_work
         writer.abort(keep=keep)
         return keep
