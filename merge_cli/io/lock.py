@@ -190,6 +190,7 @@ class LockBuilder:
         }
         self._thread: threading.Thread | None = None
         self._tid: int | None = None
+        self._nice0: int | None = None  # the hashing thread's own nice value, restored by result()
         self._result: dict | None = None
         self._error: BaseException | None = None
 
@@ -201,13 +202,19 @@ class LockBuilder:
 
     def start(self) -> LockBuilder:
         """Hash in a background thread (hashlib releases the GIL), overlapping the merge. The thread runs at
-        a lower CPU priority (nice 10), so on a first run (no cached digests: about 1 s of CPU per GB) it
+        a lower CPU priority (nice +10), so on a first run (no cached digests: about 1 s of CPU per GB) it
         fills the cores the merge leaves idle instead of slowing the merge; result() restores its priority
         when the merge is done and waits for the rest."""
 
         def work():
-            self._tid = threading.get_native_id()
-            _nice(self._tid, 10)
+            tid = threading.get_native_id()
+            try:
+                self._nice0 = os.getpriority(os.PRIO_PROCESS, tid)
+            except (OSError, AttributeError):
+                self._nice0 = None
+            self._tid = tid
+            if self._nice0 is not None:
+                _nice(tid, min(19, self._nice0 + 10))
             try:
                 self._result = self.hash()
             except BaseException as e:  # noqa: BLE001 - re-raised by result()
@@ -219,8 +226,8 @@ class LockBuilder:
 
     def result(self) -> dict[str, Any]:
         if self._thread is not None:
-            if self._thread.is_alive() and self._tid is not None:
-                _nice(self._tid, 0)  # the merge is done: the rest of the hashing is the critical path
+            if self._thread.is_alive() and self._tid is not None and self._nice0 is not None:
+                _nice(self._tid, self._nice0)  # the merge is done: the rest is the critical path
             self._thread.join()
         if self._error is not None:
             raise self._error
