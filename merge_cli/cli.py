@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from merge_cli import __version__
-from merge_cli.commands import hub, info, output, recipe, run
+from merge_cli.commands import hub, info, output, pack, recipe, run
 
 app = typer.Typer(
     name="merge-cli",
@@ -56,6 +56,7 @@ COMMANDS = [
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)
+app.add_typer(pack.app, name="pack")  # issue 16: SkillPacks
 
 
 def main() -> None:
