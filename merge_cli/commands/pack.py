@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -84,7 +84,7 @@ def _read_config(path: Path) -> tuple[dict, dict]:
 @app.command("extract")
 @handle_errors
 def extract(
-    args: List[str] = typer.Argument(..., help="BASE FINETUNED OUT.skillpack (or only OUT with --recipe)."),
+    args: list[str] = typer.Argument(..., help="BASE FINETUNED OUT.skillpack (or only OUT with --recipe)."),
     beta: Optional[float] = typer.Option(
         None,
         help="Attention and MLP: keep the smallest rank whose singular values hold this energy fraction "
@@ -98,7 +98,7 @@ def extract(
         None,
         help="Attention and MLP: bits by band of singular index, largest first (default 8:20,4:180,2:rest).",
     ),
-    set_: Optional[List[str]] = typer.Option(
+    set_: Optional[list[str]] = typer.Option(
         None,
         "--set",
         help="Any knob of any module group, GROUP.KNOB=VALUE, repeatable, e.g. --set mlp.rank=64 "
@@ -126,6 +126,7 @@ def extract(
     """
     from merge_cli.errors import MergeCliError
     from merge_cli.io.checkpoint import open_checkpoint
+    from merge_cli.skillpack.extract import check_pair
     from merge_cli.skillpack.extract import extract as run_extract
 
     if calibration is not None:
@@ -151,6 +152,7 @@ def extract(
         base.close()
         raise
     try:
+        check_pair(base, ft)  # mismatched models fail before any progress bar shows
         target = out_path if fmt == "skillpack" else out_path.parent / f".{out_path.name}.skillpack.tmp"
         with _progress(base.total_bytes, "extracting", quiet) as advance:
             meta = run_extract(base, ft, target, settings, max_memory=budget, progress=advance)
@@ -205,7 +207,7 @@ def inspect(
     print_summary(info, out, per_tensor=tensors)
 
 
-def _split_params(items: Optional[List[str]]) -> dict:
+def _split_params(items: Optional[list[str]]) -> dict:
     import yaml
 
     params = {}
@@ -220,7 +222,7 @@ def _split_params(items: Optional[List[str]]) -> dict:
 @app.command("apply")
 @handle_errors
 def apply(
-    args: List[str] = typer.Argument(
+    args: list[str] = typer.Argument(
         ..., help="BASE [PACK ...] OUT: the base, the packs to graft, the output folder."
     ),
     method: str = typer.Option(
@@ -231,7 +233,7 @@ def apply(
     weights: Optional[str] = typer.Option(
         None, help="Per-pack weights by pack name or in order, e.g. math=1,code=0.5 (default 1 each)."
     ),
-    param: Optional[List[str]] = typer.Option(
+    param: Optional[list[str]] = typer.Option(
         None, help="A global parameter of --method, KEY=VALUE, repeatable, e.g. --param density=0.5."
     ),
     skip_base_check: bool = typer.Option(
@@ -255,15 +257,9 @@ def apply(
     if len(args) < 2:
         fail("give BASE, the packs, and an output folder: BASE [PACK ...] OUT")
     base_ref, packs, out_dir = args[0], [Path(p) for p in args[1:-1]], Path(args[-1])
-    from merge_cli.io.checkpoint import open_checkpoint
-
-    base_ck = open_checkpoint(base_ref)
-    total = base_ck.total_bytes
-    base_ck.close()
-    with _progress(total, "grafting", quiet or method != "sum") as advance:
-        final = run_apply(base_ref, packs, out_dir, method=method, weights=weights, params=_split_params(param),
-                          overwrite=overwrite, verify_base=not skip_base_check, max_memory=_memory(max_memory),
-                          progress=advance)  # fmt: skip
+    final = run_apply(base_ref, packs, out_dir, method=method, weights=weights, params=_split_params(param),
+                      overwrite=overwrite, verify_base=not skip_base_check, max_memory=_memory(max_memory),
+                      bar=lambda total: _progress(total, "grafting", quiet))  # fmt: skip
     print(f"grafted {len(packs)} pack(s) onto {base_ref} into {final} (method {method})")
 
 

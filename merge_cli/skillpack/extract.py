@@ -148,8 +148,8 @@ def extract(
                 need = SVD_COPIES * 4 * info.numel
                 if need > max_memory:
                     raise PackError(
-                        f"tensor '{name}' {list(info.shape)} needs about {need / 2**30:.1f} GiB for its SVD, "
-                        f"more than --max-memory {max_memory / 2**30:.1f} GiB; raise it or set "
+                        f"tensor '{name}' {list(info.shape)} needs about {need / 1e6:.1f} MB for its SVD, "
+                        f"more than --max-memory {max_memory / 1e6:.1f} MB; raise it or set "
                         f"{classify(name).group}.scheme=prune"
                     )
                 delta = ft.read(name).float() - base.read(name).float()

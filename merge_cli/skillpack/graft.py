@@ -13,6 +13,7 @@ bitwise, and removing one of several gives bitwise what applying the others alon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -143,7 +144,7 @@ def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: d
     get_method(method, "--method")
     base_abs = str(Path(base_ref).resolve())
     recipe = {
-        "merge_method": method,
+        "method": method,
         "base_model": base_abs,
         "models": [
             {"model": f"{base_abs}+{p.path.resolve()}", "parameters": {"weight": w}}
@@ -171,9 +172,15 @@ def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: d
     return final
 
 
+@contextlib.contextmanager
+def _no_bar(total: int):
+    yield None
+
+
 def apply(base_ref: str, pack_paths: list[Path], out: Path, *, method: str = "sum", weights: str | None = None,
           params: dict | None = None, overwrite: bool = False, verify_base: bool = True, max_memory: int,
-          progress: Callable[[int], None] | None = None) -> Path:  # fmt: skip
+          bar: Callable | None = None) -> Path:  # fmt: skip
+    """Graft; `bar(total_bytes)` is a context manager yielding progress(nbytes), entered once the inputs check out."""
     base = open_checkpoint(base_ref)
     packs: list[Pack] = []
     try:
@@ -186,8 +193,10 @@ def apply(base_ref: str, pack_paths: list[Path], out: Path, *, method: str = "su
         if method == "sum" or not packs:
             if params:
                 raise PackError("--param is for --method; the default sum takes only --weights")
-            return graft_sum(base, packs, w, out, record, overwrite=overwrite, max_memory=max_memory,
-                             progress=progress)  # fmt: skip
+            check_output(out, [Path(base.path)], overwrite)
+            with (bar or _no_bar)(base.total_bytes) as progress:
+                return graft_sum(base, packs, w, out, record, overwrite=overwrite, max_memory=max_memory,
+                                 progress=progress)  # fmt: skip
         base.close()
         return graft_method(base_ref, packs, w, out, record, method=method, params=params or {},
                             overwrite=overwrite, max_memory=max_memory)  # fmt: skip
