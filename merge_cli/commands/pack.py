@@ -76,8 +76,8 @@ def _read_config(path: Path) -> tuple[dict, dict]:
     if not isinstance(data, dict) or set(data) - {"base", "finetuned", "groups"}:
         raise RecipeError(f"{path}: a pack recipe is a mapping with keys base, finetuned and groups")
     refs = {k: str(data[k]) for k in ("base", "finetuned") if data.get(k) is not None}
-    refs = {k: v if Path(v).is_absolute() or "/" not in v and not Path(v).exists() else str(path.parent / v)
-            for k, v in refs.items()}  # fmt: skip
+    # relative to the recipe's folder when that exists there (else a hub id or a path from the working dir)
+    refs = {k: str(path.parent / v) if (path.parent / v).exists() else v for k, v in refs.items()}
     return refs, data.get("groups") or {}
 
 

@@ -17,6 +17,21 @@ def _bits(e: dict) -> str:
     return "fp32" if e["scheme"] == "dense" else "-"
 
 
+def _group_bits(e: dict) -> set[str]:
+    if e["scheme"] == "svd":
+        return {
+            f"int{b['bits']}" if b["bits"] <= 8 else {16: "bf16", 32: "fp32"}[b["bits"]] for b in e["bands"]
+        }
+    if e["scheme"] == "prune":
+        return {f"keep {e['keep']:g}"}
+    return {"fp32"} if e["scheme"] == "dense" else set()
+
+
+def _bits_order(text: str) -> tuple:
+    digits = "".join(c for c in text if c.isdigit())
+    return (-int(digits) if digits else 0, text)
+
+
 def summarize(path: Path) -> dict:
     pack = Pack(Path(path))
     try:
@@ -34,7 +49,7 @@ def summarize(path: Path) -> dict:
             g["schemes"].add(e["scheme"])
             if e.get("rank") is not None:
                 g["ranks"].append(e["rank"])
-            g["bits"].add(row["bits"])
+            g["bits"].update(_group_bits(e))
             g["bytes"] += nbytes
             g["err_sq"] += (row["rel_error"] * row["delta_norm"]) ** 2
             g["norm_sq"] += row["delta_norm"] ** 2
@@ -44,7 +59,7 @@ def summarize(path: Path) -> dict:
             table.append({
                 "group": name, "tensors": g["tensors"], "schemes": sorted(g["schemes"]),
                 "rank_min": min(g["ranks"]) if g["ranks"] else None, "rank_max": max(g["ranks"]) if g["ranks"] else None,
-                "bits": sorted(g["bits"])[:3], "bytes": g["bytes"],
+                "bits": sorted(g["bits"], key=_bits_order), "bytes": g["bytes"],
                 "rel_error": math.sqrt(g["err_sq"] / g["norm_sq"]) if g["norm_sq"] else 0.0,
             })  # fmt: skip
         size = pack.nbytes
@@ -81,6 +96,6 @@ def print_summary(info: dict, console, per_tensor: bool = False) -> None:
         for g in info["groups"]:
             rank = "-" if g["rank_min"] is None else (
                 str(g["rank_min"]) if g["rank_min"] == g["rank_max"] else f"{g['rank_min']}-{g['rank_max']}")  # fmt: skip
-            t.add_row(g["group"], str(g["tensors"]), ",".join(g["schemes"]), rank, "; ".join(g["bits"]),
+            t.add_row(g["group"], str(g["tensors"]), ",".join(g["schemes"]), rank, ",".join(g["bits"]) or "-",
                       f"{g['bytes'] / 1e6:.3f}", f"{g['rel_error']:.4f}")  # fmt: skip
     console.print(t)
