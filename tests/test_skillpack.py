@@ -340,3 +340,58 @@ def test_bad_packs_give_one_line_and_exit_2(fam, tmp_path, case):
     line = _bad(run_cli("pack", "apply", base, good, tmp_path / "out", *extra))
     assert want in line, line
     assert not (tmp_path / "out").exists()
+
+
+# -- pack recipe, Twin-Merging --------------------------------------------------------------------
+def test_extract_from_a_pack_recipe(fam, tmp_path):
+    recipe = write_recipe(tmp_path / "p.yaml", {
+        "base": str(fam["base"]), "finetuned": str(fam["expert0"]),
+        "groups": {"mlp": {"rank": 5, "bands": "16:rest"}, "embed": {"scheme": "skip"}},
+    })  # fmt: skip
+    assert run_cli("pack", "extract", "--recipe", recipe, tmp_path / "r.skillpack", "-q").exit_code == 0
+    p = Pack(tmp_path / "r.skillpack")
+    try:
+        assert {e["rank"] for e in p.tensors.values() if e["group"] == "mlp"} == {5}
+        assert p.tensors["model.embed_tokens.weight"]["scheme"] == "skip"
+        assert p.tensors["model.embed_tokens.weight"]["rel_error"] == 1.0
+    finally:
+        p.close()
+    bad = write_recipe(tmp_path / "b.yaml", {"base": "x", "finetuned": "y", "groups": {"mlp": {"rnak": 3}}})
+    assert "unknown knob 'rnak'" in _bad(
+        run_cli("pack", "extract", "--recipe", bad, tmp_path / "b.skillpack")
+    )
+
+
+def test_twin_shared_plus_exclusive_packs(fam, tmp_path):
+    r = run_cli(
+        "pack", "twin", fam["base"], fam["expert0"], fam["expert1"], tmp_path / "twin", "--density", "1"
+    )
+    assert r.exit_code == 0, r.output
+    base, e0, e1 = (load_output(fam[k]) for k in ("base", "expert0", "expert1"))
+    shared = load_output(tmp_path / "twin" / "shared")
+    for n in base:  # task arithmetic, lambda 0.3
+        want = base[n] + 0.3 * ((e0[n] - base[n]) + (e1[n] - base[n]))
+        assert torch.allclose(shared[n], want, atol=1e-6), n
+    packs = [tmp_path / "twin" / "expert0.skillpack", tmp_path / "twin" / "expert1.skillpack"]
+    r = run_cli(
+        "pack",
+        "apply",
+        tmp_path / "twin" / "shared",
+        *packs,
+        tmp_path / "t0",
+        "--weights",
+        "expert0=1,expert1=0",
+    )
+    assert r.exit_code == 0, r.output
+    got = load_output(tmp_path / "t0")
+    for n in base:  # full density, fp32 factors: theta* + v_0 is expert 0
+        assert torch.allclose(got[n], e0[n], atol=2e-5), n
+    r = run_cli("pack", "twin", fam["base"], fam["expert0"], tmp_path / "twin10", "--density", "0.1")
+    assert r.exit_code == 0, r.output
+    p = Pack(tmp_path / "twin10" / "expert0.skillpack")
+    try:
+        for e in p.tensors.values():
+            if len(e["shape"]) == 2:
+                assert e["scheme"] == "svd" and e["rank"] == int(0.1 * min(e["shape"]))
+    finally:
+        p.close()

@@ -305,3 +305,49 @@ def export_lora(
     if dtype not in DTYPES:
         fail(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     _export(pack, out_dir, dtype, overwrite)
+
+
+@app.command("twin")
+@handle_errors
+def twin(
+    args: list[str] = typer.Argument(..., help="BASE EXPERT [EXPERT ...] OUT_DIR."),
+    method: str = typer.Option(
+        "task_arithmetic",
+        help="Merge method of the shared model (task_arithmetic uses lambda 0.3 unless --param).",
+    ),
+    param: Optional[list[str]] = typer.Option(
+        None, help="A global parameter of --method, KEY=VALUE, repeatable."
+    ),
+    density: float = typer.Option(
+        0.1,
+        min=0.0,
+        max=1.0,
+        help="Exclusive packs keep int(density * min(m, n)) singular triplets per matrix.",
+    ),
+    set_: Optional[list[str]] = typer.Option(
+        None,
+        "--set",
+        help="Override a knob of the exclusive packs, GROUP.KNOB=VALUE (e.g. embed.scheme=prune).",
+    ),
+    max_memory: Optional[str] = typer.Option(None, help=MEMORY_HELP),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs in OUT_DIR."),
+):
+    """Twin-Merging: a shared merge of the experts plus one exclusive pack per expert, relative to it.
+
+    Writes OUT_DIR/shared (an HF model) and OUT_DIR/<expert>.skillpack. Then pick a task's model with
+    `pack apply OUT_DIR/shared OUT_DIR/*.skillpack OUT --weights math=1,code=0`. Example:
+    merge-cli pack twin ./base ./math ./code ./twin --density 0.1
+    """
+    from merge_cli.skillpack.settings import parse_set_options
+    from merge_cli.skillpack.twin import twin as run_twin
+
+    if len(args) < 3:
+        fail("give BASE, at least one EXPERT, and OUT_DIR")
+    out_dir = Path(args[-1])
+    if (out_dir / "shared").exists() and not overwrite:
+        fail(f"output {out_dir / 'shared'} already exists; pass --overwrite to replace it")
+    res = run_twin(args[0], args[1:-1], out_dir, method=method, params=_split_params(param), density=density,
+                   overrides=parse_set_options(set_ or []), overwrite=overwrite, max_memory=_memory(max_memory))  # fmt: skip
+    names = ",".join(f"{n}=1" if i == 0 else f"{n}=0" for i, n in enumerate(res["packs"]))
+    print(f"wrote {res['shared']} and {len(res['packs'])} exclusive pack(s); e.g. `merge-cli pack apply "
+          f"{res['shared']} {' '.join(str(p) for p in res['packs'].values())} OUT --weights {names}`")  # fmt: skip

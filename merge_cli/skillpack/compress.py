@@ -69,6 +69,10 @@ def choose_rank(s: torch.Tensor, g: GroupSettings) -> tuple[int, float]:
     cum = torch.cumsum(e, 0)
     if g.rank is not None:
         k = min(g.rank, s.numel())
+    elif g.rank_fraction is not None:
+        k = int(g.rank_fraction * s.numel())
+        if k == 0:
+            return 0, 0.0
     else:
         k = min(int((cum < g.beta * total).sum()) + 1, s.numel())
     return k, float(cum[k - 1]) / total

@@ -130,16 +130,30 @@ def graft_sum(base, packs: list[Pack], weights: list[float], out: Path, record: 
         raise
 
 
-def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: dict, *, method: str,
-                 params: dict, overwrite: bool, max_memory: int) -> Path:  # fmt: skip
-    """Merge BASE+pack_i with a registered method through the engine (a generated recipe)."""
+def run_recipe(recipe: dict, out: Path, *, overwrite: bool, max_memory: int) -> Path:
+    """Run a native-format recipe (a dict) through the merge engine into `out`."""
     import yaml
 
     from merge_cli.engine import EngineOptions
     from merge_cli.merge import execute
-    from merge_cli.methods import get_method
     from merge_cli.plan import build_plan
     from merge_cli.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="merge-cli-graft-") as tmp:
+        path = Path(tmp) / "graft.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        plan = build_plan(load_recipe(path))
+        try:
+            outcome = execute(plan, out, overwrite=overwrite, options=EngineOptions(max_memory=max_memory))
+        finally:
+            plan.close()
+    return outcome.out_dir
+
+
+def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: dict, *, method: str,
+                 params: dict, overwrite: bool, max_memory: int) -> Path:  # fmt: skip
+    """Merge BASE+pack_i with a registered method through the engine (a generated recipe)."""
+    from merge_cli.methods import get_method
 
     get_method(method, "--method")
     base_abs = str(Path(base_ref).resolve())
@@ -153,15 +167,7 @@ def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: d
     }
     if params:
         recipe["parameters"] = params
-    with tempfile.TemporaryDirectory(prefix="merge-cli-graft-") as tmp:
-        path = Path(tmp) / "graft.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        plan = build_plan(load_recipe(path))
-        try:
-            outcome = execute(plan, out, overwrite=overwrite, options=EngineOptions(max_memory=max_memory))
-        finally:
-            plan.close()
-    final = outcome.out_dir
+    final = run_recipe(recipe, out, overwrite=overwrite, max_memory=max_memory)
     (final / GRAFT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     manifest = final / "manifest.json"
     if manifest.is_file():  # keep the manifest complete: it lists every file of the folder

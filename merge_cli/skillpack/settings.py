@@ -5,6 +5,8 @@
     value_bits  prune: 16 (bfloat16) or 32 (float32) for the kept values
     beta        svd: rank k = smallest k with sum_{i<=k} s_i^2 >= beta * sum s_i^2        (0 < beta <= 1)
     rank        svd: a fixed rank instead of beta (clamped to min(m, n))
+    rank_fraction  svd: a fixed rank of int(rank_fraction * min(m, n)) instead of beta (Twin-Merging's
+                density; 0 singular triplets when that is below 1)
     bands       svd: bits by band of singular index, largest first, e.g. "8:20,4:180,2:rest"
                 (bits 2..8 quantize, 16 keeps bfloat16, 32 float32; the bands partition [0, k))
 
@@ -35,6 +37,7 @@ class GroupSettings:
     value_bits: int = 16
     beta: float = 0.9
     rank: int | None = None
+    rank_fraction: float | None = None
     bands: tuple[Band, ...] = ((20, 8), (180, 4), (None, 2))
 
     def as_json(self) -> dict:
@@ -89,6 +92,13 @@ def _value(key: str, raw, where: str):
             if raw not in SCHEMES:
                 raise SettingsError(f"{where}: scheme '{raw}' is not one of {', '.join(SCHEMES)}")
             return raw
+        if key == "rank_fraction":
+            if raw is None or str(raw).lower() in ("none", "null", ""):
+                return None
+            v = float(raw)
+            if not 0 <= v <= 1:
+                raise SettingsError(f"{where}: rank_fraction must be in [0, 1], got {raw}")
+            return v
         if key in ("keep", "beta"):
             v = float(raw)
             if not 0 < v <= 1:
