@@ -1,7 +1,11 @@
 """SkillPack benchmark (issue 16): pack size vs the full delta, reconstruction error per module group,
 extract and apply wall time and peak RSS, for several beta, against a same-size fixed-rank SVD LoRA.
 
-    python benchmarks/skillpack_bench.py [OUT=bench-data/skillpack] [--preset qwen0.5b] [--betas 0.5,0.8,0.95]
+    python benchmarks/skillpack_bench.py [OUT=bench-data/skillpack] [--preset qwen0.5b] [--layers N]
+                                         [--betas 0.5,0.8,0.95]
+
+--layers keeps the preset's tensor shapes (hidden, intermediate, vocabulary) with fewer layers: per-module
+sizes and errors are those of the full model, times and sizes scale about linearly with the layer count.
 
 Models: the base from gen_models.py (the 0.5B shape by default, bf16); the expert is written here, because
 gen_models' experts carry i.i.d. noise deltas (a flat spectrum, the worst case for any low-rank method)
@@ -9,10 +13,11 @@ while fine-tune deltas concentrate their energy in few directions. Expert = base
 a rank-64 part with singular values ~ 1/i plus i.i.d. noise holding 10% of the delta's energy, scaled to
 5% of the tensor's RMS; embeddings get a delta on 5% of the token rows plus small noise; norms small noise.
 
-The LoRA baseline is what mergekit-extract-lora does: one fixed rank r for every linear module and the
-embeddings, factors in bf16, no quantization; r is chosen so its bytes match the pack's. It is measured with
-`pack extract --rank r --bands 16:rest --set embed.scheme=svd` (the same code path, so the error numbers
-are comparable). Each command runs under /usr/bin/time -v (wall clock, maximum resident set size).
+The LoRA baseline is what mergekit-extract-lora does for the projections: one fixed rank r for every
+attention and MLP matrix, factors in bf16, no quantization; r is chosen so those bytes match the pack's
+attention + MLP bytes (embeddings and norms are packed the same way in both, so only the projection
+compression differs). It is measured with `pack extract --rank r --bands 16:rest` (the same code path, so
+the error numbers are comparable). Each command runs under /usr/bin/time -v (wall clock, maximum resident set size).
 """
 
 from __future__ import annotations
@@ -105,33 +110,38 @@ def inspect(pack: Path) -> dict:
     }
 
 
-def lora_rank_for(pack_info: dict, base: Path, target_bytes: int) -> int:
-    """Rank r whose bf16 LoRA (all 2-D tensors incl. embeddings) + dense norms take about target_bytes."""
-    per_rank = fixed = 0
+def lora_rank_for(base: Path, target_bytes: int) -> int:
+    """Rank r whose bf16 factors over all attention and MLP matrices take about target_bytes."""
+    from merge_cli.modules import group_of
+
+    per_rank = 0
     for f in sorted(base.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():  # noqa: SIM118
                 shape = st.get_slice(name).get_shape()
-                if len(shape) == 2:
+                if len(shape) == 2 and group_of(name) in ("attention", "mlp"):
                     per_rank += 2 * (shape[0] + shape[1]) + 4  # bf16 factors + the fp32 singular value
-                else:
-                    fixed += 4 * shape[0]
-    return max(1, round((target_bytes - fixed) / per_rank))
+    return max(1, round(target_bytes / per_rank))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, nargs="?", default=ROOT / "bench-data" / "skillpack")
     ap.add_argument("--preset", default="qwen0.5b", choices=sorted(gen_models.PRESETS))
+    ap.add_argument("--layers", type=int, help="fewer layers than the preset (same tensor shapes)")
     ap.add_argument("--betas", default="0.5,0.8,0.95")
     ap.add_argument("--max-memory", default="8GB", help="passed to pack extract / apply")
     ap.add_argument("--no-lora", action="store_true", help="skip the fixed-rank LoRA baseline")
     args = ap.parse_args()
-    spec = gen_models.Spec(**gen_models.PRESETS[args.preset])
-    base = gen_models.generate(args.out / args.preset, spec, 0)[0]
-    expert = args.out / args.preset / "expert_lowrank"
+    shape = dict(gen_models.PRESETS[args.preset])
+    if args.layers:
+        shape["layers"] = args.layers
+    spec = gen_models.Spec(**shape)
+    tag = f"{args.preset}-{spec.layers}l"
+    base = gen_models.generate(args.out / tag, spec, 0)[0]
+    expert = args.out / tag / "expert_lowrank"
     make_expert(base, expert)
-    results = {"preset": args.preset, "runs": []}
+    results = {"preset": args.preset, "layers": spec.layers, "runs": []}
     for beta in [float(b) for b in args.betas.split(",")]:
         pack = args.out / f"beta{beta}.skillpack"
         row = {"setting": f"skillpack beta={beta}"}
@@ -145,19 +155,18 @@ def main() -> None:
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
         if not args.no_lora:
-            r = lora_rank_for(row, base, row["bytes"])
+            proj = sum(row["groups"][g]["bytes"] for g in ("attention", "mlp") if g in row["groups"])
+            r = lora_rank_for(base, proj)
             lp = args.out / f"lora_r{r}.skillpack"
-            lrow = {"setting": f"fixed-rank LoRA r={r} (bf16, same size as beta={beta})"}
+            lrow = {"setting": f"fixed-rank LoRA r={r} (bf16 projections, same size as beta={beta})"}
             lrow["extract"] = timed(cli("pack", "extract", base, expert, lp, "--rank", r, "--bands", "16:rest",
-                                        "--set", "embed.scheme=svd", "--set", f"embed.rank={r}",
-                                        "--set", "lm_head.scheme=svd", "--set", f"lm_head.rank={r}",
                                         "-q", "--overwrite", "--max-memory", args.max_memory))  # fmt: skip
             lrow.update(inspect(lp))
             results["runs"].append(lrow)
             print(json.dumps(lrow), flush=True)
             lp.unlink()
         pack.unlink()
-    dest = ROOT / "benchmarks" / "results" / f"skillpack-{args.preset}.json"
+    dest = ROOT / "benchmarks" / "results" / f"skillpack-{tag}.json"
     dest.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {dest}")
 

@@ -107,8 +107,22 @@ def load_factor(get: Getter, key: str, bits: int, rows: int, cols: int) -> torch
     return dequantize_rows(q, get(key + ".scale"), get(key + ".zero"))
 
 
+def thin_svd(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, V^T of a float32 matrix; a tall (or wide) one is first reduced by QR, D = QR, svd(R) (the same
+    factorisation, about 2x faster here than LAPACK's direct SVD on MLP-shaped matrices)."""
+    m, n = d.shape
+    if m >= 2 * n:
+        q, r = torch.linalg.qr(d)
+        ur, s, vh = torch.linalg.svd(r)
+        return q @ ur, s, vh
+    if n >= 2 * m:
+        u, s, vh = thin_svd(d.T)
+        return vh.T, s, u.T
+    return torch.linalg.svd(d, full_matrices=False)
+
+
 def svd_compress(name: str, d: torch.Tensor, g: GroupSettings) -> tuple[dict, dict[str, torch.Tensor]]:
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    u, s, vh = thin_svd(d)
     k, energy = choose_rank(s, g)
     out: dict[str, torch.Tensor] = {f"{name}::S": s[:k].contiguous()}
     bands = split_bands(k, g.bands)
