@@ -125,7 +125,7 @@ def extract(
     merge-cli pack extract ./base ./math-ft math.skillpack --beta 0.8
     """
     from merge_cli.errors import MergeCliError
-    from merge_cli.io.checkpoint import open_checkpoint
+    from merge_cli.io.refs import open_checkpoint
     from merge_cli.skillpack.extract import check_pair
     from merge_cli.skillpack.extract import extract as run_extract
 

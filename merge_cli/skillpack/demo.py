@@ -10,7 +10,7 @@ import torch
 
 def run_pack_demo(repo: Path, console) -> dict[str, Path]:
     from merge_cli.engine import default_max_memory
-    from merge_cli.io.checkpoint import open_checkpoint
+    from merge_cli.io.refs import open_checkpoint
     from merge_cli.skillpack.extract import extract
     from merge_cli.skillpack.graft import apply, remove
     from merge_cli.skillpack.inspect import print_summary, summarize

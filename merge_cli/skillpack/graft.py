@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from merge_cli.dtypes import ST_TO_TORCH
-from merge_cli.io.checkpoint import open_checkpoint
+from merge_cli.io.refs import open_checkpoint
 from merge_cli.io.writer import ShardedWriter, check_output, file_digest
 from merge_cli.skillpack.format import Pack, PackError, weight_files
 
@@ -68,7 +68,7 @@ def _layout(base) -> list[tuple[str, list[tuple[str, str, tuple[int, ...], int]]
 
 
 def _side_files(base, writer: ShardedWriter) -> None:
-    from merge_cli.merge import SIDE_FILES
+    from merge_cli.output.sidefiles import SIDE_FILES
 
     if base.folder is None:
         return

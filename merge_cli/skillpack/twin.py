@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merge_cli.io.checkpoint import open_checkpoint
+from merge_cli.io.refs import open_checkpoint
 from merge_cli.modules import GROUPS
 from merge_cli.skillpack.extract import extract
 from merge_cli.skillpack.graft import pack_name, run_recipe
