@@ -224,12 +224,19 @@ def test_sum_of_two_packs_is_base_plus_both_deltas(fam, tmp_path):
     )
 
 
-def test_pack_as_recipe_source(fam, tmp_path):
+@pytest.mark.parametrize("style", ["plus", "pack_key", "mergekit_plus", "mergekit_pack_key"])
+def test_pack_as_recipe_source(fam, tmp_path, style):
     p0 = _extract(fam["base"], fam["expert0"], tmp_path / "math.skillpack")
     assert run_cli("pack", "apply", fam["base"], p0, tmp_path / "g", "-q").exit_code == 0
+    plus = style.endswith("plus")
+    model = (
+        {"model": f"{fam['base']}+./math.skillpack"}
+        if plus
+        else {"model": str(fam["base"]), "pack": "./math.skillpack"}
+    )
+    key = "merge_method" if style.startswith("mergekit") else "method"
     recipe = write_recipe(tmp_path / "r.yaml", {
-        "method": "linear", "dtype": "float32",
-        "models": [{"model": f"{fam['base']}+./math.skillpack", "parameters": {"weight": 1.0}}],
+        key: "linear", "dtype": "float32", "models": [{**model, "parameters": {"weight": 1.0}}],
     })  # fmt: skip
     r = run_cli("run", recipe, tmp_path / "m", "-q")
     assert r.exit_code == 0, r.output

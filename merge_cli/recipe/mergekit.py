@@ -30,10 +30,10 @@ TOP_KEYS = (
     "tokenizer_source", "tokenizer", "chat_template", "name",
 )  # fmt: skip
 EXTENSION_KEYS = ("seed", "shard_size")  # merge-cli keys also accepted in a mergekit-format recipe
-MODEL_KEYS = ("model", "parameters")
+MODEL_KEYS = ("model", "parameters", "pack")  # pack: merge-cli's SkillPacks (issue 16)
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
-REF_KEYS = ("model", "lora", "override_architecture")
+REF_KEYS = ("model", "lora", "pack", "override_architecture")  # pack: merge-cli's SkillPacks (issue 16)
 FILTER_KEYS = ("filter", "value")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 UNSUPPORTED = ("modules", "residual_weight")  # accepted keys, never suggested
@@ -79,6 +79,8 @@ class _Tr:
                     "LoRA references are not supported; merge the adapter into its model first",
                 )
             inner = value.get("model")
+            if value.get("pack") is not None and isinstance(inner, str):
+                inner = f"{inner}+{value['pack']}"
             if isinstance(inner, dict):
                 self.keys(inner, ("path", "revision"), (*loc, "model"), "path and revision")
                 if "path" not in inner:
@@ -94,7 +96,9 @@ class _Tr:
             raise self.err(
                 loc, f"{loc_str(loc)}: a model reference is a path or org/name[@revision] (got {value!r})"
             )
-        if "+" in value:
+        if "+" in value and not value.rstrip().endswith(
+            ".skillpack"
+        ):  # BASE+PACK.skillpack is a SkillPack graft
             raise self.err(
                 loc,
                 f"'{value}': model+LoRA references are not supported; merge the adapter into its model first",
@@ -202,6 +206,8 @@ class _Tr:
             if "model" not in m:
                 raise self.err(("models", i), f"missing required key '{loc_str(('models', i, 'model'))}'")
             e = {"model": self.ref(m["model"], ("models", i, "model"))}
+            if m.get("pack") is not None:  # {model: BASE, pack: PACK.skillpack} = BASE+PACK.skillpack
+                e["model"] = f"{e['model']}+{m['pack']}"
             ps = self.params(m.get("parameters"), ("models", i, "parameters"))
             if ps:
                 e["parameters"] = ps

@@ -60,6 +60,10 @@ class ModelEntry(_Strict):
         if isinstance(v, dict) and v.get("lora") is not None and isinstance(v.get("model"), str):
             v = dict(v)
             v["model"] = f"{v['model']}+{v.pop('lora')}"
+        # `{model: BASE, pack: PACK.skillpack}` is `model: BASE+PACK.skillpack` (issue 16, merge_cli/skillpack)
+        if isinstance(v, dict) and v.get("pack") is not None and isinstance(v.get("model"), str):
+            v = dict(v)
+            v["model"] = f"{v['model']}+{v.pop('pack')}"
         return v
 
     @property
