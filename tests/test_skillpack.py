@@ -300,7 +300,17 @@ def _bad_shape(meta, tensors):
     tensors[f"{name}::S"] = torch.zeros(1)
 
 
+def _bad_index(meta, tensors):
+    tensors["model.embed_tokens.weight::idx"][3, 0] = 30000
+
+
+def _nan_scale(meta, tensors):
+    key = next(k for k in tensors if k.endswith(".scale"))
+    tensors[key][0] = float("nan")
+
+
 @pytest.mark.parametrize("case", ["wrong_base", "wrong_shapes", "scheme", "version", "tensor_shape", "truncated",
+                                  "bad_index", "nan",
                                   "not_a_pack", "missing", "calibration"])  # fmt: skip
 def test_bad_packs_give_one_line_and_exit_2(fam, tmp_path, case):
     good = tmp_path / "good.skillpack"
@@ -328,6 +338,10 @@ def test_bad_packs_give_one_line_and_exit_2(fam, tmp_path, case):
         good, want = _rewrite(good, tmp_path / "v.skillpack", _set_version), "version 99"
     elif case == "tensor_shape":
         good, want = _rewrite(good, tmp_path / "t.skillpack", _bad_shape), "metadata says"
+    elif case == "bad_index":
+        good, want = _rewrite(good, tmp_path / "i.skillpack", _bad_index), "outside [0, 64)"
+    elif case == "nan":
+        good, want = _rewrite(good, tmp_path / "n.skillpack", _nan_scale), "NaN or Inf"
     elif case == "truncated":
         data = good.read_bytes()
         good.write_bytes(data[: len(data) // 2])

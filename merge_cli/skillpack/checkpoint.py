@@ -32,6 +32,7 @@ class PackCheckpoint(Checkpoint):
         self.tensors: dict[str, TensorInfo] = dict(base.tensors)
         self.allow_pickle = False
         pack.check_base(base, verify_sha=True)
+        pack.check_values()
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         w = self.base.read_rows(name, start, stop)

@@ -20,6 +20,7 @@ versions, unknown schemes, and tensors whose dtype or shape disagrees with the m
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -233,14 +234,33 @@ class Pack:
 
     def delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         e = self.tensors[name]
+        if e["scheme"] == "prune":
+            idx = self.get(f"{name}::idx")
+            cols = math.prod(e["shape"][1:])
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols):
+                raise self.fail(f"tensor '{name}': a pruned entry's column index is outside [0, {cols})")
         out = decode_rows(self.get, name, e, start, stop)
-        if e["scheme"] == "prune" and out.numel() and not torch.isfinite(out).all():
-            raise self.fail(f"tensor '{name}' holds non-finite values")
+        if out.numel() and not torch.isfinite(out).all():
+            raise self.fail(f"tensor '{name}' decodes to NaN or Inf values; the pack is corrupt")
         return out
 
     def delta(self, name: str) -> torch.Tensor:
         shape = self.tensors[name]["shape"]
         return self.delta_rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def check_values(self) -> None:
+        """Read every stored tensor once: floats finite, pruned column indices in range (a pack is small)."""
+        for name, e in self.tensors.items():
+            for key in (k for k in self.st.tensors if k.startswith(name + "::")):
+                t = self.get(key)
+                if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+                    raise self.fail(f"'{key}' holds NaN or Inf values; the pack is corrupt")
+                if key.endswith("::idx") and t.numel():
+                    cols = math.prod(e["shape"][1:])
+                    if int(t.min()) < 0 or int(t.max()) >= cols:
+                        raise self.fail(
+                            f"tensor '{name}': a pruned entry's column index is outside [0, {cols})"
+                        )
 
     def check_base(self, ck, verify_sha: bool = True) -> None:
         """Refuse a base that lacks a packed tensor, has another shape for it, or other weight files."""

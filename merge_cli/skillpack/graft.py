@@ -193,6 +193,7 @@ def apply(base_ref: str, pack_paths: list[Path], out: Path, *, method: str = "su
         for p in pack_paths:
             packs.append(Pack(Path(p)))
             packs[-1].check_base(base, verify_sha=verify_base)
+            packs[-1].check_values()
         names = [pack_name(p.path) for p in packs]
         w = parse_weights(weights, names)
         record = _record(base, packs, w, method, params or {})
