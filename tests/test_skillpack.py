@@ -310,11 +310,10 @@ def _nan_scale(meta, tensors):
 
 
 @pytest.mark.parametrize("case", ["wrong_base", "wrong_shapes", "scheme", "version", "tensor_shape", "truncated",
-                                  "bad_index", "nan",
-                                  "not_a_pack", "missing", "calibration"])  # fmt: skip
+                                  "bad_index", "nan", "not_a_pack", "missing", "damp", "no_text"])  # fmt: skip
 def test_bad_packs_give_one_line_and_exit_2(fam, tmp_path, case):
     good = tmp_path / "good.skillpack"
-    if case != "calibration":
+    if case not in ("damp", "no_text"):
         _extract(fam["base"], fam["expert0"], good)
     base = fam["base"]
     extra: list = []
@@ -350,13 +349,11 @@ def test_bad_packs_give_one_line_and_exit_2(fam, tmp_path, case):
         good, want = fam["base"] / "model.safetensors", "not a SkillPack"
     elif case == "missing":
         good, want = tmp_path / "nope.skillpack", "no such file"
-    if case == "calibration":
-        line = _bad(
-            run_cli(
-                "pack", "extract", base, fam["expert0"], tmp_path / "c.skillpack", "--calibration", "x.txt"
-            )
-        )
-        assert "not implemented" in line
+    if case in ("damp", "no_text"):
+        extra = ["--damp", "0"] if case == "damp" else ["--calibration", tmp_path / "missing.txt"]
+        line = _bad(run_cli("pack", "extract", base, fam["expert0"], tmp_path / "c.skillpack", "-q", *extra))
+        assert ("damping must be positive" if case == "damp" else "missing.txt: unreadable") in line
+        assert not (tmp_path / "c.skillpack").exists()
         return
     line = _bad(run_cli("pack", "apply", base, good, tmp_path / "out", *extra))
     assert want in line, line
@@ -416,3 +413,64 @@ def test_twin_shared_plus_exclusive_packs(fam, tmp_path):
                 assert e["scheme"] == "svd" and e["rank"] == int(0.1 * min(e["shape"]))
     finally:
         p.close()
+
+
+# -- GPTQ-style compensation ----------------------------------------------------------------------
+def test_gptq_on_an_uncorrelated_hessian_is_round_to_nearest():
+    """With a diagonal H no error is propagated (the Cholesky factor of H^-1 is diagonal): GPTQ = RTN."""
+    from merge_cli.skillpack.gptq import gptq_rows_fixed
+
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    h = torch.diag(torch.rand(40, generator=torch.Generator().manual_seed(4)) + 0.5)
+    assert all(
+        torch.equal(a, b) for a, b in zip(gptq_rows_fixed(w, h, 3, 0.01), quantize_rows(w, 3), strict=True)
+    )
+
+
+def test_gptq_lowers_the_error_on_correlated_inputs():
+    """tr(E H E^T), the output error on the calibration inputs, is lower than round-to-nearest's."""
+    from merge_cli.skillpack.gptq import gptq_rows_fixed
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(
+        512, 64, generator=g
+    )
+    h = x.T @ x
+    rtn = dequantize_rows(*quantize_rows(w, 2))
+    gq = dequantize_rows(*gptq_rows_fixed(w, h, 2, 0.01))
+
+    def err(e):
+        return float(((e @ h) * e).sum())
+
+    assert err(w - gq) < 0.7 * err(w - rtn)
+
+
+def test_calibrated_pack_is_closer_to_the_fine_tune_on_text(fam, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11} the" for i in range(600)))
+    packs = {}
+    for mode in ("rtn", "gptq"):
+        extra = ["--calibration", text] if mode == "gptq" else []
+        packs[mode] = _extract(fam["base"], fam["expert0"], tmp_path / f"{mode}.skillpack", "--bands", "3:4,2:rest",
+                               "--keep", "1", *extra)  # fmt: skip
+        assert run_cli("pack", "apply", fam["base"], packs[mode], tmp_path / mode, "-q").exit_code == 0
+    p = Pack(packs["gptq"])
+    try:
+        assert p.meta["calibration"]["method"] == "gptq"
+        assert all(e.get("calibrated") for e in p.tensors.values() if e["scheme"] == "svd")
+    finally:
+        p.close()
+    tok = transformers.AutoTokenizer.from_pretrained(str(fam["expert0"]))
+    ids = tok(text.read_text()[:2000], return_tensors="pt")["input_ids"][:, :200]
+
+    def hidden(folder):
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        with torch.no_grad():
+            return m(ids, output_hidden_states=True).hidden_states[-1]
+
+    ref = hidden(fam["expert0"])
+    d_rtn, d_gptq = (float((hidden(tmp_path / m) - ref).norm()) for m in ("rtn", "gptq"))
+    print(f"last hidden state distance to the fine-tune: rtn {d_rtn:.4f}, gptq {d_gptq:.4f}")
+    assert d_gptq < d_rtn

@@ -112,7 +112,14 @@ def extract(
     ),
     calibration: Optional[Path] = typer.Option(
         None,
-        help="Calibration text for GPTQ-style error compensation: not implemented (round-to-nearest only).",
+        help="A text file: quantize SVD factors with GPTQ-style error compensation on the fine-tune's activations "
+        "over it (needs transformers; loads the fine-tune whole). Default: round-to-nearest.",
+    ),
+    calibration_tokens: int = typer.Option(
+        4096, min=2, help="Calibration: at most this many tokens of the text."
+    ),
+    damp: float = typer.Option(
+        0.01, help="Calibration: GPTQ damping, as a fraction of the Hessian's mean diagonal (> 0)."
     ),
     max_memory: Optional[str] = typer.Option(None, help=MEMORY_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
@@ -129,9 +136,8 @@ def extract(
     from merge_cli.skillpack.extract import check_pair
     from merge_cli.skillpack.extract import extract as run_extract
 
-    if calibration is not None:
-        fail("--calibration: GPTQ-style error compensation is not implemented yet; packs use round-to-nearest "
-             "quantization (drop --calibration)")  # fmt: skip
+    if damp <= 0:
+        fail(f"--damp {damp}: GPTQ damping must be positive")
     if fmt not in ("skillpack", "peft"):
         fail(f"--format {fmt}: use skillpack or peft")
     refs, groups = _read_config(recipe) if recipe else ({}, None)
@@ -153,9 +159,15 @@ def extract(
         raise
     try:
         check_pair(base, ft)  # mismatched models fail before any progress bar shows
+        hessians = None
+        if calibration is not None:
+            from merge_cli.skillpack.calibrate import collect_hessians
+
+            hessians = collect_hessians(ft.folder, calibration, max_tokens=calibration_tokens)
         target = out_path if fmt == "skillpack" else out_path.parent / f".{out_path.name}.skillpack.tmp"
         with _progress(base.total_bytes, "extracting", quiet) as advance:
-            meta = run_extract(base, ft, target, settings, max_memory=budget, progress=advance)
+            meta = run_extract(base, ft, target, settings, max_memory=budget, progress=advance, hessians=hessians,
+                               damp=damp)  # fmt: skip
     finally:
         base.close()
         ft.close()

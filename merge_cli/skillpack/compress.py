@@ -121,14 +121,39 @@ def thin_svd(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.linalg.svd(d, full_matrices=False)
 
 
-def svd_compress(name: str, d: torch.Tensor, g: GroupSettings) -> tuple[dict, dict[str, torch.Tensor]]:
+def _store_compensated(name, d, u, s, vh, bands, h, damp, out) -> None:
+    """Bands quantized with GPTQ-style compensation on the input Hessian h (gptq.py)."""
+    from merge_cli.skillpack.gptq import compensated_band
+    from merge_cli.skillpack.quant import pack_bits
+
+    resid = d.clone()
+    for j, (a, b, bits) in enumerate(bands):
+        if bits in FLOAT_BITS:
+            _store_factor(f"{name}::U.{j}", u[:, a:b].T, bits, out)
+            _store_factor(f"{name}::V.{j}", vh[a:b], bits, out)
+            ut = out[f"{name}::U.{j}"].float()
+            resid -= (ut.T * s[a:b]) @ out[f"{name}::V.{j}"].float()
+            continue
+        (qv, sv, zv), (qu, su, zu), contrib = compensated_band(resid, s[a:b], vh[a:b], h, bits, damp)
+        for side, (q, sc, z) in (("U", (qu, su, zu)), ("V", (qv, sv, zv))):
+            out[f"{name}::{side}.{j}.q"] = pack_bits(q, bits)
+            out[f"{name}::{side}.{j}.scale"] = sc.float().contiguous()
+            out[f"{name}::{side}.{j}.zero"] = z.contiguous()
+        resid -= contrib
+
+
+def svd_compress(name: str, d: torch.Tensor, g: GroupSettings, h: torch.Tensor | None = None,
+                 damp: float = 0.01) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     u, s, vh = thin_svd(d)
     k, energy = choose_rank(s, g)
     out: dict[str, torch.Tensor] = {f"{name}::S": s[:k].contiguous()}
     bands = split_bands(k, g.bands)
-    for j, (a, b, bits) in enumerate(bands):
-        _store_factor(f"{name}::U.{j}", u[:, a:b].T, bits, out)
-        _store_factor(f"{name}::V.{j}", vh[a:b], bits, out)
+    if h is not None:
+        _store_compensated(name, d, u, s, vh, bands, h, damp, out)
+    else:
+        for j, (a, b, bits) in enumerate(bands):
+            _store_factor(f"{name}::U.{j}", u[:, a:b].T, bits, out)
+            _store_factor(f"{name}::V.{j}", vh[a:b], bits, out)
     entry = {
         "scheme": "svd",
         "rank": k,
@@ -175,7 +200,8 @@ def rel_error(err_sq: float, norm_sq: float) -> float:
     return math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
 
 
-def compress_tensor(name: str, delta: torch.Tensor, g: GroupSettings) -> tuple[dict, dict[str, torch.Tensor]]:
+def compress_tensor(name: str, delta: torch.Tensor, g: GroupSettings, h: torch.Tensor | None = None,
+                    damp: float = 0.01) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     """A whole float32 delta -> (metadata entry, pack tensors), with the relative Frobenius error measured
     by decoding the stored tensors (what apply will add)."""
     shape = tuple(delta.shape)
@@ -185,7 +211,7 @@ def compress_tensor(name: str, delta: torch.Tensor, g: GroupSettings) -> tuple[d
         scheme = "zero"
     tensors: dict[str, torch.Tensor] = {}
     if scheme == "svd":
-        entry, tensors = svd_compress(name, delta, g)
+        entry, tensors = svd_compress(name, delta, g, h, damp)
     elif scheme == "prune":
         d2 = delta.reshape(shape[0], -1)
         idx, val, _ = prune_rows(d2, g.keep, g.value_bits)
@@ -200,4 +226,8 @@ def compress_tensor(name: str, delta: torch.Tensor, g: GroupSettings) -> tuple[d
     rec = decode_rows(tensors.__getitem__, name, entry, 0, rows).reshape(shape)
     err_sq = float((delta - rec).double().pow(2).sum())
     entry.update(delta_norm=math.sqrt(norm_sq), rel_error=rel_error(err_sq, norm_sq))
+    if h is not None and scheme == "svd":
+        from merge_cli.skillpack.calibrate import calib_rel_error
+
+        entry.update(calibrated=True, calib_rel_error=calib_rel_error(delta - rec, delta, h))
     return entry, tensors

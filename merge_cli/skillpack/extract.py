@@ -122,6 +122,8 @@ def extract(
     *,
     max_memory: int,
     progress: Callable[[int], None] | None = None,
+    hessians: dict | None = None,
+    damp: float = 0.01,
 ) -> dict:
     """Write the pack of ft - base to `out` (via a temp name); returns its metadata."""
     names = check_pair(base, ft)
@@ -133,6 +135,8 @@ def extract(
         "source": _identity(ft),
         "settings": {grp: s.as_json() for grp, s in settings.items()},
     }
+    if hessians is not None:
+        meta["calibration"] = {"method": "gptq", "damp": damp, "modules": len(hessians)}
     entries: dict[str, dict] = {}
     w = PackWriter(out)
     try:
@@ -153,7 +157,8 @@ def extract(
                         f"{classify(name).group}.scheme=prune"
                     )
                 delta = ft.read(name).float() - base.read(name).float()
-                entry, tensors = compress_tensor(name, delta, g)
+                h = (hessians or {}).get(name)
+                entry, tensors = compress_tensor(name, delta, g, h, damp)
                 del delta
                 for key, t in tensors.items():
                     w.add(key, t)

@@ -156,7 +156,7 @@ def graft_method(base_ref: str, packs: list[Pack], weights, out: Path, record: d
     from merge_cli.methods import get_method
 
     get_method(method, "--method")
-    base_abs = str(Path(base_ref).resolve())
+    base_abs = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref  # a hub id stays one
     recipe = {
         "method": method,
         "base_model": base_abs,
