@@ -51,6 +51,7 @@ def summarize(path: Path) -> dict:
                 g["ranks"].append(e["rank"])
             g["bits"].update(_group_bits(e))
             g["bytes"] += nbytes
+            g["full_bytes"] = g.get("full_bytes", 0) + full_delta_bytes({name: e})
             g["err_sq"] += (row["rel_error"] * row["delta_norm"]) ** 2
             g["norm_sq"] += row["delta_norm"] ** 2
         table = []
@@ -59,7 +60,7 @@ def summarize(path: Path) -> dict:
             table.append({
                 "group": name, "tensors": g["tensors"], "schemes": sorted(g["schemes"]),
                 "rank_min": min(g["ranks"]) if g["ranks"] else None, "rank_max": max(g["ranks"]) if g["ranks"] else None,
-                "bits": sorted(g["bits"], key=_bits_order), "bytes": g["bytes"],
+                "bits": sorted(g["bits"], key=_bits_order), "bytes": g["bytes"], "full_delta_bytes": g["full_bytes"],
                 "rel_error": math.sqrt(g["err_sq"] / g["norm_sq"]) if g["norm_sq"] else 0.0,
             })  # fmt: skip
         size = pack.nbytes
@@ -92,10 +93,11 @@ def print_summary(info: dict, console, per_tensor: bool = False) -> None:
             t.add_row(r["tensor"], r["scheme"], str(r["rank"] if r["rank"] is not None else "-"), r["bits"],
                       f"{r['bytes'] / 1e6:.3f}", f"{r['rel_error']:.4f}")  # fmt: skip
     else:
-        t = Table("group", "tensors", "scheme", "rank", "bits", "MB", "rel. error")
+        t = Table("group", "tensors", "scheme", "rank", "bits", "MB", "ratio", "error")
         for g in info["groups"]:
             rank = "-" if g["rank_min"] is None else (
                 str(g["rank_min"]) if g["rank_min"] == g["rank_max"] else f"{g['rank_min']}-{g['rank_max']}")  # fmt: skip
             t.add_row(g["group"], str(g["tensors"]), ",".join(g["schemes"]), rank, ",".join(g["bits"]) or "-",
-                      f"{g['bytes'] / 1e6:.3f}", f"{g['rel_error']:.4f}")  # fmt: skip
+                      f"{g['bytes'] / 1e6:.3f}", f"{g['full_delta_bytes'] / max(g['bytes'], 1):.1f}",
+                      f"{g['rel_error']:.4f}")  # fmt: skip
     console.print(t)
