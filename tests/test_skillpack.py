@@ -474,3 +474,60 @@ def test_calibrated_pack_is_closer_to_the_fine_tune_on_text(fam, tmp_path):
     d_rtn, d_gptq = (float((hidden(tmp_path / m) - ref).norm()) for m in ("rtn", "gptq"))
     print(f"last hidden state distance to the fine-tune: rtn {d_rtn:.4f}, gptq {d_gptq:.4f}")
     assert d_gptq < d_rtn
+
+
+def _spec_decode(path: Path) -> dict[str, np.ndarray]:
+    """Every delta of a pack decoded from docs/skillpacks.md with safetensors + json + numpy alone (torch
+    only to load: numpy has no bfloat16)."""
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["skillpack"])
+
+        def get(key):
+            t = f.get_tensor(key)
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+        out = {}
+        for name, e in meta["tensors"].items():
+            shape = tuple(e["shape"])
+            if e["scheme"] == "dense":
+                out[name] = get(f"{name}::delta").astype(np.float64)
+            elif e["scheme"] == "prune":
+                idx, val = get(f"{name}::idx").astype(np.int64), get(f"{name}::val").astype(np.float64)
+                d = np.zeros((shape[0], int(np.prod(shape[1:]))))
+                np.put_along_axis(d, idx, val, axis=1)
+                out[name] = d.reshape(shape)
+            elif e["scheme"] == "svd":
+                s = get(f"{name}::S").astype(np.float64)
+                d = np.zeros(shape)
+                for j, b in enumerate(e["bands"]):
+                    lo, hi, bits = b["start"], b["stop"], b["bits"]
+                    fac = {}
+                    for side, cols in (("U", shape[0]), ("V", shape[1])):
+                        key = f"{name}::{side}.{j}"
+                        if bits in (16, 32):
+                            fac[side] = get(key).astype(np.float64)
+                            continue
+                        raw = get(key + ".q")
+                        n = (hi - lo) * cols
+                        codes = [sum(((int(raw[(k * bits + t) // 8]) >> ((k * bits + t) % 8)) & 1) << t
+                                     for t in range(bits)) for k in range(n)]  # fmt: skip
+                        q = np.array(codes, dtype=np.float64).reshape(hi - lo, cols)
+                        sc, z = get(key + ".scale").astype(np.float64), get(key + ".zero").astype(np.float64)
+                        fac[side] = (q - z[:, None]) * sc[:, None]
+                    d += (fac["U"].T * s[lo:hi]) @ fac["V"]
+                out[name] = d
+            else:
+                out[name] = np.zeros(shape)
+    return out
+
+
+def test_pack_is_readable_from_the_spec_alone(fam, tmp_path):
+    pack = _extract(fam["base"], fam["expert0"], tmp_path / "p.skillpack", "--bands", "8:3,3:5,16:4,2:rest")
+    want = _spec_decode(pack)
+    p = Pack(pack)
+    try:
+        assert set(want) == set(p.tensors)
+        for name, d in want.items():
+            assert np.allclose(p.delta(name).double().numpy(), d, atol=1e-5), name
+    finally:
+        p.close()
