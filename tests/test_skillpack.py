@@ -531,3 +531,21 @@ def test_pack_is_readable_from_the_spec_alone(fam, tmp_path):
             assert np.allclose(p.delta(name).double().numpy(), d, atol=1e-5), name
     finally:
         p.close()
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("rel_error", "high"), ("delta_norm", -1), ("keep", None), ("group", 3), ("rank", "7"), ("bands", {}),
+     ("shape", [-1, 2]), ("kept_per_row", 0), ("dtype", ["BF16"])],
+)  # fmt: skip
+def test_hostile_metadata_values_give_one_line(fam, tmp_path, field, value):
+    good = _extract(fam["base"], fam["expert0"], tmp_path / "good.skillpack")
+
+    def edit(meta, tensors):
+        for e in meta["tensors"].values():
+            if field in e or field in ("keep", "group", "dtype"):
+                e[field] = value
+
+    bad = _rewrite(good, tmp_path / "bad.skillpack", edit)
+    line = _bad(run_cli("pack", "inspect", bad))
+    assert "bad.skillpack" in line

@@ -179,6 +179,12 @@ class Pack:
             shape = e.get("shape")
             if not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
                 raise self.fail(f"tensor '{name}' has no valid shape")
+            for key in ("delta_norm", "rel_error", "keep", "energy"):
+                v = e.get(key, 0.0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise self.fail(f"tensor '{name}': '{key}' is {v!r}, not a non-negative number")
+            if not isinstance(e.get("group", "other"), str) or not isinstance(e.get("dtype", "F32"), str):
+                raise self.fail(f"tensor '{name}': 'group' and 'dtype' must be strings")
             used.update(self._validate_entry(name, e, tuple(shape)))
         extra = sorted(set(self.st.tensors) - used)
         if extra:
