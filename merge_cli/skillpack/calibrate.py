@@ -1,5 +1,5 @@
 """Calibration Hessians for GPTQ-style compensation: H = sum over calibration tokens of x x^T, for the
-input x of every linear layer of a model, collected with forward hooks (transformers, the `tune` extra).
+input x of every linear layer of a model, collected with forward hooks (transformers, the `check` extra).
 
 The model runs whole in float32 on the CPU (or `device`), so calibration needs the model's memory plus one
 n_in x n_in float32 matrix per linear layer: fine for small and mid-size models, not bounded like the rest
@@ -25,7 +25,7 @@ def collect_hessians(model_dir: Path, text_path: Path, *, max_tokens: int = 4096
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise CalibrationError("--calibration needs transformers: pip install 'merge-cli[tune]'") from None
+        raise CalibrationError("--calibration needs transformers: pip install 'merge-cli[check]'") from None
     try:
         text = Path(text_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
