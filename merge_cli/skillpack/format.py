@@ -31,7 +31,7 @@ from merge_cli.dtypes import ITEMSIZE, TORCH_TO_ST
 from merge_cli.errors import CheckpointError
 from merge_cli.io.safetensors_file import SafetensorsFile
 from merge_cli.io.writer import file_digest, shard_header
-from merge_cli.skillpack.compress import decode_rows, idx_dtype
+from merge_cli.skillpack.compress import decode_rows, idx_dtype, prune_decode
 from merge_cli.skillpack.quant import FLOAT_BITS, QUANT_BITS, packed_size
 
 FORMAT = "merge-cli-skillpack"
@@ -240,12 +240,16 @@ class Pack:
 
     def delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         e = self.tensors[name]
-        if e["scheme"] == "prune":
-            idx = self.get(f"{name}::idx")
+        if e["scheme"] == "prune":  # only these rows' entries are read
+            idx, val = (
+                self.st.read_rows(self.st.tensors[f"{name}::{k}"], start, stop) for k in ("idx", "val")
+            )
             cols = math.prod(e["shape"][1:])
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cols):
                 raise self.fail(f"tensor '{name}': a pruned entry's column index is outside [0, {cols})")
-        out = decode_rows(self.get, name, e, start, stop)
+            out = prune_decode(idx, val, cols).reshape(stop - start, *e["shape"][1:])
+        else:
+            out = decode_rows(self.get, name, e, start, stop)
         if out.numel() and not torch.isfinite(out).all():
             raise self.fail(f"tensor '{name}' decodes to NaN or Inf values; the pack is corrupt")
         return out
