@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from merge_cli import __version__
-from merge_cli.commands import hub, info, output, recipe, run
+from merge_cli.commands import generate, hub, info, output, recipe, run
 
 app = typer.Typer(
     name="merge-cli",
@@ -53,6 +53,7 @@ COMMANDS = [
     ("lock", hub.lock),
     ("push", hub.push),
     ("check", hub.check),
+    ("generate", generate.generate),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)
