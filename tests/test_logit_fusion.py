@@ -239,14 +239,16 @@ def _step_logits(folder, prompt_ids, new_ids):
     return logits[start : start + len(new_ids) + 1]
 
 
-@pytest.mark.parametrize("search", ["one_expert", "joint"])
-def test_dynamic_weights_satisfy_the_kl_bound_at_every_step(zoo, search):
+@pytest.mark.parametrize(
+    "search,max_kl", [("one_expert", "auto"), ("joint", "auto"), ("one_expert", "0.5"), ("joint", "0.5")]
+)
+def test_dynamic_weights_satisfy_the_kl_bound_at_every_step(zoo, search, max_kl):
     from transformers import AutoTokenizer
 
     n = 10
     (g,) = _gen_json(
         "--large", zoo["large"], "--small-base", zoo["base"], "--expert", zoo["e1"], "--expert", zoo["e2"],
-        "--mode", "dynamic", "--search", search, "--alpha-step", "0.25",
+        "--mode", "dynamic", "--search", search, "--alpha-step", "0.25", "--max-kl", max_kl,
         "--prompt", PROMPT, "--max-new-tokens", str(n),
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(zoo["large"])
@@ -265,9 +267,10 @@ def test_dynamic_weights_satisfy_the_kl_bound_at_every_step(zoo, search):
         fused_l = [float(x) for x in fused]
         f = _kl_py(fused_l, L[k].tolist())
         targets = [_kl_py(E[t][k].tolist(), S[k].tolist()) for t in range(2)]
-        assert f <= max(targets) + 1e-6, (k, f, targets)  # the bound: KL(fused||large) <= max_t KL(E_t||S)
+        bound = max(targets) if max_kl == "auto" else float(max_kl)  # auto: max_t KL(E_t||S)
+        assert f <= bound + 1e-6, (k, f, bound)  # the constraint KL(fused||large) <= bound
         assert step["kl_fused_large"] == pytest.approx(f, rel=1e-4, abs=1e-7)
-        assert step["budget"] == pytest.approx(max(targets), rel=1e-4, abs=1e-7)
+        assert step["budget"] == pytest.approx(bound, rel=1e-4, abs=1e-7)
         assert step["token"] == max(range(len(fused_l)), key=fused_l.__getitem__)
         moved += any(w)
     assert moved > 0  # the solver did use the experts somewhere
@@ -381,3 +384,10 @@ def test_missing_transformers_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(MergeCliError, match=r"pip install 'merge-cli\[tune\]'"):
         preflight.transformers_module()
+
+
+def test_merge_commands_point_a_fusion_recipe_to_generate():
+    from pathlib import Path
+
+    r = run_cli("validate", Path(__file__).parent.parent / "recipes" / "logit_fusion.yaml")
+    assert r.exit_code == 2 and "merge-cli generate --recipe" in r.stderr
