@@ -391,3 +391,24 @@ def test_merge_commands_point_a_fusion_recipe_to_generate():
 
     r = run_cli("validate", Path(__file__).parent.parent / "recipes" / "logit_fusion.yaml")
     assert r.exit_code == 2 and "merge-cli generate --recipe" in r.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_decoding_matches_cpu(zoo):
+    args = [
+        "--large",
+        zoo["large"],
+        "--small-base",
+        zoo["base"],
+        "--expert",
+        zoo["e1"],
+        "--expert",
+        zoo["e2"],
+    ]
+    args += ["--prompt", PROMPT, "--max-new-tokens", "8", "--mode", "dynamic"]
+    (cpu,) = _gen_json(*args)
+    (gpu,) = _gen_json(*args, "--device", "cuda")
+    assert gpu["token_ids"] == cpu["token_ids"]
+    for a, b in zip(cpu["steps"], gpu["steps"]):
+        assert b["kl_fused_large"] <= b["budget"] + 1e-9
+        assert b["budget"] == pytest.approx(a["budget"], rel=1e-3, abs=1e-6)
