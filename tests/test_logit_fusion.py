@@ -352,6 +352,28 @@ def test_cli_end_to_end_on_a_recipe(zoo, tmp_path):
     assert gens[0]["steps"][0]["token"] == int(torch.argmax(fused))
 
 
+def test_recipe_prompts_and_options_combine(zoo, tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps("add 4 5 =") + "\n")
+    recipe = write_recipe(
+        tmp_path / "f.yaml",
+        {
+            "kind": "logit_fusion",
+            "large": str(zoo["large"]),
+            "small_base": str(zoo["base"]),
+            "experts": [str(zoo["e1"])],
+            "mode": "static",
+            "generation": {"max_new_tokens": 2},
+            "prompts": [PROMPT],
+            "prompts_file": "p.jsonl",
+        },
+    )
+    gens = _gen_json("--recipe", recipe, "--weight", "0.25")
+    assert [g["prompt"] for g in gens] == [PROMPT, "add 4 5 ="]
+    assert all(s["weights"] == [0.25] for g in gens for s in g["steps"])
+    (only,) = _gen_json("--recipe", recipe, "--prompt", "rev 1 =")  # the command line replaces the recipe's
+    assert only["prompt"] == "rev 1 ="
+
+
 def test_recipe_errors_are_one_line(tmp_path):
     bad = write_recipe(tmp_path / "bad.yaml", {"kind": "logit_fusion", "large": "x", "small_base": "y"})
     r = run_cli("generate", "--recipe", bad, "--prompt", "a")

@@ -107,6 +107,7 @@ def generate(
             raise RecipeError(f"give {', '.join(missing)} (or --recipe FILE with kind: logit_fusion)")
         spec = FusionSpec(kind="logit_fusion", large=large, small_base=small_base, experts=list(expert))
     data = spec.model_dump()
+    data["experts"] = [e.model_dump() for e in spec.expert_list()]
     if large:
         data["large"] = large
     if small_base:
@@ -148,12 +149,10 @@ def generate(
         first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
         key = ".".join(str(p) for p in first["loc"])
         raise RecipeError(f"option {key}: {first['msg']}") from None
-    texts = list(prompt or [])
-    prompts_path = prompts
-    if prompts_path is None and spec.prompts_file and not texts:
-        prompts_path = base_dir / spec.prompts_file
-    if not texts and prompts_path is None:
+    texts, prompts_path = list(prompt or []), prompts
+    if not texts and prompts_path is None:  # no prompt on the command line: the recipe's
         texts = list(spec.prompts)
+        prompts_path = base_dir / spec.prompts_file if spec.prompts_file else None
     req = FusionRequest(spec=spec, base_dir=base_dir, prompts=texts, prompts_file=prompts_path)
 
     def on_start(i: int, text: str) -> None:
