@@ -16,13 +16,14 @@ from typing import Any
 
 from merge_cli.dtypes import ITEMSIZE, ST_TO_NAME, is_float, parse_dtype_name
 from merge_cli.errors import CheckpointError, PlanError
-from merge_cli.io.checkpoint import Checkpoint, open_checkpoint
+from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.refs import open_checkpoint
+from merge_cli.io.vocab import harmonize as harmonize_vocab
+from merge_cli.io.vocab import patch_config as patch_vocab_config
 from merge_cli.methods import METHODS, MethodSpec, ParamSet
 from merge_cli.modules import classify, layer_of, with_layer
-from merge_cli.params import ParamResolver
 from merge_cli.recipe import ModelEntry, Recipe, match_tensor, sources_for
-from merge_cli.vocab import harmonize as harmonize_vocab
-from merge_cli.vocab import patch_config as patch_vocab_config
+from merge_cli.recipe.params import ParamResolver
 
 
 @dataclass
@@ -82,7 +83,7 @@ class MergePlan:
     output_bytes: int
     peak_memory_bytes: int
     notes: list[str] = field(default_factory=list)
-    # filled by the engine's whole-model statistics passes (stats_pass.py): method -> what kernels get as ctx.extra
+    # filled by the engine's whole-model statistics passes (engine/stats.py): method -> what kernels get as ctx.extra
     whole_model_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
@@ -275,7 +276,7 @@ class _Builder:
         self.check_architectures()
         self.vocab_size = harmonize_vocab(
             self.models, ref, r.vocab, self.notes
-        )  # issue 7: merge_cli/vocab.py
+        )  # issue 7: merge_cli/io/vocab.py
         self.out_dtype = self.choose_out_dtype(ref)
         ref_ck = self.ckpt(ref)
         num_layers = ref_ck.num_layers()
@@ -451,7 +452,7 @@ def estimate_peak(jobs: list[TensorJob], models: list[ModelSlot], compute_bytes:
 
 def check_methods(jobs: list[TensorJob], num_layers: int | None, notes: list[str]) -> None:
     """Plan-time checks over all of a method's jobs (MethodSpec.plan_check), e.g. whole-model parameters;
-    notes the whole-model statistics passes the merge will run first (merge_cli/stats_pass.py)."""
+    notes the whole-model statistics passes the merge will run first (merge_cli/engine/stats.py)."""
     by_method: dict[str, list[ParamSet]] = {}
     for j in jobs:
         by_method.setdefault(j.method, []).append(

@@ -110,8 +110,8 @@ def cli_child(argv: list[str], env: dict[str, str]) -> None:
 def crash_child(argv: list[str], point: str, nth: int) -> None:
     """Like cli_child, but the process dies (os._exit: no cleanup at all, as under SIGKILL) at a chosen
     point of the write path, the nth time it is reached."""
+    import merge_cli.engine.resume as r
     import merge_cli.io.writer as w
-    import merge_cli.resume as r
 
     calls = [0]
 

@@ -207,7 +207,7 @@ def test_fused_chunked_path_stops_on_nan_in_embedding_rows(tmp_path, method):
 
 def use_kernels(monkeypatch, kernels: str) -> None:
     """Run the blocked merges on the native kernels (skipped without a C compiler) or on the eager ones."""
-    from merge_cli import native
+    from merge_cli.kernels import native
 
     if kernels == "eager":
         monkeypatch.setattr(native, "lib", lambda: None)
@@ -278,8 +278,8 @@ def test_blocked_kernels_equal_eager_across_block_boundaries(
 ):
     """Blocks much smaller than the tensors (so TIES tie quotas end inside a block), on quantised deltas
     (thresholds shared by thousands of entries): still bitwise equal to the eager kernels, whole and chunked.
-    `kernels`: the blocked merges run on the native kernels (merge_cli/native) or on fused.py's eager ones."""
-    from merge_cli import fused
+    `kernels`: the blocked merges run on the native kernels (merge_cli/kernels/native) or on kernels/blocked.py's eager ones."""
+    from merge_cli.kernels import blocked as fused
 
     use_kernels(monkeypatch, kernels)
     m = _quantised_models(tmp_path)
@@ -309,7 +309,8 @@ def test_blocked_kernels_equal_eager_across_block_boundaries(
 def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density, miss):
     """The blocked selection (sample bracket + one counting pass) finds the same threshold and tie cutoff as
     a plain sort: keeping |tau| > value plus the first take_equal equal entries gives exactly the top k."""
-    from merge_cli import fused, fused_methods
+    from merge_cli.kernels import blocked as fused
+    from merge_cli.kernels import dispatch as fused_methods
 
     monkeypatch.setattr(fused, "BLOCK", 1000)
     if miss:  # a bracket that misses the threshold: the radix fallback must give the same answer
@@ -336,7 +337,8 @@ def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density, miss
 def test_chunked_ties_with_a_missed_bracket_is_still_exact(tmp_path, monkeypatch):
     """Row-chunked TIES whose sample bracket misses every threshold (forced): the radix fallback and the
     recount give the eager result bit for bit."""
-    from merge_cli import fused, fused_methods
+    from merge_cli.kernels import blocked as fused
+    from merge_cli.kernels import dispatch as fused_methods
 
     m = _quantised_models(tmp_path)
     recipe = _recipe(tmp_path, m, "ties", "{density: 0.35}", "{}")
@@ -351,7 +353,7 @@ def test_chunked_ties_with_a_missed_bracket_is_still_exact(tmp_path, monkeypatch
 
 def test_report_names_the_kernels_that_ran(tmp_path, monkeypatch):
     """The engine says which CPU kernels merged: native, eager blocked (with why), or plain (--fused off)."""
-    from merge_cli import native
+    from merge_cli.kernels import native
 
     m = _models(tmp_path)
     recipe = _recipe(tmp_path, m, "ties", "{density: 0.5}", "{}")

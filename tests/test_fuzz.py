@@ -27,10 +27,10 @@ from rel_helpers import SMALL_CONFIG, small_family
 from merge_cli.errors import MergeCliError
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.safetensors_file import SafetensorsFile
+from merge_cli.output.sidefiles import resolve_chat_template
+from merge_cli.output.verify import verify_folder
 from merge_cli.plan import build_plan
 from merge_cli.recipe import load_recipe
-from merge_cli.sidefiles import resolve_chat_template
-from merge_cli.verify import verify_folder
 
 # CI runs the fixed budgets below, derandomized. For a longer exploratory run:
 #   MERGE_CLI_FUZZ_SCALE=20 MERGE_CLI_FUZZ_RANDOM=1 .venv/bin/python -m pytest -s tests/test_fuzz.py

@@ -31,7 +31,7 @@ SEED = int(os.environ.get("MERGE_CLI_KILL_SEED") or 20261124)
 def ctx():
     c = multiprocessing.get_context("forkserver")
     c.set_forkserver_preload(
-        ["torch", "merge_cli.cli", "merge_cli.merge", "merge_cli.plan", "merge_cli.render"]
+        ["torch", "merge_cli.cli", "merge_cli.merge", "merge_cli.plan", "merge_cli.commands.render"]
     )
     return c
 

@@ -96,7 +96,7 @@ def test_sha256_cache_follows_content_and_trusts_hub_blob_names(tmp_path):
     import hashlib
     import os
 
-    from merge_cli.lock import sha256_file
+    from merge_cli.io.lock import sha256_file
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")

@@ -10,7 +10,7 @@ from helpers import TINY_CONFIG, load_output, run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
 from merge_cli.errors import CheckpointError
-from merge_cli.io.checkpoint import open_checkpoint
+from merge_cli.io.refs import open_checkpoint
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -99,8 +99,8 @@ def test_methods_text_documents_numerics():
 
     from rich.console import Console
 
+    from merge_cli.commands.render import print_method
     from merge_cli.methods import METHODS
-    from merge_cli.render import print_method
 
     for name in NUMERICS_METHODS:
         buf = StringIO()
@@ -396,7 +396,7 @@ def _mk_linear(xs, weights, normalize=True):
 
 @pytest.mark.parametrize("numerics", ["exact", "mergekit"])
 def test_linear_fuses_each_product_into_its_add(numerics):
-    from merge_cli import fused
+    from merge_cli.kernels import blocked as fused
 
     # -1 + (1 + 2^-12)^2 = 2^-11 + 2^-24 exactly; rounding the product first (to 1 + 2^-11) loses the 2^-24
     e = 2.0**-12
@@ -419,7 +419,7 @@ def test_linear_bf16_accumulates_in_fp32_and_rounds_once():
 def test_linear_mergekit_divisor_is_the_fp32_sum_of_fp32_weights():
     import numpy as np
 
-    from merge_cli import fused_methods
+    from merge_cli.kernels import dispatch as fused_methods
 
     w = [0.1, 0.1, 0.15]
     f32 = np.float32(w[0]) + np.float32(w[1]) + np.float32(w[2])  # fp32 sum of fp32 weights
@@ -548,7 +548,7 @@ def test_breadcrumbs_mergekit_is_mergekits_arithmetic_bitwise(method, dtype):
 
 
 def test_blocked_ties_steps_aside_only_when_the_sort_would_choose():
-    from merge_cli import fused_methods
+    from merge_cli.kernels import dispatch as fused_methods
 
     g = torch.Generator().manual_seed(14)
     base = (torch.randn(50, 40, generator=g) * 1024).round() / 1024

@@ -1,5 +1,5 @@
-"""The native kernels (merge_cli/native): built with the system C compiler, bitwise equal to the eager
-kernels of merge_cli/fused.py, and optional (no compiler: the eager kernels run)."""
+"""The native kernels (merge_cli/kernels/native): built with the system C compiler, bitwise equal to the eager
+kernels of merge_cli/kernels/blocked.py, and optional (no compiler: the eager kernels run)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from method_helpers import counter_draw
 
-from merge_cli import fused, native
+from merge_cli.kernels import blocked as fused
+from merge_cli.kernels import native
 from merge_cli.methods import base as mbase
 
 needs_native = pytest.mark.skipif(
@@ -102,7 +103,7 @@ def _inputs(dtype, n=10_000, m=3, quantised=True, seed=0):
 
 
 def _steps(kind: str, base, xs):
-    from merge_cli.fused_methods import Draws, ties_thresholds, trims
+    from merge_cli.kernels.dispatch import Draws, ties_thresholds, trims
 
     n = base.numel()
     if kind == "none":
@@ -110,7 +111,7 @@ def _steps(kind: str, base, xs):
     if kind == "trim":
         return trims(*ties_thresholds(base, xs, [0.3, 0.55, 1.0]))
     if kind == "band":
-        from merge_cli.fused_methods import select_thresholds, whole_views
+        from merge_cli.kernels.dispatch import select_thresholds, whole_views
 
         ks = [int(0.9 * n), int(0.01 * n), int(0.5 * n), 0, None, int(0.2 * n)]
         ts, cuts = select_thresholds(n, ks, *whole_views(base, xs), which=[0, 0, 1, 1, 2, 2])

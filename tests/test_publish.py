@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import run_cli, write_recipe
 
-from merge_cli.sidefiles import BUILTIN_TEMPLATES
+from merge_cli.output.sidefiles import BUILTIN_TEMPLATES
 
 
 @pytest.fixture

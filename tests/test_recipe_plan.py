@@ -6,9 +6,9 @@ from helpers import run_cli, write_model, write_recipe
 
 from merge_cli.errors import CheckpointError, PlanError, RecipeError
 from merge_cli.modules import classify
-from merge_cli.params import at_depth
 from merge_cli.plan import build_plan
 from merge_cli.recipe import load_recipe, parse_size
+from merge_cli.recipe.params import at_depth
 
 
 def recipe_file(tmp_path, text: str):
@@ -213,7 +213,7 @@ def test_plan_errors_shape_vocab_missing(tmp_path):
     with pytest.raises(PlanError) as e:
         build_plan(load_recipe(r))
     assert str(e.value) == (
-        # issue 7: the message names the recipe's `vocab:` options (merge_cli/vocab.py)
+        # issue 7: the message names the recipe's `vocab:` options (merge_cli/io/vocab.py)
         "tensor 'model.embed_tokens.weight': vocabulary sizes differ ('base' 10, 'b' 12); add `vocab: crop` "
         "(keep the 10 rows all models have) or `vocab: pad_from_base` (the base's 10 rows, missing ones taken "
         "from the base) to the recipe, or merge models that share one tokenizer vocabulary"

@@ -7,7 +7,7 @@ import torch
 from helpers import load_output, run_cli, write_recipe
 
 from merge_cli.errors import RecipeError
-from merge_cli.stages import load_stages
+from merge_cli.recipe.stages import load_stages
 
 
 def recipe_text(family, soup_weight: float = 1.0, final_weight: float = 0.5) -> str:

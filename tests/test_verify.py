@@ -12,7 +12,7 @@ from rel_helpers import small_family
 from safetensors.torch import save_file
 
 from merge_cli.io import writer as writer_mod
-from merge_cli.verify import verify_folder
+from merge_cli.output.verify import verify_folder
 
 
 @pytest.fixture(scope="module")

@@ -124,9 +124,9 @@ def test_colsum_is_the_in_order_sum_and_does_not_depend_on_the_width(n_rows):
 
 def test_read_pieces_cover_each_tensor_in_order(family):
     from merge_cli.engine import read_job
+    from merge_cli.engine.stats import piece_elements, read_pieces
     from merge_cli.plan import build_plan
     from merge_cli.recipe import load_recipe
-    from merge_cli.stats_pass import piece_elements, read_pieces
 
     recipe = write_recipe(family["base"].parent / "pieces.yaml", {
         "base_model": str(family["base"]), "models": [{"model": str(family["expert0"])}, {"model": str(family["expert2"])}],

@@ -21,9 +21,9 @@ def lock(
 ):
     """Resolve every model (hub commits, sha256 of every file the merge would read) into a lock file, without
     merging. Hub weights are not downloaded: their hashes come from the hub's LFS metadata."""
-    from merge_cli.lock import LockBuilder, dump_lock
+    from merge_cli.io.lock import LockBuilder, dump_lock
+    from merge_cli.output.sidefiles import donor_side_files
     from merge_cli.plan import build_plan
-    from merge_cli.sidefiles import donor_side_files
 
     p = build_plan(load_recipe_arg(recipe, seed), allow_arch_mismatch=allow_arch_mismatch)
     try:
@@ -46,8 +46,8 @@ def push(
     message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
 ):
     """Publish a merge to the Hugging Face Hub (HfApi.create_repo + upload_folder; HF_TOKEN authenticates)."""
-    from merge_cli.push import plan_push
-    from merge_cli.push import push as do_push
+    from merge_cli.output.push import plan_push
+    from merge_cli.output.push import push as do_push
 
     plan = plan_push(out_dir, repo_id, revision, private)
     where = (
@@ -77,7 +77,7 @@ def check(
 ):
     """Sanity-check a merge with transformers: generations, perplexity, finiteness, against the base.
     Exit 3 when the model fails (non-finite logits, or perplexity ratio past --max-ppl-ratio)."""
-    from merge_cli.check import CheckFailed, render, run_check
+    from merge_cli.output.check import CheckFailed, render, run_check
 
     if dtype not in ("float32", "bfloat16", "float16", "auto"):
         raise typer.BadParameter("use float32, bfloat16, float16 or auto", param_hint="--dtype")

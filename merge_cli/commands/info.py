@@ -14,8 +14,8 @@ from merge_cli.commands.common import ALLOW_PICKLE_HELP, handle_errors, out
 @handle_errors
 def methods(name: Optional[str] = typer.Argument(None, help="A method to describe in full.")):
     """List the merge methods, or describe one: its parameters, defaults, ranges and paper."""
+    from merge_cli.commands.render import print_method, print_methods
     from merge_cli.methods import METHODS, get_method
-    from merge_cli.render import print_method, print_methods
 
     if name is None:
         print_methods(METHODS, out)
@@ -30,8 +30,8 @@ def inspect(
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Describe a checkpoint from its headers: layers, module groups, dtypes, sizes, tied embeddings."""
-    from merge_cli.io.checkpoint import open_checkpoint
-    from merge_cli.render import describe_checkpoint, print_checkpoint
+    from merge_cli.commands.render import describe_checkpoint, print_checkpoint
+    from merge_cli.io.refs import open_checkpoint
 
     ck = open_checkpoint(model, Path.cwd(), allow_pickle=allow_pickle)
     try:

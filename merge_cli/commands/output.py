@@ -17,7 +17,7 @@ def verify(
     ),
 ):
     """Check a merged model: manifest hashes and sizes, index against shards, shapes against config, finiteness."""
-    from merge_cli.verify import verify_output
+    from merge_cli.output.verify import verify_output
 
     summary = verify_output(out_dir, check_finite=not no_finite)
     print(f"ok: {out_dir}: {summary}")
@@ -33,7 +33,7 @@ def emr_materialize(
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
 ):
     """Write one task's model from an EMR merge: base + rescaler * mask * (unified - base)."""
-    from merge_cli.emr_materialize import materialize
+    from merge_cli.merge.emr import materialize
 
     final = materialize(out_dir, task, new_out, overwrite)
     print(f"wrote task {task} of {out_dir} to {final}")

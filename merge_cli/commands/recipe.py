@@ -15,7 +15,7 @@ from merge_cli.commands.common import ALLOW_PICKLE_HELP, handle_errors, load_rec
 @handle_errors
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe without opening any model: keys, methods, parameter names and ranges."""
-    from merge_cli.stages import is_multi_stage, load_stages
+    from merge_cli.recipe.stages import is_multi_stage, load_stages
 
     if is_multi_stage(recipe):
         _, stages, _ = load_stages(recipe)
@@ -39,8 +39,8 @@ def plan(
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Plan a merge from safetensors headers alone (no weight is read) and print a summary."""
+    from merge_cli.commands.render import print_plan
     from merge_cli.plan import build_plan
-    from merge_cli.render import print_plan
 
     p = build_plan(
         load_recipe_arg(recipe),
@@ -62,6 +62,6 @@ def convert(
     recipe: Path = typer.Argument(..., help="A mergekit recipe YAML file (several documents: multi-stage)."),
 ):
     """Print the equivalent native merge-cli recipe of a mergekit recipe (checked, but no model is opened)."""
-    from merge_cli.mergekit_compat import convert_file
+    from merge_cli.recipe import convert_file
 
     sys.stdout.write(convert_file(recipe))

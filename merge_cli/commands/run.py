@@ -57,15 +57,16 @@ def run(
     allow_pickle: bool = typer.Option(False, help=ALLOW_PICKLE_HELP),
 ):
     """Merge: plan, stream every tensor through its method, write a sharded HF model with card and report."""
+    from merge_cli.commands.render import progress_bar
     from merge_cli.engine import EngineOptions
+    from merge_cli.engine.resume import already_complete, resume_hint, sigterm_as_interrupt
     from merge_cli.io.hub import pinned
+    from merge_cli.io.lock import hub_pins, load_lock
     from merge_cli.io.writer import WriteError, check_output
-    from merge_cli.lock import hub_pins, load_lock
     from merge_cli.merge import execute
+    from merge_cli.merge.stages import run_stages
     from merge_cli.plan import build_plan
-    from merge_cli.render import progress_bar
-    from merge_cli.resume import already_complete, resume_hint, sigterm_as_interrupt
-    from merge_cli.stages import is_multi_stage, run_stages
+    from merge_cli.recipe.stages import is_multi_stage
 
     if is_multi_stage(recipe):
         done = run_stages(
@@ -133,7 +134,7 @@ def run(
         f"{e.bytes_written / 1e9:.3f} GB) in {e.seconds:.1f} s on {e.device}; report: {outcome.out_dir / 'merge_report.json'}"
     )
     if lock is not None and lock.get("output"):
-        from merge_cli.lock import LOCK_NAME
+        from merge_cli.io.lock import LOCK_NAME
 
         same = load_lock(outcome.out_dir / LOCK_NAME).get("output") == lock["output"]
         print(

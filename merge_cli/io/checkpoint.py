@@ -207,13 +207,3 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-
-
-def open_checkpoint(ref: str, base_dir: Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
-    # hub ids (org/name@rev) and base+adapter references: merge_cli/io/refs.py (issue 7)
-    from merge_cli.io.refs import open_special
-
-    special = open_special(ref, base_dir)
-    if special is not None:
-        return special
-    return Checkpoint(resolve_model_path(ref, base_dir), ref, allow_pickle=allow_pickle)

@@ -1,7 +1,7 @@
 """Model references beyond a local folder: hub ids (`org/name@rev`) and adapters (`base+adapter`).
 
-open_special() is called by io.checkpoint.open_checkpoint before it falls back to a local path. A
-reference that names an existing local file or folder is always local, so a folder called `org/name`
+open_checkpoint() here is the one way in for any reference: open_special() first, else a local
+folder or file (io.checkpoint.Checkpoint). A reference that names an existing local file or folder is always local, so a folder called `org/name`
 beside the recipe wins over the hub repo of that name.
 """
 
@@ -76,7 +76,6 @@ def open_special(ref: str, base_dir: Path | None = None) -> Checkpoint | None:
     """A LoraCheckpoint or HubCheckpoint for `ref`, or None when `ref` is a plain local path."""
     pair = split_adapter(ref, base_dir)
     if pair is not None:
-        from merge_cli.io.checkpoint import open_checkpoint
         from merge_cli.io.lora import LoraCheckpoint
 
         base = open_checkpoint(pair[0], base_dir)
@@ -97,3 +96,11 @@ def open_special(ref: str, base_dir: Path | None = None) -> Checkpoint | None:
 
         return HubCheckpoint(ref, hub)
     return None
+
+
+def open_checkpoint(ref: str, base_dir: Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
+    """Any model reference opened from its headers: a hub id, a base+adapter pair, or a local folder/file."""
+    special = open_special(ref, base_dir)
+    if special is not None:
+        return special
+    return Checkpoint(resolve_model_path(ref, base_dir), ref, allow_pickle=allow_pickle)

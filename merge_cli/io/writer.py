@@ -26,7 +26,7 @@ from merge_cli.errors import OutputError
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
-JOURNAL = ".resume-journal.jsonl"  # completed shards, for --resume (merge_cli/resume.py); never in the output
+JOURNAL = ".resume-journal.jsonl"  # completed shards, for --resume (merge_cli/engine/resume.py); never in the output
 
 
 class WriteError(OutputError):

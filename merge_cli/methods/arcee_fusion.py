@@ -201,3 +201,7 @@ SPEC = MethodSpec(
     summary="theta = theta0 + [imp >= median + 1.5 IQR] (theta1 - theta0),  imp = |theta1 - theta0| KL_row",
     mergekit_defaults={"numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

@@ -146,10 +146,10 @@ def counter_uniform(k0: int, k1: int, start: int, n: int) -> torch.Tensor:
     position j is hashed (two rounds of _mix32 with the key folded in, the high half of j too), and the top
     24 bits of the hash make the float, as numpy makes float32 uniforms. A counter hash, not a sequential
     generator: any range is drawn directly, so draws do not depend on chunking, order or thread count.
-    The native kernels (merge_cli/native) compute the same bits, and are used here when available."""
+    The native kernels (merge_cli/kernels/native) compute the same bits, and are used here when available."""
     import numpy as np
 
-    from merge_cli import native
+    from merge_cli.kernels import native
 
     if native.lib() is not None:
         return native.uniform(n, start, k0, k1)
@@ -236,7 +236,7 @@ class MethodSpec:
     # mergekit compatibility: the parameter values mergekit uses for this method when a mergekit-format
     # recipe leaves them unset (where they differ from ours). None: mergekit has no such method.
     mergekit_defaults: dict[str, Any] | None = None
-    # whole-model methods: a merge_cli.stats_pass.WholeModelStats subclass, gathered in streamed passes before
+    # whole-model methods: a merge_cli.engine.stats.WholeModelStats subclass, gathered in streamed passes before
     # the merge; kernels then find its statistics in ctx.extra
     stats: type | None = None
     # optional plan-time check over every job of this method: (ParamSets, num_layers) -> error text or None

@@ -130,3 +130,20 @@ BREADCRUMBS_TIES = MethodSpec(
     summary="theta = theta0 + lambda * sum_i w_i band_i(tau_i) [sign(band_i) = elected sign]",
     mergekit_defaults=_MK,
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods on the CPU, by method name: the blocked
+# runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "breadcrumbs": (
+        "merge_cli.kernels.dispatch.run_gta",
+        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.native.merge",
+        "merge_cli.kernels.blocked.sparse_sum",
+    ),
+    "breadcrumbs_ties": (
+        "merge_cli.kernels.dispatch.run_gta",
+        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.native.merge",
+        "merge_cli.kernels.blocked.consensus",
+    ),
+}

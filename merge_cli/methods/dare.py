@@ -21,6 +21,23 @@ from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.gta import Rescale, rescale_bool
 
+# Fast kernels (merge_cli/kernels) serving this file's methods on the CPU, by method name: the blocked
+# runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "dare_linear": (
+        "merge_cli.kernels.dispatch.run_gta",
+        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.native.merge",
+        "merge_cli.kernels.blocked.sparse_sum",
+    ),
+    "dare_ties": (
+        "merge_cli.kernels.dispatch.run_gta",
+        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.native.merge",
+        "merge_cli.kernels.blocked.consensus",
+    ),
+}
+
 PAPER = (
     "Yu, Yu, Yu, Huang, Li 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
     "as a Free Lunch, ICML 2024, arXiv:2311.03099"

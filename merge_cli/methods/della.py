@@ -18,6 +18,10 @@ from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.gta import Rescale, rescale_bool
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 PAPER = (
     "Deep, Bhardwaj, Poria 2024, DELLA-Merging: Reducing Interference in Model Merging through "
     "Magnitude-Based Sampling, arXiv:2406.11617"

@@ -19,6 +19,10 @@ import torch
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.wholemodel import ExactSum, WholeModelStats, colsum, step_elements
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 EMR_DIR = "emr"
 META = "emr.json"
 

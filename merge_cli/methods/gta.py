@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 
 from merge_cli.methods.base import ParamSet, Streamed, TensorCtx
+from merge_cli.methods.consensus import disjoint_merge, elect, trim
 from merge_cli.methods.selection import StreamingTopK, mask_from_threshold, topk_mask_2d
 from merge_cli.methods.task_arithmetic import weighted_sum
-from merge_cli.methods.ties import disjoint_merge, elect, trim
 
 Rescale = Literal["inv_p", "l1", "none"]
 L1_EPS = 1e-7

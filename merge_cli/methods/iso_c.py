@@ -14,6 +14,10 @@ from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
 from merge_cli.methods.tsv import _tau, finish, svd, task_vectors
 from merge_cli.methods.wholemodel import gathered
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 
 class IsoCParams(MethodParams):
     weight: float = per_model(1.0, description="scale of this model's task vector")

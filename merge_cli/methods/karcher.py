@@ -202,3 +202,7 @@ SPEC = MethodSpec(
     summary="theta = (sum_i a_i |theta_i|) * argmin_u sum_i a_i d_sphere(u, theta_i/|theta_i|)^2",
     mergekit_defaults={"numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

@@ -16,6 +16,10 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 
 class LayerSwapParams(MethodParams):
     bottom: int = Field(5, ge=0, description="bottom layers taken from the donor")

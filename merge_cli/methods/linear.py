@@ -5,7 +5,7 @@
 The sum is accumulated in fp32 (float64 for float64 inputs) with each product fused into its add (one
 rounding per model, none for the product; w_i rounded to the accumulator dtype), divided there, and
 rounded once to the compute dtype: for bf16/fp16 compute this is far more accurate than adding in the
-half dtype, and it is mergekit's order (addcmul into an fp32 buffer). The blocked CPU kernel (fused.py)
+half dtype, and it is mergekit's order (addcmul into an fp32 buffer). The blocked CPU kernel (kernels/blocked.py)
 does the same operations. `numerics` only changes the divisor: exact, the float64 sum of the weights
 (rounded once); mergekit, the fp32 sum of the fp32-rounded weights, as mergekit forms it.
 """
@@ -52,7 +52,7 @@ def divisor(weights, p: ParamSet, dtype: torch.dtype) -> float:
 
 
 def linear(base, tensors: list[torch.Tensor], weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
-    # the same operations, in the same order, as the fused kernel (merge_cli/fused.py), so both agree bitwise
+    # the same operations, in the same order, as the fused kernel (merge_cli/kernels/blocked.py), so both agree bitwise
     dtype = tensors[0].dtype
     out = weighted_sum(tensors, list(weights), tensors[0], fma=True, out_dtype=accumulator(dtype))
     if p.normalize:
@@ -72,3 +72,12 @@ SPEC = MethodSpec(
     mergekit_defaults={"numerics": "mergekit"},
     elementwise=True,
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods on the CPU, by method name: the blocked
+# runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "linear": (
+        "merge_cli.kernels.dispatch.run_linear",
+        "merge_cli.kernels.blocked.linear",
+    ),
+}

@@ -194,3 +194,7 @@ SPEC = MethodSpec(
     summary="theta = t mean_i(theta_i) + (1 - t) theta0,  t = K cos / (1 + (K - 1) cos),  cos = mean pairwise cos(tau_i, tau_j)",
     mergekit_defaults={"clamp_cos": False, "numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

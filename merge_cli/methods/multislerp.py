@@ -146,3 +146,7 @@ SPEC = MethodSpec(
     summary="theta = [theta0 +] normalise(sum_i w_i x_i/|x_i|) * sum_i w_i |x_i|,  x_i = theta_i [- theta0]",
     mergekit_defaults={"numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

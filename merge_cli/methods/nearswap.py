@@ -14,6 +14,10 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 
 class NearswapParams(MethodParams):
     t: float = Field(

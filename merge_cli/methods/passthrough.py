@@ -7,6 +7,10 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 
 class PassthroughParams(MethodParams):
     scale: float = Field(1.0, description="multiply the copied tensor by this factor")

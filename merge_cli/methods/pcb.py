@@ -22,6 +22,10 @@ from pydantic import Field
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx, per_model
 from merge_cli.methods.wholemodel import CHUNK, RadixSelect, WholeModelStats, colsum, gathered, step_elements
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 
 class PcbParams(MethodParams):
     weight: float = per_model(1.0, description="lambda_i: scale of this model's balanced task vector")

@@ -16,6 +16,10 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, Streamed, TensorCtx
 
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+
 PAPER = (
     "Yuan, Shi, Zhang, Liu, Yao, Vosoughi, Lee 2026, Behavior Knowledge Merge in Reinforced Agentic Models, "
     "arXiv:2601.13572"

@@ -34,9 +34,9 @@ from merge_cli.methods.base import (
     numerics_param,
     per_model,
 )
+from merge_cli.methods.consensus import disjoint_merge, elect_sign
 from merge_cli.methods.gta import Sel as _Sel
 from merge_cli.methods.selection import topk_mask
-from merge_cli.methods.ties import disjoint_merge, elect_sign
 
 
 class SceParams(MethodParams):
@@ -181,3 +181,7 @@ SPEC = MethodSpec(
     summary="theta = theta0 + sum_i w_i M_i tau^_i / sum_i w_i M_i,  w_i ~ mean(tau^_i^2),  tau^ = top-variance positions",
     mergekit_defaults={"numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

@@ -277,3 +277,7 @@ NUSLERP = MethodSpec(
     summary="theta = [theta0 +] slerp(w2/(w1+w2), x1, x2),  x_i = theta_i [- theta0], per tensor or per vector",
     mergekit_defaults={"numerics": "mergekit"},
 )
+
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
+# kernel below runs on every device and dtype.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {}

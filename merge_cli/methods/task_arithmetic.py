@@ -7,6 +7,15 @@ from pydantic import Field
 
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 
+# Fast kernels (merge_cli/kernels) serving this file's methods on the CPU, by method name: the blocked
+# runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "task_arithmetic": (
+        "merge_cli.kernels.dispatch.run_task_arithmetic",
+        "merge_cli.kernels.blocked.task_arithmetic",
+    ),
+}
+
 
 class TaskArithmeticParams(MethodParams):
     weight: float = per_model(1.0, description="scale of this model's task vector")

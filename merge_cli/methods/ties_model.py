@@ -161,7 +161,7 @@ def _init(p: ParamSet, ctx: TensorCtx, n_models: int) -> dict:
 def _apply(state, base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
     """theta0 + the merged trimmed task vectors over base's elements (a whole tensor or its next row chunk:
     pieces must come in order, as the ties at the threshold are kept by lowest index)."""
-    from merge_cli.methods.ties import disjoint_merge
+    from merge_cli.methods.consensus import disjoint_merge
 
     thr, majority = ctx.extra["thr"], ctx.extra["majority"]
     quotas = ctx.extra["quota"].get(ctx.name) if ctx.extra.get("quota") is not None else None

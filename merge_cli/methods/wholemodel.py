@@ -5,7 +5,7 @@ in two passes with 2 x 65536 counters per requested rank: pass one histograms th
 monotone integer key of each fp32 value, pass two the low 16 bits of the values in the chosen bucket.
 No value is kept, so memory does not grow with the model. `ExactSum` sums non-negative fp32 values
 exactly (one correctly rounded result, whatever the order or the split into pieces). The driver is
-merge_cli/stats_pass.py.
+merge_cli/engine/stats.py.
 """
 
 from __future__ import annotations

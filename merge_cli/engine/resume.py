@@ -246,7 +246,7 @@ class ResumableRun:
         skip = frozenset(i for i, s in enumerate(self.plan.shards) if s.filename in self.state.reuse)
         assert self.journal is not None
         if options.progress is not None and skip:  # the progress bar starts where the last run stopped
-            from merge_cli.engine import job_inputs_bytes
+            from merge_cli.engine.jobs import job_inputs_bytes
 
             for job in self.plan.jobs:
                 if job.shard in skip:
@@ -259,7 +259,7 @@ class ResumableRun:
         of a resumed merge match an uninterrupted one (only the timings differ)."""
         if not self.state.reuse:
             return
-        from merge_cli.engine import job_inputs_bytes
+        from merge_cli.engine.jobs import job_inputs_bytes
 
         by_name = {t["name"]: t for t in result.tensors}
         by_name.update(self.state.stats)
@@ -288,7 +288,7 @@ class ResumableRun:
 def already_complete(out_dir: Path, plan: MergePlan) -> bool:
     """True when out_dir is this plan's finished merge: no temporary folder left, the manifest carries the
     plan's fingerprint, and every file matches the manifest."""
-    from merge_cli.verify import VerifyResult, check_manifest
+    from merge_cli.output.verify import VerifyResult, check_manifest
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or temp_dir_for(out_dir).exists():

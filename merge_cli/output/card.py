@@ -9,13 +9,13 @@ from typing import Any
 import yaml
 
 from merge_cli.io.checkpoint import Checkpoint
-from merge_cli.lock import summary_lines
+from merge_cli.io.lock import summary_lines
 
 
 def _layers(ck: Checkpoint) -> list[Checkpoint]:
     """The checkpoints a source is made of: a plain/hub model, or base and adapter."""
     from merge_cli.io.lora import LoraCheckpoint
-    from merge_cli.vocab import VocabView
+    from merge_cli.io.vocab import VocabView
 
     while isinstance(ck, VocabView):
         ck = ck.inner

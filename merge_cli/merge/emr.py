@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from merge_cli.errors import MergeCliError
-from merge_cli.io.checkpoint import open_checkpoint
+from merge_cli.io.refs import open_checkpoint
 from merge_cli.io.writer import ShardedWriter, check_output
-from merge_cli.merge import SIDE_FILES
 from merge_cli.methods.emr import EMR_DIR, META, unpack_bits
+from merge_cli.output.sidefiles import SIDE_FILES
 
 
 def materialize(out_dir: Path, task: int, new_out: Path, overwrite: bool = False) -> Path:

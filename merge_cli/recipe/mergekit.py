@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from merge_cli.errors import RecipeError, did_you_mean
-from merge_cli.yamlsrc import Loc, YamlSource, loc_str
+from merge_cli.recipe.yamlsrc import Loc, YamlSource, loc_str
 
 TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
@@ -365,22 +365,3 @@ def to_native_yaml(native: dict) -> str:
     import yaml
 
     return yaml.safe_dump(native, sort_keys=False, default_flow_style=None, width=110)
-
-
-def convert_file(path) -> str:
-    """Every document of a recipe file as native YAML (documents already native are checked and kept)."""
-    from pathlib import Path
-
-    from merge_cli.recipe import parse_recipe
-
-    path = Path(path)
-    src = YamlSource.from_file(path)
-    docs = [(i, d) for i, d in enumerate(src.documents) if d is not None]
-    if not docs:
-        raise RecipeError(f"{path}: the recipe is empty")
-    texts = []
-    for i, data in docs:
-        native = translate(data, src, i) if is_mergekit(data) else data
-        parse_recipe(native, src, path.resolve(), i)
-        texts.append(to_native_yaml(native))
-    return "---\n".join(texts)

@@ -1,9 +1,9 @@
 /* merge-cli's native CPU kernels: the hot merges (linear-free GTA family: TIES, DARE, Breadcrumbs) in one
  * pass over each tile of elements, plus the counting passes of the exact top-k and DARE's draws.
  *
- * Built at first use by merge_cli/native/__init__.py with the system C compiler (no compiler: the engine
+ * Built at first use by merge_cli/kernels/native/__init__.py with the system C compiler (no compiler: the engine
  * keeps its eager torch kernels). Every element gets the same IEEE fp32 operations, in the same order, as
- * the eager kernels of merge_cli/fused.py and the plain kernels of merge_cli/methods/ (compiled with
+ * the eager kernels of merge_cli/kernels/blocked.py and the plain kernels of merge_cli/methods/ (compiled with
  * -ffp-contract=off, no fast-math), so the outputs are bitwise equal to theirs; tests check it.
  *
  * Inputs and outputs are flat arrays in fp32 or bf16 (dtype codes below). */

@@ -48,10 +48,29 @@ BUILTIN_TEMPLATES = {
 }
 
 
+# The files a merge copies from its donor beside the weights (one list: runs, EMR tasks and packs use it)
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
 def _side_file(ck: Checkpoint, name: str) -> Path | None:
     """A donor's file by name: from its folder, or fetched from the hub (through views and adapters)."""
     from merge_cli.io.lora import LoraCheckpoint
-    from merge_cli.vocab import VocabView
+    from merge_cli.io.vocab import VocabView
 
     while isinstance(ck, (VocabView, LoraCheckpoint)):
         ck = ck.inner if isinstance(ck, VocabView) else ck.base
@@ -64,7 +83,6 @@ def _side_file(ck: Checkpoint, name: str) -> Path | None:
 
 
 def side_file_names() -> tuple[str, ...]:
-    from merge_cli.merge import SIDE_FILES
 
     return tuple(dict.fromkeys((*SIDE_FILES, *EXTRA_SIDE_FILES)))
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_cli.card import card_metadata
-from merge_cli.lock import LockBuilder, LockError, _needed, compare
-from merge_cli.sidefiles import donor_side_files, resolve_chat_template
+from merge_cli.io.lock import LockBuilder, LockError, _needed, compare
+from merge_cli.output.card import card_metadata
+from merge_cli.output.sidefiles import donor_side_files, resolve_chat_template
 
 
 @dataclass

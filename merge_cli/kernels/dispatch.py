@@ -1,4 +1,4 @@
-"""How the engine runs the blocked kernels of fused.py: linear, task_arithmetic, TIES, dare_linear/dare_ties and
+"""How the engine runs the blocked kernels of kernels/blocked.py: linear, task_arithmetic, TIES, dare_linear/dare_ties and
 tensor-level breadcrumbs/breadcrumbs_ties.
 
 Each function takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from merge_cli import fused, native
+from merge_cli.kernels import blocked as fused
+from merge_cli.kernels import native
 from merge_cli.methods import ParamSet
 from merge_cli.methods.base import counter_uniform, draw_key, mergekit_numerics
 from merge_cli.methods.selection import SAMPLE, StreamingTopK, Threshold, bracket, finish_threshold
@@ -208,7 +209,7 @@ def trims(thresholds, cutoffs) -> list[list[fused.Sparsify]]:
 
 def _native(base, xs, steps, out_dtype) -> list[native.Spec] | None:
     """The native kernels' per-model specs for these steps, or None when they cannot run them (no
-    compiler, or dtypes they do not take): the eager kernels of fused.py run instead."""
+    compiler, or dtypes they do not take): the eager kernels of kernels/blocked.py run instead."""
     if native.lib() is None or not native.supports(base, *xs) or out_dtype not in native.DTYPES:
         return None
     specs = [native.spec(s) for s in steps]

@@ -6,32 +6,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge_cli.card import model_card
 from merge_cli.engine import EngineOptions, EngineResult, run_merge
-from merge_cli.hubrun import prepare_inputs
+from merge_cli.engine.resume import ResumableRun
+from merge_cli.io.lock import LOCK_NAME, dump_lock
 from merge_cli.io.writer import ShardedWriter, check_output
-from merge_cli.lock import LOCK_NAME, dump_lock
+from merge_cli.merge.inputs import prepare_inputs
+from merge_cli.output.card import model_card
+from merge_cli.output.report import build_report, report_markdown
+from merge_cli.output.sidefiles import write_side_files
 from merge_cli.plan import MergePlan
-from merge_cli.report import build_report, report_markdown
-from merge_cli.resume import ResumableRun
-from merge_cli.sidefiles import write_side_files
-
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 
 
 @dataclass
@@ -74,7 +57,7 @@ def execute(
     interrupt or a write error keeps the temporary folder; `resume=True` reuses its verified shards."""
     out_dir = Path(out_dir)
     check_output(out_dir, [Path(m.path) for m in plan.models], overwrite)
-    # issue 7 (hub, lock, side files, card): merge_cli/hubrun.py
+    # issue 7 (hub, lock, side files, card): merge_cli/merge/inputs.py
     hub = prepare_inputs(plan, locked, lock_path)
     run = ResumableRun(plan, out_dir, resume)
     writer = run.writer(shard_entries(plan))

@@ -1,6 +1,6 @@
 """Native CPU kernels (kernels.c), compiled at first use with the system C compiler and loaded with ctypes.
 
-One pass over each 1024-element tile does what the eager kernels of merge_cli/fused.py do in a dozen
+One pass over each 1024-element tile does what the eager kernels of merge_cli/kernels/blocked.py do in a dozen
 passes over ~1 MB blocks: DARE's draws, the trims and bands, the sign election and the disjoint merge, and
 the input/output dtype conversions. The results are bitwise equal to the eager and plain kernels (same IEEE
 fp32 operations in the same order; compiled without FMA contraction or fast-math).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from merge_cli import fused
+from merge_cli.kernels import blocked as fused
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]

@@ -77,7 +77,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _unwrap_view(ck: Checkpoint, names: list[str]) -> tuple[Checkpoint, list[str]]:
-    from merge_cli.vocab import VocabView
+    from merge_cli.io.vocab import VocabView
 
     while isinstance(ck, VocabView):
         names = [ck.alias.get(n, n) for n in names]

@@ -1,0 +1,174 @@
+"""Tensors whose working set exceeds the memory budget (embeddings, lm_head) merged in row chunks:
+elementwise methods chunk as they are, others through their Streamed form (statistics passes over the
+chunks, then apply); the blocked kernels find whole-tensor thresholds in passes over the chunks first."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from merge_cli.dtypes import ST_TO_TORCH
+from merge_cli.engine.jobs import _ctx, _params
+from merge_cli.engine.stats import whole_model_job, whole_model_streamed
+from merge_cli.errors import MergeCliError
+from merge_cli.finite import ensure_finite
+from merge_cli.kernels.blocked import NonFinite
+from merge_cli.methods import METHODS, ParamSet
+from merge_cli.methods.selection import SAMPLE
+from merge_cli.plan import TensorJob, report_params
+
+
+class ChunkedPath:
+    """The row-chunked half of the engine's _Compute (compute.py): it uses _Compute's plan, device, prep,
+    to_host and check_counts."""
+
+    def fused_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype):
+        """A per-chunk blocked apply (offset, base, xs) -> (out, squared task-vector norms or None), or None
+        when the blocked kernels do not apply. For ties, dare_* and breadcrumbs*, what needs the whole
+        tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
+        from merge_cli.kernels.dispatch import (
+            applies,
+            counts_for,
+            gta_sparsify,
+            run_gta,
+            run_ties,
+            select_thresholds,
+            trims,
+            whole,
+        )  # fmt: skip
+
+        if not (self.fused and applies(job.method, params)) or whole_model_job(job):
+            return None
+        if job.method in ("linear", "task_arithmetic"):
+
+            def elementwise(offset, b, xs):
+                st: dict[str, Any] = {}
+                out = whole(job.method, b, xs, weights, params, out_dtype, st)
+                self.check_counts(job, st.get("_nonfinite"), offset, b, xs)
+                return out, st.get("_sqnorms")
+
+            return elementwise
+        models = self.plan.models
+        per_row = job.numel // job.shape[0]
+
+        def read(ref, r0: int, r1: int) -> torch.Tensor:
+            return models[ref.model].checkpoint.read_rows(ref.name, r0, r1).reshape(-1)
+
+        @functools.cache  # breadcrumbs brackets two thresholds per model from one sample
+        def samples(i: int) -> torch.Tensor:  # whole rows at a fixed stride, about SAMPLE entries
+            picked = range(0, job.shape[0], max(1, job.shape[0] // max(1, SAMPLE // per_row)))
+            b = torch.cat([read(job.base, r, r + 1) for r in picked]).to(torch.float32)
+            x = torch.cat([read(job.inputs[i], r, r + 1) for r in picked]).to(torch.float32)
+            return (x - b).abs()
+
+        def region(i: int, g0: int, g1: int):
+            r0, r1 = g0 // per_row, -(-g1 // per_row)
+            lo, hi = g0 - r0 * per_row, g1 - r0 * per_row
+            return read(job.base, r0, r1)[lo:hi], read(job.inputs[i], r0, r1)[lo:hi]
+
+        views = (samples, lambda: self.chunks(job, rows, raw=True, check=False), region)
+        ctx = _ctx(self.plan, job, self.device)
+        try:
+            if job.method == "ties":
+                steps = trims(*select_thresholds(job.numel, counts_for(job.numel, params.density), *views))
+            else:
+                steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views)
+        except NonFinite:  # a NaN/Inf input reached a count
+            if self.check_finite:
+                for _ in self.chunks(job, rows, raw=True):  # names the model, tensor and rows, and raises
+                    pass
+            return None  # --allow-nonfinite: the plain streamed kernels merge it
+
+        def apply(offset, b, xs):
+            try:
+                if job.method == "ties":
+                    res = run_ties(b, xs, weights, params, out_dtype, steps, offset)
+                else:
+                    res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset)
+            except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly
+                self.check_counts(job, [1] * (len(xs) + 1), offset, b, xs)
+                raise MergeCliError(
+                    f"tensor '{job.name}': NaN/Inf values met in the merge; run again with --fused off"
+                ) from None
+            out, kept, touched, conflict, bad, sq = res
+            self.check_counts(job, bad, offset, b, xs)
+            st = state["stats"]
+            st["numel"] = job.numel
+            for i, k in enumerate(kept):
+                st["kept"][i] += k
+            if touched is not None:
+                st["touched"] += touched
+                st["conflict"] += conflict
+            return out, sq
+
+        return apply
+
+    def chunks(
+        self, job: TensorJob, rows: int, raw: bool = False, check: bool = True
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(flat offset, base chunk, input chunks) on the device (in the compute dtype unless raw), in row order."""
+        models = self.plan.models
+        per_row = job.numel // job.shape[0]
+        for r0 in range(0, job.shape[0], rows):
+            r1 = min(r0 + rows, job.shape[0])
+
+            def read(ref, r0=r0, r1=r1):
+                t = models[ref.model].checkpoint.read_rows(ref.name, r0, r1)
+                if check and self.check_finite:  # issue 6: NaN/Inf in a source stops the merge (first pass)
+                    ensure_finite(self.plan, ref, t, rows=(r0, r1))
+                return t.to(self.device, non_blocking=True) if raw else self.prep(t)
+
+            yield r0 * per_row, (read(job.base) if job.base else None), [read(i) for i in job.inputs]
+
+    def chunked(self, job: TensorJob, rows: int, emit: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+        """Merge a huge tensor in row chunks, handing each output chunk to emit()."""
+        spec = METHODS[job.method]
+        out_dtype = ST_TO_TORCH[job.out_dtype]
+        params, weights = _params(job), list(job.weights)
+        ctx = _ctx(self.plan, job, self.device)
+        stats: dict[str, Any] = {
+            "name": job.name,
+            "method": job.method,
+            "params": report_params(job),
+            "chunked": True,
+        }
+        st = whole_model_streamed(job) if whole_model_job(job) else spec.streamed
+        state = st.init(params, ctx, len(job.inputs)) if st else None
+        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype)
+        passes = st.passes if st and fused_apply is None else 0
+        for p in range(passes):
+            for offset, b, xs in self.chunks(job, rows, check=p == 0):
+                ctx.offset = offset
+                st.gather(state, p, b, xs, params, ctx)
+            st.end_pass(state, p)
+        sq = [0.0] * len(job.inputs)
+        first = not passes  # the first pass over the rows checks them for NaN/Inf
+        # the fused kernels count NaN/Inf in the same loop, so their rows need no separate check
+        for offset, b, xs in self.chunks(
+            job, rows, raw=fused_apply is not None, check=first and fused_apply is None
+        ):
+            ctx.offset = offset
+            if fused_apply is not None:
+                out, chunk_sq = fused_apply(offset, b, xs)  # task-vector norms come from the same loop
+                for i, v in enumerate(chunk_sq or ()):
+                    sq[i] += v
+            else:
+                out = (
+                    st.apply(state, b, xs, weights, params, ctx)
+                    if st
+                    else spec.kernel(b, xs, weights, params, ctx)
+                )
+                if b is not None:
+                    for i, x in enumerate(xs):
+                        sq[i] += float(torch.linalg.vector_norm(x - b, dtype=torch.float64)) ** 2
+            emit(self.to_host(out, out_dtype))
+        if job.base is not None:
+            stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
+        if st and st.finish:
+            st.finish(state, ctx)
+        stats.update(ctx.stats)
+        return stats

@@ -1,0 +1,10 @@
+"""Fast CPU kernels, bitwise equal to the plain kernels in merge_cli/methods/.
+
+- dispatch.py: the one dispatch table (FUSED_METHODS, `applies`, `whole`) and each method's blocked
+  runner: linear, task_arithmetic, ties, dare_linear / dare_ties, breadcrumbs / breadcrumbs_ties.
+- blocked.py: the eager blocked primitives (torch ops over ~1 MB blocks): sums, trims, consensus.
+- native/: the same primitives in C (kernels.c, built at first use with the system compiler, loaded with
+  ctypes); without a compiler the eager primitives run and give the same bits.
+
+Each methods/NAME.py says in FAST_KERNELS which of these serve it (an empty tuple: the plain kernel only).
+"""
