@@ -58,9 +58,9 @@ class Preflight:
 
 
 def _rows(role: str, ref: str, path: Path) -> tuple[int, int | None]:
-    from merge_cli.io.checkpoint import open_checkpoint
+    from merge_cli.io.checkpoint import Checkpoint
 
-    ck = open_checkpoint(str(path))
+    ck = Checkpoint(path, ref)  # headers only
     try:
         cfg = ck.config or {}
         if not ck.config:
