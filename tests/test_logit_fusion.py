@@ -287,8 +287,13 @@ def test_sampling_is_reproducible_with_a_seed(zoo):
     assert greedy[0]["token_ids"] not in (a[0]["token_ids"], c[0]["token_ids"])
 
 
-def test_mismatched_vocabularies_are_refused_before_loading(zoo, tmp_path):
+def test_mismatched_vocabularies_are_refused_before_loading(zoo, tmp_path, monkeypatch):
     other = _llama(tmp_path / "other", seed=5, words=list(reversed(WORDS)))
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the vocabulary check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     r = run_cli(
         "generate", "--large", zoo["large"], "--small-base", zoo["base"], "--expert", other, "--prompt", "a"
     )
@@ -298,8 +303,9 @@ def test_mismatched_vocabularies_are_refused_before_loading(zoo, tmp_path):
     assert "large" in lines[0] and "expert 1" in lines[0] and str(other) in lines[0]
 
 
-def test_too_few_vocabulary_rows_are_refused(zoo, tmp_path):
+def test_too_few_vocabulary_rows_are_refused(zoo, tmp_path, monkeypatch):
     small = _llama(tmp_path / "narrow", seed=6, vocab=10)  # tokenizer has more tokens than lm_head rows
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", None)  # never reached
     r = run_cli(
         "generate", "--large", zoo["large"], "--small-base", small, "--expert", zoo["e1"], "--prompt", "a"
     )
