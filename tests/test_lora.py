@@ -131,3 +131,71 @@ def test_hand_computed_scale_and_errors(lora_setup, tmp_path):
         open_checkpoint(f"{root}/base+{tmp_path}/wrong")
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         open_checkpoint(f"{root}/base+{root}/base")
+
+
+# issue 15: mergekit's adapter syntax in a mergekit-format recipe, and every documented adapter form in
+# both recipe formats, give peft's merge_and_unload: bitwise in fp32, its bf16 rounding in bf16.
+ADAPTER_FORMS = {
+    "native plus": lambda b, a, dt: {"method": "linear", "models": [f"{b}+{a}"], **dt},
+    "native keys": lambda b, a, dt: {"method": "linear", "models": [{"model": b, "lora": a}], **dt},
+    "mergekit plus": lambda b, a, dt: {
+        "merge_method": "linear",
+        "models": [{"model": f"{b}+{a}", "parameters": {"weight": 1.0}}],
+        **dt,
+    },
+    "mergekit keys": lambda b, a, dt: {
+        "merge_method": "linear",
+        "models": [{"model": {"model": {"path": b}, "lora": {"path": a}}, "parameters": {"weight": 1.0}}],
+        **dt,
+    },
+    "mergekit plain-string keys": lambda b, a, dt: {
+        "merge_method": "linear",
+        "models": [{"model": {"model": b, "lora": a}, "parameters": {"weight": 1.0}}],
+        **dt,
+    },
+}
+
+
+@pytest.mark.parametrize("form", sorted(ADAPTER_FORMS))
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+def test_adapter_forms_in_both_formats_equal_peft(lora_setup, tmp_path, form, out_dtype):
+    root, reference = lora_setup
+    data = ADAPTER_FORMS[form](
+        str(root / "base"), str(root / "adapter"), {"dtype": "float32", "out_dtype": out_dtype}
+    )
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    r = run_cli("run", recipe, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    out = load_output(tmp_path / "out")
+    assert set(out) == set(reference)
+    want_dtype = getattr(torch, out_dtype)
+    for name, ref in reference.items():
+        assert out[name].dtype == want_dtype
+        # fp32: exactly peft's merged weights; bf16: those weights rounded once to bf16
+        assert torch.equal(out[name], ref.to(want_dtype)), name
+
+
+def test_mergekit_lora_reference_keeps_revisions(tmp_path):
+    """Either side of a mergekit `+` reference, and either dict path, may carry a revision."""
+    from merge_cli.recipe import load_recipe
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "org/base@v1+org/adapter@abc", "parameters": {"weight": 1.0}},
+                {
+                    "model": {
+                        "model": {"path": "org/base", "revision": "v2"},
+                        "lora": {"path": "org/ad", "revision": "r3"},
+                    },
+                    "parameters": {"weight": 1.0},
+                },
+            ],
+        },
+    )
+    assert [m.model for m in load_recipe(recipe).models] == [
+        "org/base@v1+org/adapter@abc",
+        "org/base@v2+org/ad@r3",
+    ]

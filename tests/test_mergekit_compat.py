@@ -223,7 +223,6 @@ def test_dtypes_tokenizer_refs(tmp_path, family):
          "did you mean 'filter'"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {densty: 0.5}\n", 5,
          "did you mean 'density'"),
-        ("merge_method: linear\nmodels:\n  - model: a+lora/x\n", 3, "LoRA"),
         ("merge_method: linear\nmodules: {}\nmodels: [{model: a}]\n", 2, "not supported"),
     ],
 )  # fmt: skip

@@ -27,7 +27,9 @@ class EngineOptions:
     on_pass: Callable[[dict[str, Any]], None] | None = None  # called after each whole-model statistics pass
     # -- reliability (issue 6) --
     allow_nonfinite: bool = False  # else a NaN/Inf in any job input stops the merge, naming model and tensor
-    skip_shards: frozenset[int] = frozenset()  # shards completed by an interrupted run (--resume): not read
+    skip_jobs: frozenset[int] = (
+        frozenset()
+    )  # plan.jobs positions an interrupted run wrote (--resume): not read
     on_stats: Callable[[TensorJob, dict[str, Any]], None] | None = None  # each job's stats, before its write
 
 

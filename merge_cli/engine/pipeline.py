@@ -138,8 +138,8 @@ def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> E
         return False
 
     def reader():
-        for job in plan.jobs:
-            if job.shard in opts.skip_shards:
+        for i, job in enumerate(plan.jobs):
+            if i in opts.skip_jobs:
                 continue
             if id(job) in big:
                 item = (job, 0, None, None, None)  # the main thread streams it in chunks

@@ -2,10 +2,13 @@
 
 A merge writes into `.OUT.partial/` beside the output. The journal there (JOURNAL, one JSON object per
 line) starts with a fingerprint of the plan, then gets one line per shard once that shard is fsynced:
-its file name, sha256, size and the per-tensor statistics the report needs. A process killed at any
-moment (SIGKILL included) leaves at worst an unfinished shard and a torn last journal line; both are
-ignored. `merge-cli run RECIPE OUT --resume` checks the fingerprint, re-hashes every journaled shard,
-keeps those that match, and computes only the rest. Kernels are deterministic and random methods are
+its file name, sha256, size and the per-tensor statistics the report needs. An unfinished shard gets a
+"piece" line each time another CHECKPOINT_BYTES of it are fsynced (io/writer.py): how many of its tensors
+are written, the byte offset they end at, the sha256 of the file up to there, and those tensors'
+statistics. A process killed at any moment (SIGKILL included) leaves at worst a partly written shard and a
+torn last journal line. `merge-cli run RECIPE OUT --resume` checks the fingerprint, re-hashes every
+journaled shard, keeps those that match, continues the unfinished shard after its last verified piece,
+and computes only the rest: a kill loses at most the tensors written since the last checkpoint. Kernels are deterministic and random methods are
 seeded per tensor, so the resumed output is bitwise identical to an uninterrupted run.
 """
 
@@ -24,10 +27,18 @@ from typing import Any
 
 from merge_cli import __version__
 from merge_cli.errors import MergeCliError, OutputError
-from merge_cli.io.writer import JOURNAL, ShardedWriter, WriteError, file_digest, temp_dir_for, write_failed
+from merge_cli.io.writer import (
+    JOURNAL,
+    PartialShard,
+    ShardedWriter,
+    WriteError,
+    file_digest,
+    temp_dir_for,
+    write_failed,
+)
 from merge_cli.plan import MergePlan, TensorJob
 
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: piece lines for unfinished shards
 
 
 def resume_hint(recipe: Path | str | None, out_dir: Path | str) -> str:
@@ -93,6 +104,7 @@ class ResumeState:
     """What an earlier run left that can be reused."""
 
     reuse: dict[str, tuple[str, int]] = field(default_factory=dict)  # shard file -> (sha256, size)
+    partial: PartialShard | None = None  # the unfinished shard, continued after its verified tensors
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # tensor name -> report statistics
     records: list[dict] = field(default_factory=list)
     note: str = ""
@@ -135,10 +147,15 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
         state.reuse[fname] = (rec["sha256"], rec["size"])
         state.stats.update({t["name"]: t for t in stats})
         state.records.append(rec)
-    # anything else in the folder (an unfinished shard, side files, a manifest) is rebuilt
+    state.partial, pieces = _verified_piece(tmp, records, names, state.reuse)
+    for rec in pieces:
+        state.stats.update({t["name"]: t for t in rec["tensors"]})
+        state.records.append(rec)
+    keep = set(state.reuse) | ({state.partial.filename} if state.partial else set())
+    # anything else in the folder (an unfinished shard's unverified part, side files, a manifest) is rebuilt
     try:
         for p in tmp.iterdir():
-            if p.name != JOURNAL and p.name not in state.reuse:
+            if p.name != JOURNAL and p.name not in keep:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
@@ -146,7 +163,54 @@ def load_resume_state(plan: MergePlan, out_dir: Path, fingerprint: str) -> Resum
     except OSError as e:
         raise write_failed(tmp, e) from None
     state.note = f"resuming: {len(state.reuse)} of {len(plan.shards)} shard(s) already complete and verified"
+    if state.partial is not None:
+        state.note += f", and {state.partial.count} tensor(s) of {state.partial.filename}"
     return state
+
+
+def _verified_piece(
+    tmp: Path, records: list[dict], names: dict[str, list[str]], complete: dict
+) -> tuple[PartialShard | None, list[dict]]:
+    """The unfinished shard's longest journaled prefix whose bytes still hash as journaled, and the piece
+    records it covers. Only the last shard with piece lines (and no valid shard line) can be unfinished."""
+    pieces = [r for r in records if isinstance(r.get("piece"), str) and r["piece"] in names]
+    if not pieces or pieces[-1]["piece"] in complete:
+        return None, []
+    fname = pieces[-1]["piece"]
+    ordered, count = [], 0
+    for r in pieces:  # consecutive, growing pieces of that shard whose tensors follow the plan
+        if r["piece"] != fname:
+            continue
+        got = [t.get("name") for t in r.get("tensors", []) if isinstance(t, dict)]
+        c, end = r.get("count"), r.get("end")
+        if not (
+            isinstance(c, int)
+            and isinstance(end, int)
+            and got == names[fname][count:c]
+            and c < len(names[fname])
+        ):
+            break
+        ordered.append(r)
+        count = c
+    h, done, best = hashlib.sha256(), 0, None
+    try:
+        with open(tmp / fname, "rb") as f:
+            for i, r in enumerate(ordered):
+                while done < r["end"]:
+                    chunk = f.read(min(1 << 20, r["end"] - done))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    done += len(chunk)
+                if done != r["end"] or h.hexdigest() != r.get("sha256"):
+                    break
+                best = (i, h.copy())
+    except OSError:
+        return None, []
+    if best is None:
+        return None, []
+    i, sha = best
+    return PartialShard(fname, ordered[i]["count"], ordered[i]["end"], sha), ordered[: i + 1]
 
 
 class Journal:
@@ -159,6 +223,9 @@ class Journal:
         self.names = {s.filename: [plan.jobs[i].name for i in s.jobs] for s in plan.shards}
         self._pending: dict[str, dict[str, Any]] = {}  # tensor name -> statistics
         self._flushed: dict[str, tuple[str, int]] = {}  # shard on disk, waiting for statistics
+        self._pieces: list[tuple[str, int, int, str]] = []  # durable parts of a shard, waiting for statistics
+        self._covered: dict[str, int] = {}  # shard -> tensors already journaled in piece lines
+        self._written: dict[str, dict[str, Any]] = {}  # their statistics, for the shard line
         self._lock = threading.Lock()
         self._append_lock = threading.Lock()
         self.completed = 0
@@ -189,13 +256,36 @@ class Journal:
             ready = self._ready()
         self._append(ready)
 
+    def resume_from(self, partial: PartialShard | None, stats: dict[str, dict[str, Any]]) -> None:
+        """A continued shard's verified tensors count as journaled (their statistics come from the journal)."""
+        if partial is not None:
+            self._covered[partial.filename] = partial.count
+            for n in self.names[partial.filename][: partial.count]:
+                self._written[n] = stats[n]
+
+    def piece_done(self, fname: str, count: int, end: int, sha256: str) -> None:
+        with self._lock:
+            self._pieces.append((fname, count, end, sha256))
+            ready = self._ready()
+        self._append(ready)
+
     def _ready(self) -> list[dict]:
         out = []
+        while self._pieces:
+            fname, count, end, sha256 = self._pieces[0]
+            names = self.names[fname][self._covered.get(fname, 0) : count]
+            if not all(n in self._pending for n in names):
+                break
+            self._pieces.pop(0)
+            tensors = [self._pending.pop(n) for n in names]
+            self._written.update({t["name"]: t for t in tensors})
+            self._covered[fname] = count
+            out.append({"piece": fname, "count": count, "end": end, "sha256": sha256, "tensors": tensors})
         for fname, (sha256, size) in list(self._flushed.items()):
             names = self.names[fname]
-            if all(n in self._pending for n in names):
+            if all(n in self._pending or n in self._written for n in names):
                 del self._flushed[fname]
-                tensors = [self._pending.pop(n) for n in names]
+                tensors = [self._pending.pop(n, None) or self._written.pop(n) for n in names]
                 out.append({"shard": fname, "sha256": sha256, "size": size, "tensors": tensors})
         return out
 
@@ -232,43 +322,57 @@ class ResumableRun:
 
     def writer(self, shards) -> ShardedWriter:
         reuse = self.state.reuse if self.state.reuse else None
-        w = ShardedWriter(self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done)
+        w = ShardedWriter(
+            self.out_dir, shards, reuse=reuse, on_shard_done=self._shard_done,
+            partial=self.state.partial, on_piece_done=self._piece_done,
+        )  # fmt: skip
         w.manifest_extra = {"plan_fingerprint": self.fingerprint}
         self.journal = Journal(w.tmp / JOURNAL, self.plan)
         self.journal.start(self.fingerprint, self.state.records)
+        self.journal.resume_from(self.state.partial, self.state.stats)
         return w
+
+    def _piece_done(self, fname: str, count: int, end: int, sha256: str) -> None:
+        assert self.journal is not None
+        self.journal.piece_done(fname, count, end, sha256)
 
     def _shard_done(self, fname: str, sha256: str, size: int) -> None:
         assert self.journal is not None
         self.journal.shard_done(fname, sha256, size)
 
+    def reused_jobs(self) -> list[int]:
+        """plan.jobs positions whose output an interrupted run wrote and this one keeps."""
+        out = [j for s in self.plan.shards if s.filename in self.state.reuse for j in s.jobs]
+        p = self.state.partial
+        if p is not None:
+            out += next(s.jobs[: p.count] for s in self.plan.shards if s.filename == p.filename)
+        return out
+
     def engine_options(self, options):
-        skip = frozenset(i for i, s in enumerate(self.plan.shards) if s.filename in self.state.reuse)
+        skip = frozenset(self.reused_jobs())
         assert self.journal is not None
         if options.progress is not None and skip:  # the progress bar starts where the last run stopped
             from merge_cli.engine.jobs import job_inputs_bytes
 
-            for job in self.plan.jobs:
-                if job.shard in skip:
-                    options.progress(job, job_inputs_bytes(self.plan, job))
-        return dataclasses.replace(options, skip_shards=skip, on_stats=self.journal.record_stats)
+            for i in sorted(skip):
+                options.progress(self.plan.jobs[i], job_inputs_bytes(self.plan, self.plan.jobs[i]))
+        return dataclasses.replace(options, skip_jobs=skip, on_stats=self.journal.record_stats)
 
     def complete(self, result) -> None:
         """Make an engine result describe the whole merge: per-tensor statistics in plan order (journaled ones
-        for reused shards) and bytes read/written counting the reused shards' jobs, so the report and card
-        of a resumed merge match an uninterrupted one (only the timings differ)."""
-        if not self.state.reuse:
+        for reused tensors) and bytes read/written counting the reused jobs, so the report and card of a
+        resumed merge match an uninterrupted one (only the timings differ)."""
+        reused = self.reused_jobs()
+        if not reused:
             return
         from merge_cli.engine.jobs import job_inputs_bytes
 
         by_name = {t["name"]: t for t in result.tensors}
         by_name.update(self.state.stats)
         result.tensors = [by_name[j.name] for j in self.plan.jobs]
-        for shard in self.plan.shards:
-            if shard.filename in self.state.reuse:
-                for j in shard.jobs:
-                    result.bytes_read += job_inputs_bytes(self.plan, self.plan.jobs[j])
-                    result.bytes_written += self.plan.jobs[j].nbytes
+        for j in reused:
+            result.bytes_read += job_inputs_bytes(self.plan, self.plan.jobs[j])
+            result.bytes_written += self.plan.jobs[j].nbytes
 
     @property
     def reused(self) -> int:
@@ -279,7 +383,9 @@ class ResumableRun:
         resumable = isinstance(error, (KeyboardInterrupt, WriteError))
         if isinstance(error, MergeCliError) and not isinstance(error, WriteError):
             resumable = False
-        has_work = bool(self.state.reuse) or bool(self.journal and self.journal.completed)
+        has_work = bool(self.state.reuse or self.state.partial) or bool(
+            self.journal and self.journal.completed
+        )
         keep = resumable and has_work
         writer.abort(keep=keep)
         return keep

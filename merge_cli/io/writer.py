@@ -16,6 +16,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,20 @@ from merge_cli.errors import OutputError
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 JOURNAL = ".resume-journal.jsonl"  # completed shards, for --resume (merge_cli/engine/resume.py); never in the output
+# An unfinished shard is made durable (fsync, prefix sha256 journaled) each time this many bytes more are
+# written, at a tensor boundary: a killed run then loses at most this much of the shard in flight.
+CHECKPOINT_BYTES = int(os.environ.get("MERGE_CLI_TEST_CHECKPOINT_BYTES") or 64 << 20)  # tests lower it
+
+
+@dataclass
+class PartialShard:
+    """A shard an interrupted run left unfinished: its first `count` tensors (`end` bytes, header
+    included) are verified against the journal, `sha` is the sha256 object of those bytes."""
+
+    filename: str
+    count: int
+    end: int
+    sha: Any
 
 
 class WriteError(OutputError):
@@ -77,16 +92,21 @@ class _HashingFile:
 
     PENDING_CAP = 256 << 20  # bytes written but not yet hashed
 
-    def __init__(self, path: Path, size: int | None = None):
+    def __init__(self, path: Path, size: int | None = None, resume: PartialShard | None = None):
         self.path = path
         try:
-            self.f = open(path, "wb")  # noqa: SIM115
+            if resume is None:
+                self.f = open(path, "wb")  # noqa: SIM115
+            else:  # continue a verified prefix: drop what follows it
+                self.f = open(path, "r+b")  # noqa: SIM115
+                self.f.truncate(resume.end)
+                self.f.seek(resume.end)
             if size:  # reserve the extents up front: the kernel then has no block allocation per write
                 os.posix_fallocate(self.f.fileno(), 0, size)
         except OSError as e:
             raise write_failed(path, e) from None
-        self.sha = hashlib.sha256()
-        self.size = 0
+        self.sha = hashlib.sha256() if resume is None else resume.sha
+        self.size = 0 if resume is None else resume.end
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0
         self._cond = threading.Condition()
@@ -117,6 +137,18 @@ class _HashingFile:
         self._todo.put(None)
         self._hasher.join()
 
+    def checkpoint(self) -> str:
+        """Make everything written so far durable; the sha256 of those bytes (the hasher catches up first)."""
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise write_failed(self.path, e) from None
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+        return self.sha.copy().hexdigest()
+
     def close(self) -> tuple[str, int]:
         self._stop_hasher()
         try:
@@ -141,7 +173,10 @@ class ShardedWriter:
     """Writes planned shards in order. `shards` is a list of (filename, [(name, dtype, shape, nbytes), ...]).
 
     `reuse` (resume): shards already complete in the temporary folder, filename -> (sha256, size); they are
-    kept and skipped. `on_shard_done(filename, sha256, size)` runs after each shard is flushed to disk.
+    kept and skipped. `partial` (resume): the shard an interrupted run left unfinished, continued after its
+    verified tensors. `on_shard_done(filename, sha256, size)` runs after each shard is flushed to disk;
+    `on_piece_done(filename, count, end, sha256)` each time an unfinished shard is made durable (every
+    CHECKPOINT_BYTES, at a tensor boundary).
     """
 
     def __init__(
@@ -151,12 +186,18 @@ class ShardedWriter:
         *,
         reuse: dict[str, tuple[str, int]] | None = None,
         on_shard_done: Callable[[str, str, int], None] | None = None,
+        partial: PartialShard | None = None,
+        on_piece_done: Callable[[str, int, int, str], None] | None = None,
     ):
         self.out_dir = Path(out_dir)
         self.tmp = temp_dir_for(self.out_dir)
         self.shards = shards
         self.digests: dict[str, tuple[str, int]] = dict(reuse or {})
         self.on_shard_done = on_shard_done
+        self.partial = partial
+        self.on_piece_done = on_piece_done
+        self._checkpointed = 0  # bytes of the current shard made durable
+        self._has_piece = False  # part of the current shard is journaled (kept by abort(keep=True))
         self.manifest_extra: dict[
             str, Any
         ] = {}  # e.g. the plan fingerprint, so --resume knows a finished run
@@ -165,9 +206,9 @@ class ShardedWriter:
         self._partial = 0  # bytes of the current tensor written so far (tensors may arrive in row chunks)
         self._file: _HashingFile | None = None
         try:
-            if reuse is None and self.tmp.exists():
+            if reuse is None and partial is None and self.tmp.exists():
                 shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True, exist_ok=reuse is not None)
+            self.tmp.mkdir(parents=True, exist_ok=reuse is not None or partial is not None)
         except OSError as e:
             raise write_failed(self.tmp, e) from None
 
@@ -178,9 +219,18 @@ class ShardedWriter:
         self._pos = 0
         fname, entries = self.shards[self._shard]
         header = shard_header(entries, {"format": "pt"})
-        self._file = _HashingFile(self.tmp / fname, len(header) + sum(e[3] for e in entries))
-        self._file.write(header)
-        if not entries:
+        size = len(header) + sum(e[3] for e in entries)
+        if self.partial is not None and self.partial.filename == fname:  # continue after its verified tensors
+            self._file = _HashingFile(self.tmp / fname, size, resume=self.partial)
+            self._pos = self.partial.count
+            self.partial = None
+            self._has_piece = True
+        else:
+            self._file = _HashingFile(self.tmp / fname, size)
+            self._file.write(header)
+            self._has_piece = False
+        self._checkpointed = self._file.size
+        if self._pos == len(entries):
             self._close_shard()
 
     def _close_shard(self) -> None:
@@ -218,6 +268,10 @@ class ShardedWriter:
         self._pos += 1
         if self._pos == len(entries):
             self._close_shard()
+        elif self.on_piece_done is not None and self._file.size - self._checkpointed >= CHECKPOINT_BYTES:
+            self._checkpointed = self._file.size
+            self.on_piece_done(fname, self._pos, self._file.size, self._file.checkpoint())
+            self._has_piece = True
 
     def write_index(self, metadata: dict[str, Any]) -> None:
         if len(self.shards) < 2:
@@ -276,9 +330,13 @@ class ShardedWriter:
         return out
 
     def abort(self, keep: bool = False) -> None:
-        """Drop the unfinished shard; with keep, leave the completed ones (and the journal) for --resume."""
+        """Drop the unfinished shard (unless keep and part of it is journaled); with keep, leave the completed
+        shards, that part and the journal for --resume."""
         if self._file is not None:
-            self._file.discard()
+            if keep and self._has_piece:
+                self._file.close()  # --resume verifies its journaled prefix and continues after it
+            else:
+                self._file.discard()
             self._file = None
         if not keep:
             shutil.rmtree(self.tmp, ignore_errors=True)

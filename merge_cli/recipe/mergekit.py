@@ -71,33 +71,30 @@ class _Tr:
 
     # -- model references ------------------------------------------------------------------------
     def ref(self, value: Any, loc: Loc) -> str:
+        """A mergekit model reference as a native one: `path[@rev]`, `base+adapter` (either part may carry
+        `@rev`), or the dict form {model: str | {path, revision}, lora: str | {path, revision}}, which
+        becomes `base+adapter` (io/refs.py applies the adapter as peft's merge_and_unload would)."""
         if isinstance(value, dict):
             self.keys(value, REF_KEYS, loc, "a model reference")
-            if value.get("lora"):
-                raise self.err(
-                    (*loc, "lora"),
-                    "LoRA references are not supported; merge the adapter into its model first",
-                )
-            inner = value.get("model")
-            if isinstance(inner, dict):
-                self.keys(inner, ("path", "revision"), (*loc, "model"), "path and revision")
-                if "path" not in inner:
-                    raise self.err(
-                        (*loc, "model"), f"missing required key '{loc_str((*loc, 'model', 'path'))}'"
-                    )
-                rev = inner.get("revision")
-                return f"{inner['path']}@{rev}" if rev else str(inner["path"])
-            if not isinstance(inner, str):
+            if "model" not in value:
                 raise self.err(loc, f"missing required key '{loc_str((*loc, 'model'))}'")
-            value = inner
+            model = self.path(value["model"], (*loc, "model"))
+            if value.get("lora") is None:
+                return model
+            return f"{model}+{self.path(value['lora'], (*loc, 'lora'))}"
+        return self.path(value, loc)
+
+    def path(self, value: Any, loc: Loc) -> str:
+        """`str` or mergekit's ModelPath {path, revision} as `path[@revision]`."""
+        if isinstance(value, dict):
+            self.keys(value, ("path", "revision"), loc, "path and revision")
+            if "path" not in value:
+                raise self.err(loc, f"missing required key '{loc_str((*loc, 'path'))}'")
+            rev = value.get("revision")
+            return f"{value['path']}@{rev}" if rev else str(value["path"])
         if not isinstance(value, str) or not value:
             raise self.err(
                 loc, f"{loc_str(loc)}: a model reference is a path or org/name[@revision] (got {value!r})"
-            )
-        if "+" in value:
-            raise self.err(
-                loc,
-                f"'{value}': model+LoRA references are not supported; merge the adapter into its model first",
             )
         return value
 
