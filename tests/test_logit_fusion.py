@@ -216,6 +216,18 @@ def test_zero_delta_expert_gives_the_large_models_greedy_text(zoo, mode):
     assert len(g["token_ids"]) == 12 or g["stopped"] == "eos"
 
 
+def test_generation_config_eos_ids_stop_decoding(zoo, tmp_path):
+    ref = _greedy(zoo["large"], PROMPT, 3)
+    chat = tmp_path / "chat"
+    shutil.copytree(zoo["large"], chat)
+    (chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, ref[2]]}))
+    (g,) = _gen_json(
+        "--large", chat, "--small-base", zoo["base"], "--expert", zoo["base_copy"], "--prompt", PROMPT,
+        "--max-new-tokens", "8",
+    )  # fmt: skip
+    assert g["stopped"] == "eos" and g["token_ids"] == ref[:2]
+
+
 def test_static_weight_one_with_large_as_base_gives_the_experts_text(zoo):
     (g,) = _gen_json(
         "--large", zoo["base"], "--small-base", zoo["base"], "--expert", zoo["e1"],

@@ -6,6 +6,7 @@ A folder named in two roles (e.g. --large and --small-base the same) is loaded a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class Runner:
         self.past = None
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the prompt's prefill needs the last position's logits only (150k-token vocabularies x long prompts)
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.keep_last = {keep: 1} if keep else {}
 
     def _keep(self, out) -> torch.Tensor:
         self.past = getattr(out, self.cache_kw)
@@ -76,7 +80,7 @@ class Runner:
     @torch.no_grad()
     def start(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self._keep(self.model(input_ids=x, use_cache=True))
+        return self._keep(self.model(input_ids=x, use_cache=True, **self.keep_last))
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -133,6 +137,20 @@ class FusionDecoder:
         else:
             self.grid = candidate_grid(n_exp, opts.alpha_max, opts.alpha_step, opts.search).to(self.device)
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """The tokenizer's EOS plus the large model's generation_config.json eos_token_id(s) (chat models)."""
+        ids = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+        gen = self.pre.models[0].path / "generation_config.json"
+        try:
+            val = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            val = None
+        for v in val if isinstance(val, list) else [val]:
+            if isinstance(v, int):
+                ids.add(v)
+        return ids
+
     def _fuse(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         per_role = [logits[i] for i in self.role_index]
         large, base, experts = per_role[0], per_role[1], torch.stack(per_role[2:])
@@ -163,14 +181,14 @@ class FusionDecoder:
         out: list[int] = []
         steps: list[dict] = []
         shown = ""
-        eos = self.tok.eos_token_id
+        eos = self.stop_ids
         stopped = "max_new_tokens"
         for _ in range(self.opts.max_new_tokens):
             fused, info = self._fuse(logits)
             token = self._pick(fused, gen)
             info = {"token": token, **info}
             steps.append(info)
-            if eos is not None and token == eos:
+            if token in eos:
                 stopped = "eos"
                 break
             out.append(token)

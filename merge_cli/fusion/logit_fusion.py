@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 SEARCHES = ("one_expert", "joint")
-CHUNK = 256  # candidates evaluated at once (C x V float64 temporaries)
+CHUNK = 256  # candidates evaluated at once at most (C x V float64 temporaries)
+CHUNK_ELEMENTS = 1 << 24  # and at most this many candidate x vocabulary entries (128 MB per temporary)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -134,8 +135,9 @@ def solve_dynamic(
     grid = grid.to(device=dev, dtype=torch.float64)
     best = (float("inf"), -1, 0.0, 0.0)
     feasible = 0
-    for s in range(0, grid.shape[0], CHUNK):
-        g = grid[s : s + CHUNK]
+    chunk = max(1, min(CHUNK, CHUNK_ELEMENTS // max(1, big.shape[-1])))
+    for s in range(0, grid.shape[0], chunk):
+        g = grid[s : s + chunk]
         logPt = log_probs(big[None, :] + g @ deltas)
         f = kl_from_logprobs(logPt, logP[None, :])
         r = kl_from_logprobs(logP[None, :].expand_as(logPt), logPt)
