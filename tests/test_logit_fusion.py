@@ -452,3 +452,22 @@ def test_cuda_decoding_matches_cpu(zoo):
     for a, b in zip(cpu["steps"], gpu["steps"]):
         assert b["kl_fused_large"] <= b["budget"] + 1e-9
         assert b["budget"] == pytest.approx(a["budget"], rel=1e-3, abs=1e-6)
+
+
+def test_hub_models_from_the_offline_cache(zoo, tmp_path, monkeypatch):
+    from tests.hubcache import add_to_cache
+
+    cache = tmp_path / "hf" / "hub"
+    for k in ("large", "base", "e1"):
+        add_to_cache(cache, f"org/{k}", zoo[k])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    common = ["--prompt", PROMPT, "--max-new-tokens", "6"]
+    (hub,) = _gen_json("--large", "org/large", "--small-base", "org/base", "--expert", "org/e1", *common)
+    (local,) = _gen_json("--large", zoo["large"], "--small-base", zoo["base"], "--expert", zoo["e1"], *common)
+    assert hub["token_ids"] == local["token_ids"] and hub["steps"] == local["steps"]
+    r = run_cli(
+        "generate", "--large", "org/missing", "--small-base", "org/base", "--expert", "org/e1", *common
+    )
+    assert r.exit_code == 2 and "org/missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -10,7 +10,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -109,13 +108,14 @@ class FusionDecoder:
         dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
         self.runners: list[Runner] = []  # one per distinct folder
         self.role_index: list[int] = []  # per model in pre.models -> index into runners
-        by_path: dict[Path, int] = {}
+        by_path: dict[str, int] = {}
         for m in pre.models:
-            key = m.path.resolve()
+            key = m.key
             if key not in by_path:
+                source, kw = m.load_args()
                 try:
                     model = tf.AutoModelForCausalLM.from_pretrained(
-                        str(m.path), **{dtype_kw: DTYPES[opts.dtype]}
+                        source, **kw, **{dtype_kw: DTYPES[opts.dtype]}
                     )
                 except Exception as e:  # noqa: BLE001
                     first = (str(e).splitlines() or [""])[0][:160]

@@ -39,6 +39,24 @@ class ModelInfo:
     path: Path
     rows: int  # logit width: lm_head (or tied embedding) rows from the safetensors headers
     config_vocab: int | None
+    hub: object | None = None  # a merge_cli.io.hub.HubRef when the model comes from the hub
+
+    def load_args(self) -> tuple[str, dict]:
+        """What from_pretrained takes for this model: a local folder, or a hub id with revision and cache."""
+        if self.hub is None:
+            return str(self.path), {}
+        from merge_cli.io.hub import hub_cache_dir, hub_offline
+
+        kw = {
+            "revision": self.hub.revision,
+            "cache_dir": str(hub_cache_dir()),
+            "local_files_only": hub_offline(),
+        }
+        return self.hub.repo_id, kw
+
+    @property
+    def key(self) -> str:
+        return str(self.hub) if self.hub is not None else str(self.path.resolve())
 
 
 @dataclass
@@ -57,10 +75,15 @@ class Preflight:
         return []
 
 
-def _rows(role: str, ref: str, path: Path) -> tuple[int, int | None]:
-    from merge_cli.io.checkpoint import Checkpoint
+def _rows(role: str, ref: str, path: Path, hub) -> tuple[int, int | None]:
+    if hub is not None:  # headers from the hub's metadata (or the cache): no weight is downloaded
+        from merge_cli.io.refs import open_checkpoint
 
-    ck = Checkpoint(path, ref)  # headers only
+        ck = open_checkpoint(ref)
+    else:
+        from merge_cli.io.checkpoint import Checkpoint
+
+        ck = Checkpoint(path, ref)  # headers only
     try:
         cfg = ck.config or {}
         if not ck.config:
@@ -116,20 +139,22 @@ def _specials(tok) -> tuple:
     return (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id)
 
 
-def check_models(models: list[tuple[str, str, Path]]):
-    """models: (role, ref, path) with the large model first. Returns (Preflight, tokenizer of the first)."""
+def check_models(models: list[tuple]):
+    """models: (role, ref, folder[, HubRef]) with the large model first; for a hub model the folder holds its
+    config and tokenizer files. Returns (Preflight, tokenizer of the first)."""
+    models = [tuple(m) + (None,) * (4 - len(m)) for m in models]
     infos = []
-    for role, ref, path in models:
-        rows, cfg_vocab = _rows(role, ref, path)
-        infos.append(ModelInfo(role, ref, path, rows, cfg_vocab))
-    first_role, first_ref, first_path = models[0]
+    for role, ref, path, hub in models:
+        rows, cfg_vocab = _rows(role, ref, path, hub)
+        infos.append(ModelInfo(role, ref, path, rows, cfg_vocab, hub))
+    first_role, first_ref, first_path, _ = models[0]
     tok0 = load_tokenizer(first_role, first_ref, first_path)
     v0 = tok0.get_vocab()
-    seen = {first_path.resolve()}
-    for role, ref, path in models[1:]:
-        if path.resolve() in seen:
+    seen = {infos[0].key}
+    for info, (role, ref, path, _) in zip(infos[1:], models[1:]):
+        if info.key in seen:
             continue
-        seen.add(path.resolve())
+        seen.add(info.key)
         tok = load_tokenizer(role, ref, path)
         v = tok.get_vocab()
         if v != v0 or _specials(tok) != _specials(tok0):

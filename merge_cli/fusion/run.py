@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge_cli.errors import RecipeError
+from merge_cli.errors import CheckpointError, RecipeError
 from merge_cli.fusion.decode import DecodeOptions, FusionDecoder, Generation
 from merge_cli.fusion.preflight import check_models
 from merge_cli.fusion.spec import FusionSpec, read_prompts_file
@@ -37,22 +37,63 @@ def options_of(spec: FusionSpec) -> DecodeOptions:
     )
 
 
-def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple[str, str, Path]]:
+SMALL_FILES = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def _hub_folder(hub):
+    """The hub model's config and tokenizer files in the local cache (downloaded if needed): no weights."""
+    from huggingface_hub import snapshot_download
+
+    from merge_cli.io.hub import _hub_error, hub_cache_dir, hub_offline
+
+    try:
+        return Path(
+            snapshot_download(
+                hub.repo_id,
+                revision=hub.revision,
+                allow_patterns=SMALL_FILES,
+                cache_dir=str(hub_cache_dir()),
+                local_files_only=hub_offline(),
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - huggingface_hub errors, worded by _hub_error
+        from huggingface_hub import errors as he
+
+        if hub_offline() or isinstance(e, he.LocalEntryNotFoundError):
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub could not be reached"
+            raise CheckpointError(
+                f"model '{hub}': no local folder has that name, {why}, and its config/tokenizer files are not "
+                f"in the hub cache {hub_cache_dir()}; fix the path, or download the model once online"
+            ) from None
+        raise _hub_error(hub, e, "config/tokenizer") from None
+
+
+def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple]:
+    """(role, ref, folder, HubRef or None) per model: local folders, or hub ids `org/name[@revision]`."""
     from merge_cli.io.checkpoint import resolve_model_path
+    from merge_cli.io.hub import parse_hub_ref
 
     roles = [("large", spec.large), ("small base", spec.small_base)]
     roles += [(f"expert {i + 1}", e.model) for i, e in enumerate(spec.expert_list())]
     out = []
     for role, ref in roles:
+        if "+" in ref:
+            raise RecipeError(
+                f"{role} '{ref}': base+adapter references are for merges; merge the adapter first"
+            )
         try:
             path = resolve_model_path(ref, base_dir)
-        except Exception as e:  # CheckpointError names the ref; say which role it was
-            raise type(e)(f"{role}: {e}") from None
+        except CheckpointError as e:
+            hub = parse_hub_ref(ref)
+            if hub is None:
+                raise CheckpointError(f"{role}: {e}") from None
+            out.append((role, ref, _hub_folder(hub), hub))
+            continue
         if not path.is_dir():
             raise RecipeError(
                 f"{role} '{ref}': {path} is not a model folder (config.json + safetensors + tokenizer)"
             )
-        out.append((role, ref, path))
+        out.append((role, ref, path, None))
     return out
 
 
