@@ -332,6 +332,10 @@ def test_padded_vocabulary_rows_are_cropped(zoo, tmp_path):
         "--max-new-tokens", "4",
     )  # fmt: skip
     assert all(t < len(WORDS) + 3 for t in g["token_ids"])
+    r = run_cli(
+        "generate", "--large", wide, "--small-base", zoo["base"], "--expert", zoo["e1"], "--prompt", "a"
+    )
+    assert "logits cropped to the 23 rows" in r.stderr
 
 
 def test_cli_end_to_end_on_a_recipe(zoo, tmp_path):

@@ -165,7 +165,10 @@ def generate(
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    for g in run_fusion(req, on_start=on_start, on_text=None if as_json else on_text):
+    def on_note(note: str) -> None:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+
+    for g in run_fusion(req, on_start=on_start, on_text=None if as_json else on_text, on_note=on_note):
         if as_json:
             print(json.dumps(g.to_json()), flush=True)
         else:

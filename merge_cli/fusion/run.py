@@ -97,15 +97,11 @@ def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple]:
     return out
 
 
-def build_decoder(spec: FusionSpec, base_dir: Path) -> FusionDecoder:
-    pre, tok = check_models(model_list(spec, base_dir))  # before any weight is loaded
-    return FusionDecoder(pre, tok, options_of(spec))
-
-
 def run_fusion(
     req: FusionRequest,
     on_start: Callable[[int, str], None] | None = None,
     on_text: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Iterator[Generation]:
     prompts = list(req.prompts)
     if req.prompts_file is not None:
@@ -114,6 +110,8 @@ def run_fusion(
         raise RecipeError("no prompt: give --prompt TEXT, --prompts FILE.jsonl, or prompts: in the recipe")
     models = model_list(req.spec, req.base_dir)
     pre, tok = check_models(models)
+    for note in pre.notes() if on_note is not None else []:
+        on_note(note)
     dec = FusionDecoder(pre, tok, options_of(req.spec))
     for i, p in enumerate(prompts):
         if on_start is not None:
