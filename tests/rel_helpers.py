@@ -57,7 +57,12 @@ def small_family(root: Path) -> dict[str, Path]:
     return paths
 
 
-TIMED = ("manifest.json", "merge_report.json", "merge_report.md")  # hold timings (or hashes of files that do)
+TIMED = (
+    "manifest.json",
+    "merge_report.json",
+    "merge_report.md",
+    "merge_report.html",
+)  # hold timings (or hashes of files that do)
 
 
 def output_files(out: Path) -> dict[str, bytes]:
