@@ -57,15 +57,7 @@ def _hub_folder(hub):
             )
         )
     except Exception as e:  # noqa: BLE001 - huggingface_hub errors, worded by _hub_error
-        from huggingface_hub import errors as he
-
-        if hub_offline() or isinstance(e, he.LocalEntryNotFoundError):
-            why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub could not be reached"
-            raise CheckpointError(
-                f"model '{hub}': no local folder has that name, {why}, and its config/tokenizer files are not "
-                f"in the hub cache {hub_cache_dir()}; fix the path, or download the model once online"
-            ) from None
-        raise _hub_error(hub, e, "config/tokenizer") from None
+        raise _hub_error(hub, e, "its config/tokenizer files") from None
 
 
 def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple]:
