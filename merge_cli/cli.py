@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from merge_cli import __version__
-from merge_cli.commands import hub, info, output, pack, recipe, run
+from merge_cli.commands import analyze, generate, hub, info, output, pack, recipe, report, run, tune
 
 app = typer.Typer(
     name="merge-cli",
@@ -53,6 +53,10 @@ COMMANDS = [
     ("lock", hub.lock),
     ("push", hub.push),
     ("check", hub.check),
+    ("tune", tune.tune),
+    ("analyze", analyze.analyze),
+    ("report", report.report),
+    ("generate", generate.generate),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)

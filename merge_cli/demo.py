@@ -197,6 +197,56 @@ def _try_transformers(out: Path) -> str:
     return f"transformers loaded {type(model).__name__}; logits {tuple(logits.shape)}, finite={bool(torch.isfinite(logits).all())}"
 
 
+def _tune_step(repo: Path, console) -> None:
+    """A short `merge-cli tune` (issue 17): 10 AdaMerging steps from recipes/tune_adamerging.yaml."""
+    start, data = repo / "recipes" / "tune_adamerging.yaml", repo / "recipes" / "tune_data.jsonl"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        console.print("tune step skipped: transformers not installed (pip install 'merge-cli[tune]')")
+        return
+    if not (start.exists() and data.exists()):
+        return
+    import subprocess
+
+    out = repo / "examples" / "out" / "tuned.yaml"
+    t0 = time.perf_counter()
+    args = [
+        "tune",
+        str(start),
+        str(out),
+        "--data",
+        str(data),
+        "--steps",
+        "10",
+        "--lr",
+        "0.01",
+        "--device",
+        "cpu",
+    ]
+    # a process of its own, as a user runs it (merge_cli.cli.main sets OpenMP's passive wait before torch loads)
+    if subprocess.run([sys.executable, "-m", "merge_cli", *args]).returncode != 0:
+        console.print("tune step failed (see the line above)")
+        return
+    console.print(f"tune step: {time.perf_counter() - t0:.1f} s; tuned recipe {out.relative_to(repo)}")
+
+
+def _analyze(recipe: Path, out_dir: Path) -> str:
+    """`merge-cli analyze RECIPE --html`: the task-vector analysis of the ties recipe (well under a second)."""
+    from merge_cli.analysis.analyze import analyze
+    from merge_cli.output.html_report import analysis_html, write_html
+    from merge_cli.plan import build_plan
+    from merge_cli.recipe import load_recipe
+
+    plan = build_plan(load_recipe(recipe))
+    try:
+        res = analyze(plan, 1 << 30, recipe_text=recipe.read_text())
+    finally:
+        plan.close()
+    page = write_html(out_dir / f"analysis-{recipe.stem}.html", analysis_html(res))
+    return f"{page} ({len(res['findings'])} finding(s); `merge-cli analyze {recipe.name}` prints them)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -243,7 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if "ties" in outs:
         console.print(f"ties output: {_try_transformers(outs['ties'])}")
-        console.print(f"report: {outs['ties'] / 'merge_report.md'}; card: {outs['ties'] / 'README.md'}")
+        console.print(
+            f"report: {outs['ties'] / 'merge_report.html'} (and .md, .json); card: {outs['ties'] / 'README.md'}"
+        )
+        console.print(
+            f"analysis before merging: {_analyze(repo / 'recipes' / 'ties.yaml', repo / 'examples' / 'out')}"
+        )
+    _tune_step(repo, console)
     console.print(
         f"demo done in {time.perf_counter() - t0:.1f} s; try `.venv/bin/merge-cli plan recipes/ties.yaml`"
     )

@@ -131,8 +131,10 @@ def _natural(name: str) -> list:
 
 
 def _order_key(job: TensorJob):
-    bucket = 0 if (job.layer is None and job.group == "embed") else (1 if job.layer is not None else 2)
-    return (bucket, job.layer if job.layer is not None else 0, _natural(job.name))
+    """Layers first, in order, then the tensors outside the stack (embeddings, final norm, lm_head). The
+    outer tensors are the largest (often merged in row chunks after statistics passes) and shards complete
+    in this order, so a run killed midway has journaled the layers before it (engine/resume.py)."""
+    return (0 if job.layer is not None else 1, job.layer if job.layer is not None else 0, _natural(job.name))
 
 
 class _Builder:

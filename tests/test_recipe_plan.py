@@ -174,7 +174,10 @@ def test_plan_orders_tensors_and_assigns_shards(tmp_path, family):
     text = f"base_model: {family['base']}\nmodels: [{family['expert0']}]\nmethod: task_arithmetic\nshard_size: 40KB\n"
     plan = build_plan(load_recipe(recipe_file(tmp_path, text)))
     names = [j.name for j in plan.jobs]
-    assert names[0] == "model.embed_tokens.weight"
+    # layers first, then the tensors outside the stack (issue 15: the slow embedding no longer holds back
+    # the first shard, so a killed run has journaled the layers)
+    assert names[0].startswith("model.layers.0.")
+    assert names.index("model.embed_tokens.weight") > max(i for i, n in enumerate(names) if ".layers." in n)
     assert (
         names.index("model.layers.2.mlp.up_proj.weight") < names.index("model.layers.10.mlp.up_proj.weight")
         if any("layers.10" in n for n in names)

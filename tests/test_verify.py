@@ -66,6 +66,9 @@ def test_verify_detects_a_changed_shard(reference, tmp_path):
 
 def test_verify_detects_missing_extra_and_truncated_files(reference, tmp_path):
     out = copy_of(reference, tmp_path)
+    listed = json.loads((out / "manifest.json").read_text())["files"]["model-00002-of-00025.safetensors"][
+        "size"
+    ]
     (out / "README.md").unlink()
     (out / "stray.txt").write_text("x")
     with open(out / "model-00002-of-00025.safetensors", "r+b") as f:
@@ -75,7 +78,7 @@ def test_verify_detects_missing_extra_and_truncated_files(reference, tmp_path):
     )
     assert verify_folder(out).problems == [
         "README.md: listed in the manifest but missing",
-        "model-00002-of-00025.safetensors: size 100 but the manifest says 200",
+        f"model-00002-of-00025.safetensors: size 100 but the manifest says {listed}",
         "stray.txt: present but not in the manifest",
         f"{out}/model-00002-of-00025.safetensors: truncated: header length 128 runs past the end of the 100-byte "
         "file; re-download or re-save the file",

@@ -5,7 +5,8 @@
 - chunked.py: tensors too big for the memory budget merged in row chunks.
 - jobs.py: a job's sizes, reads, context and parameters as the kernels receive them.
 - stats.py: statistics passes of whole-model methods, run before the loop.
-- resume.py: the journal of completed shards that makes a run resumable.
+- resume.py: --resume: what an interrupted run left, verified, and the glue that reuses it.
+- journal.py: the journal lines (completed shards, pieces of the shard in flight), written and read.
 - options.py: EngineOptions / EngineResult, device and memory budget.
 """
 

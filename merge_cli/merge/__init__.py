@@ -13,6 +13,7 @@ from merge_cli.io.writer import ShardedWriter, check_output
 from merge_cli.merge.inputs import prepare_inputs
 from merge_cli.output.card import model_card
 from merge_cli.output.report import build_report, report_markdown
+from merge_cli.output.run_stats import plan_experts
 from merge_cli.output.sidefiles import write_side_files
 from merge_cli.plan import MergePlan
 
@@ -80,16 +81,32 @@ def execute(
             engine["stats_passes"] = result.stats_passes
             engine["whole_model"] = result.whole_model
         report = build_report(plan, result.tensors, engine)
+        report["experts"] = plan_experts(plan)  # the labels of task_vector_norms (the HTML report's axes)
         recipe_text = plan.recipe.path.read_text() if plan.recipe.path else ""
         writer.write_text("recipe.yaml", recipe_text)
         writer.write_text("merge_report.json", json.dumps(report, indent=1) + "\n")
         writer.write_text("merge_report.md", report_markdown(report))
         lock = hub.finish_lock(writer)
         writer.write_text(LOCK_NAME, dump_lock(lock))
+        html_note = write_html_report(writer, report, recipe_text, lock)
         writer.write_text("README.md", model_card(plan, recipe_text, report, lock, hub.front))
         final = writer.finish(overwrite)
     except BaseException as e:
         if run.abort(writer, e):
             e.partial_kept = writer.tmp  # the CLI tells how to resume
         raise
-    return MergeOutcome(final, result, report, run.reused, run.state.note)
+    note = "\n".join(n for n in (run.state.note, html_note) if n)
+    return MergeOutcome(final, result, report, run.reused, note)
+
+
+def write_html_report(writer, report: dict, recipe_text: str, lock: dict) -> str:
+    """merge_report.html beside the JSON (issue 18). A failure to draw it never fails the merge: the JSON
+    and Markdown are written, and the returned note says how to redraw it."""
+    from merge_cli.output.html_report import merge_report_html
+
+    try:
+        page = merge_report_html(report, recipe_text, lock)
+    except Exception as e:  # a plotting bug must not lose a finished merge (write errors still stop it)
+        return f"merge_report.html was not written ({type(e).__name__}: {e}); `merge-cli report OUT_DIR` redraws it"
+    writer.write_text("merge_report.html", page)
+    return ""

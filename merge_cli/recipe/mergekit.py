@@ -29,8 +29,13 @@ TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "name",
 )  # fmt: skip
-EXTENSION_KEYS = ("seed", "shard_size")  # merge-cli keys also accepted in a mergekit-format recipe
-MODEL_KEYS = ("model", "parameters", "pack")  # pack: merge-cli's SkillPacks (issue 16)
+EXTENSION_KEYS = ("seed", "shard_size", "vocab", "donor")  # merge-cli keys also accepted in a mergekit recipe
+MODEL_KEYS = (
+    "model",
+    "parameters",
+    "lora",
+    "pack",
+)  # lora: as merge-cli's {model: BASE, lora: ADAPTER}; pack: SkillPacks
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 REF_KEYS = ("model", "lora", "pack", "override_architecture")  # pack: merge-cli's SkillPacks (issue 16)
@@ -74,6 +79,8 @@ class _Tr:
         """A mergekit model reference as a native one: `path[@rev]`, `base+adapter` (either part may carry
         `@rev`), or the dict form {model: str | {path, revision}, lora: str | {path, revision}}, which
         becomes `base+adapter` (io/refs.py applies the adapter as peft's merge_and_unload would)."""
+        if isinstance(value, dict) and "path" in value and "model" not in value:
+            return self.path(value, loc)  # a bare ModelPath
         if isinstance(value, dict):
             self.keys(value, REF_KEYS, loc, "a model reference")
             if "model" not in value:
@@ -180,6 +187,11 @@ class _Tr:
             out["out_dtype"] = d.get("out_dtype") or d["dtype"]
         donor = self.tokenizer(d, out)
         if donor is not None:
+            if d.get("donor") is not None:
+                raise self.err(
+                    ("donor",),
+                    "give either `tokenizer_source:`/`tokenizer:` (mergekit) or `donor:`, not both",
+                )
             out["donor"] = donor
         if d.get("chat_template") is not None:
             out["chat_template"] = d["chat_template"]
@@ -200,8 +212,11 @@ class _Tr:
             self.keys(m, MODEL_KEYS, ("models", i), "{model, parameters}")
             if "model" not in m:
                 raise self.err(("models", i), f"missing required key '{loc_str(('models', i, 'model'))}'")
-            e = {"model": self.ref(m["model"], ("models", i, "model"))}
-            if m.get("pack") is not None:  # {model: BASE, pack: PACK.skillpack} = BASE+PACK.skillpack
+            ref = m["model"] if m.get("lora") is None else {"model": m["model"], "lora": m["lora"]}
+            e = {"model": self.ref(ref, ("models", i))}
+            if (
+                m.get("pack") is not None
+            ):  # {model: BASE, pack: PACK.skillpack} = BASE+PACK.skillpack (issue 16)
                 e["model"] = f"{e['model']}+{m['pack']}"
             ps = self.params(m.get("parameters"), ("models", i, "parameters"))
             if ps:

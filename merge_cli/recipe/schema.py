@@ -48,6 +48,13 @@ class FilterEntry(_Strict):
 ParamValue = Union[Scalar, list[Scalar], list[FilterEntry]]
 
 
+def _path_rev(v: Any) -> Any:
+    """mergekit's ModelPath {path, revision} as `path@revision`; anything else as given."""
+    if isinstance(v, dict) and set(v) <= {"path", "revision"} and isinstance(v.get("path"), str):
+        return f"{v['path']}@{v['revision']}" if v.get("revision") else v["path"]
+    return v
+
+
 class ModelEntry(_Strict):
     model: str = Field(description="local folder, .safetensors file, or hub id org/name[@revision]")
     name: str | None = Field(None, description="short name used in overrides' model_parameters and reports")
@@ -56,10 +63,12 @@ class ModelEntry(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _lora_key(cls, v):
-        # `{model: BASE, lora: ADAPTER}` is the same source as `model: BASE+ADAPTER` (issue 7, io/lora.py)
-        if isinstance(v, dict) and v.get("lora") is not None and isinstance(v.get("model"), str):
-            v = dict(v)
-            v["model"] = f"{v['model']}+{v.pop('lora')}"
+        # `{model: BASE, lora: ADAPTER}` is the same source as `model: BASE+ADAPTER` (issue 7, io/lora.py);
+        # either may be mergekit's {path, revision} mapping, as in a mergekit recipe
+        if isinstance(v, dict):
+            v = {k: (_path_rev(x) if k in ("model", "lora") else x) for k, x in v.items()}
+            if v.get("lora") is not None and isinstance(v.get("model"), str):
+                v["model"] = f"{v['model']}+{v.pop('lora')}"
         # `{model: BASE, pack: PACK.skillpack}` is `model: BASE+PACK.skillpack` (issue 16, merge_cli/skillpack)
         if isinstance(v, dict) and v.get("pack") is not None and isinstance(v.get("model"), str):
             v = dict(v)
@@ -87,6 +96,11 @@ class SliceSource(_Strict):
     model: str
     layers: tuple[int, int] = Field(validation_alias=AliasChoices("layers", "layer_range"))
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def model_path(cls, v):
+        return _path_rev(v)
 
 
 class Slice(_Strict):
@@ -124,6 +138,11 @@ class Recipe(_Strict):
     _path: Path | None = PrivateAttr(None)
     _source: YamlSource | None = PrivateAttr(None)
     _doc: int = PrivateAttr(0)  # which YAML document of the file (multi-stage recipes)
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def base_path(cls, v):
+        return _path_rev(v)
 
     @field_validator("models", mode="before")
     @classmethod
