@@ -262,11 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     make_example_models(repo / "examples" / "models")
     console.print(f"example models ready in examples/models ({time.perf_counter() - t0:.1f} s)")
-    from merge_cli.skillpack.demo import (
-        run_pack_demo,
-    )  # issue 16: before the recipes (one grafts these packs)
+    from merge_cli.skillpack.demo import run_pack_demo
 
-    run_pack_demo(repo, console)
+    run_pack_demo(repo, console)  # issue 16: before the recipes (recipes/skillpack_graft.yaml uses its packs)
     table = Table(title="merge-cli demo", show_edge=False)
     for col in ("recipe", "method", "tensors", "seconds", "output"):
         table.add_column(col)
