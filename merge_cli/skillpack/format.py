@@ -101,13 +101,24 @@ class PackWriter:
         (self.out.parent / f".{self.out.name}.partial").unlink(missing_ok=True)
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: one hash per file per process
+
+
+def _digest(p: Path) -> str:
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(p)[0]
+    return _DIGESTS[key]
+
+
 def weight_files(ck) -> dict[str, str]:
     """{weight file name: sha256} of a checkpoint's tensor files (the base's identity)."""
     out = {}
     for p in sorted(ck.files, key=str):
         p = Path(p)
         rel = p.relative_to(ck.folder).as_posix() if ck.folder and p.is_relative_to(ck.folder) else p.name
-        out[rel] = file_digest(p)[0]
+        out[rel] = _digest(p)
     return out
 
 
