@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     from merge_cli.recipe import load_recipe
 
     repo = Path.cwd()
-    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    from merge_cli.fusion.spec import is_fusion_recipe
+
+    # every merge recipe (a logit_fusion recipe decodes instead: `merge-cli generate --recipe`)
+    recipes = [p for p in sorted((repo / "recipes").glob("*.yaml")) if not is_fusion_recipe(p)]
     console = Console()
     t0 = time.perf_counter()
     make_example_models(repo / "examples" / "models")
