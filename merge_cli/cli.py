@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from merge_cli import __version__
-from merge_cli.commands import analyze, hub, info, output, recipe, report, run, tune
+from merge_cli.commands import analyze, generate, hub, info, output, pack, recipe, report, run, tune
 
 app = typer.Typer(
     name="merge-cli",
@@ -56,9 +56,11 @@ COMMANDS = [
     ("tune", tune.tune),
     ("analyze", analyze.analyze),
     ("report", report.report),
+    ("generate", generate.generate),
 ]
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)
+app.add_typer(pack.app, name="pack")  # issue 16: SkillPacks
 
 
 def main() -> None:

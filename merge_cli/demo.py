@@ -257,11 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     from merge_cli.recipe import load_recipe
 
     repo = Path.cwd()
-    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    from merge_cli.fusion.spec import is_fusion_recipe
+
+    # every merge recipe (a logit_fusion recipe decodes instead: `merge-cli generate --recipe`)
+    recipes = [p for p in sorted((repo / "recipes").glob("*.yaml")) if not is_fusion_recipe(p)]
     console = Console()
     t0 = time.perf_counter()
     make_example_models(repo / "examples" / "models")
     console.print(f"example models ready in examples/models ({time.perf_counter() - t0:.1f} s)")
+    from merge_cli.skillpack.demo import run_pack_demo
+
+    run_pack_demo(repo, console)  # issue 16: before the recipes (recipes/skillpack_graft.yaml uses its packs)
     table = Table(title="merge-cli demo", show_edge=False)
     for col in ("recipe", "method", "tensors", "seconds", "output"):
         table.add_column(col)

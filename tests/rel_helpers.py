@@ -174,3 +174,25 @@ def crash_child(argv: list[str], point: str, nth: int) -> None:
     else:
         raise ValueError(point)
     cli_child(argv, {})
+
+
+def spy_whole(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Count the jobs the engine computes whole from now on (in-process runs), in a one-element list; with
+    stop_after=n, Ctrl-C arrives while it computes job n+1."""
+    import merge_cli.engine as engine
+
+    real, calls = engine._Compute.whole, [0]
+
+    def whole(*a, **k):
+        calls[0] += 1
+        if stop_after is not None and calls[0] > stop_after:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine._Compute, "whole", whole)
+    return calls
+
+
+def interrupt_after(monkeypatch, n: int) -> None:
+    """Ctrl-C arrives while the engine computes job n+1."""
+    spy_whole(monkeypatch, n)

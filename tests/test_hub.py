@@ -250,3 +250,20 @@ def test_slices_download_only_the_shards_they_read(fake_hub, tmp_path):
         "org/base/model.safetensors",
         "org/expert2/model-00001-of-00002.safetensors",
     ]
+
+
+def test_a_missing_cached_file_is_worded_as_cache_miss_not_as_a_missing_file(monkeypatch):
+    """LocalEntryNotFoundError subclasses EntryNotFoundError: it must still read as "not in the local cache",
+    with the reason (offline, or the hub unreachable), not as "has no file"."""
+    from huggingface_hub import errors as he
+
+    from merge_cli.io.hub import _hub_error, parse_hub_ref
+
+    ref = parse_hub_ref("org/name@main")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = str(_hub_error(ref, he.LocalEntryNotFoundError("x"), "config.json"))
+    assert "config.json is not in the local cache" in msg and "HF_HUB_OFFLINE is set" in msg
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    msg = str(_hub_error(ref, he.LocalEntryNotFoundError("x"), "config.json"))
+    assert "the hub could not be reached" in msg and "has no file" not in msg
+    assert "has no file config.json" in str(_hub_error(ref, he.EntryNotFoundError("x"), "config.json"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from helpers import run_cli, write_recipe
-from rel_helpers import FaultyFile, assert_same_output, output_files, small_family
+from rel_helpers import FaultyFile, assert_same_output, interrupt_after, output_files, small_family
 from safetensors.torch import save_file
 
 import merge_cli.engine as engine
@@ -37,19 +37,6 @@ def n_shards(out) -> int:
 
 def journaled(tmp) -> list[str]:
     return [json.loads(x)["shard"] for x in (tmp / JOURNAL).read_text().splitlines()[1:]]
-
-
-def interrupt_after(monkeypatch, n: int) -> None:
-    """Ctrl-C arrives while the engine computes job n+1."""
-    real, calls = engine._Compute.whole, [0]
-
-    def whole(*a, **k):
-        calls[0] += 1
-        if calls[0] > n:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine._Compute, "whole", whole)
 
 
 # -- write errors ------------------------------------------------------------------------------

@@ -4,16 +4,25 @@ from pathlib import Path
 
 import pytest
 
+from merge_cli.fusion.spec import is_fusion_recipe, load_fusion_spec
 from merge_cli.methods import METHODS
 from merge_cli.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ALL = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+FUSION = [p for p in ALL if is_fusion_recipe(p)]  # kind: logit_fusion (merge-cli generate), not merges
+RECIPES = [p for p in ALL if p not in FUSION]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.method in METHODS
+
+
+@pytest.mark.parametrize("path", FUSION, ids=lambda p: p.name)
+def test_logit_fusion_recipe_validates(path):
+    spec = load_fusion_spec(path)
+    assert spec.kind == "logit_fusion" and spec.expert_list()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

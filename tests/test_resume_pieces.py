@@ -14,9 +14,8 @@ import time
 
 import pytest
 from helpers import run_cli
-from rel_helpers import assert_same_output, small_family
+from rel_helpers import assert_same_output, interrupt_after, small_family, spy_whole
 
-import merge_cli.engine as engine
 from merge_cli.engine import TEST_DELAY_ENV
 from merge_cli.io import writer as writer_mod
 from merge_cli.io.writer import JOURNAL, temp_dir_for
@@ -50,29 +49,6 @@ def pieces(tmp) -> list[dict]:
     return out
 
 
-def count_computed(monkeypatch) -> list[int]:
-    real, calls = engine._Compute.whole, [0]
-
-    def whole(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine._Compute, "whole", whole)
-    return calls
-
-
-def interrupt_after(monkeypatch, n: int) -> None:
-    real, calls = engine._Compute.whole, [0]
-
-    def whole(*a, **k):
-        calls[0] += 1
-        if calls[0] > n:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine._Compute, "whole", whole)
-
-
 def total_jobs(fam) -> int:
     res = run_cli("plan", fam["recipe"], "--json", *ONE_SHARD)
     return len(json.loads(res.stdout)["jobs"])
@@ -90,7 +66,7 @@ def test_ctrl_c_mid_shard_keeps_its_journaled_tensors(fam, reference, tmp_path, 
     assert 0 < done <= 12
     assert (tmp / "model.safetensors").is_file()  # the unfinished shard stays, for its journaled part
     monkeypatch.undo()
-    calls = count_computed(monkeypatch)
+    calls = spy_whole(monkeypatch)
     res = run_cli("run", fam["recipe"], out, "-q", "--resume", *ONE_SHARD)
     assert res.exit_code == 0, res.stderr
     assert (
@@ -118,7 +94,7 @@ def test_a_damaged_prefix_falls_back_to_the_last_piece_that_still_hashes(
     shard.write_bytes(bytes(data))
     good = kept[-3]["count"]
     monkeypatch.undo()
-    calls = count_computed(monkeypatch)
+    calls = spy_whole(monkeypatch)
     res = run_cli("run", fam["recipe"], out, "-q", "--resume", *ONE_SHARD)
     assert res.exit_code == 0, res.stderr
     assert f"and {good} tensor(s) of model.safetensors" in res.stderr

@@ -93,13 +93,14 @@ def _hub_error(ref: HubRef, e: Exception, what: str = "") -> CheckpointError:
         msg = "was not found on the hub (and no local folder has that name); check the spelling, or set HF_TOKEN for a private repo"
     elif isinstance(e, he.RevisionNotFoundError):
         msg = f"has no revision '{ref.revision}'; use a branch, tag or commit that exists"
-    elif isinstance(e, he.EntryNotFoundError):
-        msg = f"has no file {what}" if what else "is missing a file"
-    elif isinstance(e, he.LocalEntryNotFoundError):
+    elif isinstance(e, he.LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: test it first
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub could not be reached"
         msg = (
-            f"{what or 'a file'} is not in the local cache {hub_cache_dir()} and HF_HUB_OFFLINE is set; "
+            f"{what or 'a file'} is not in the local cache {hub_cache_dir()} and {why}; "
             "run once online or point HF_HUB_CACHE at a cache that has it"
         )
+    elif isinstance(e, he.EntryNotFoundError):
+        msg = f"has no file {what}" if what else "is missing a file"
     else:
         msg = f"could not be reached ({name}: {str(e).splitlines()[0] if str(e) else ''}); no local folder has that name either; check the path or the network, or set HF_HUB_OFFLINE=1 to use the cache"
     return CheckpointError(f"hub model '{ref}' {msg}")

@@ -24,7 +24,7 @@ import torch
 
 from merge_cli.errors import CheckpointError
 from merge_cli.io.checkpoint import Checkpoint
-from merge_cli.io.safetensors_file import TensorInfo
+from merge_cli.io.overlay import OverlayCheckpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,20 +84,14 @@ def read_adapter_config(path: Path, where: str) -> dict:
     return cfg
 
 
-class LoraCheckpoint(Checkpoint):
+class LoraCheckpoint(OverlayCheckpoint):
     """`base` with a LoRA adapter applied on the fly. `adapter` holds the adapter tensors (headers only)."""
 
     def __init__(self, ref: str, base: Checkpoint, adapter: Checkpoint, config: dict, adapter_ref: str):
-        self.ref = ref
-        self.base = base
+        super().__init__(ref, base, Path(f"{base.path}+{adapter.folder or adapter.path}"))
         self.adapter = adapter
         self.adapter_ref = adapter_ref
         self.adapter_config = config
-        # a path of its own, so the plan never takes `base+adapter` for the plain base
-        self.path = Path(f"{base.path}+{adapter.folder or adapter.path}")
-        self.folder, self.config = base.folder, base.config
-        self.files = base.files
-        self.tensors: dict[str, TensorInfo] = dict(base.tensors)
         self.updates: dict[str, LoraUpdate] = {}
         self.replaced: dict[str, str] = {}  # base name -> adapter name (modules_to_save, saved embeddings)
         self._index()
@@ -159,23 +153,14 @@ class LoraCheckpoint(Checkpoint):
             return (a[:, start:stop].T @ b.T) * u.scale
         return (b[start:stop] @ a) * u.scale
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def base_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         # a saved base layer (PEFT's `<module>.base_layer.weight`, e.g. resized embeddings) replaces W; LoRA adds on top
         if name in self.replaced:
-            w = self.adapter.read_rows(self.replaced[name], start, stop)
-        else:
-            w = self.base.read_rows(name, start, stop)
-        if name not in self.updates:
-            return w
-        delta = self._delta_rows(name, start, stop).reshape(w.shape)
-        return (w.float() + delta).to(w.dtype)
+            return self.adapter.read_rows(self.replaced[name], start, stop)
+        return self.base.read_rows(name, start, stop)
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        return self.read_rows(name, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
-
-    def num_layers(self) -> int | None:
-        return self.base.num_layers()
+    def delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        return self._delta_rows(name, start, stop) if name in self.updates else None
 
     def fetch(self, names=None) -> list[str]:
         """Download (hub) what reading `names` needs: the base's shards and the adapter."""

@@ -72,6 +72,23 @@ def open_adapter(ref: str, base_dir: Path | None) -> tuple[Checkpoint, dict]:
     return ck, cfg
 
 
+def _open_pack(ref: str, base: Checkpoint, pack_ref: str, base_dir: Path | None) -> Checkpoint:
+    from merge_cli.skillpack.checkpoint import PackCheckpoint
+    from merge_cli.skillpack.format import Pack
+
+    try:
+        pack = Pack(resolve_model_path(pack_ref, base_dir))
+    except BaseException:
+        base.close()
+        raise
+    try:
+        return PackCheckpoint(ref, base, pack, pack_ref)
+    except BaseException:
+        base.close()
+        pack.close()
+        raise
+
+
 def open_special(ref: str, base_dir: Path | None = None) -> Checkpoint | None:
     """A LoraCheckpoint or HubCheckpoint for `ref`, or None when `ref` is a plain local path."""
     pair = split_adapter(ref, base_dir)
@@ -79,6 +96,8 @@ def open_special(ref: str, base_dir: Path | None = None) -> Checkpoint | None:
         from merge_cli.io.lora import LoraCheckpoint
 
         base = open_checkpoint(pair[0], base_dir)
+        if pair[1].endswith(".skillpack"):  # issue 16: a SkillPack grafted onto the base
+            return _open_pack(ref, base, pair[1], base_dir)
         try:
             adapter, cfg = open_adapter(pair[1], base_dir)
         except BaseException:

@@ -50,6 +50,10 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             "`convert` take it; plan one stage at a time"
         )
     data = dict(docs[0]) if isinstance(docs[0], dict) else docs[0]
+    if isinstance(data, dict) and data.get("kind") == "logit_fusion":
+        raise RecipeError(
+            f"{path}: a logit_fusion recipe fuses at decoding time; run `merge-cli generate --recipe {path}`"
+        )
     if overrides and isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_recipe(data, src, path.resolve())

@@ -30,10 +30,15 @@ TOP_KEYS = (
     "tokenizer_source", "tokenizer", "chat_template", "name",
 )  # fmt: skip
 EXTENSION_KEYS = ("seed", "shard_size", "vocab", "donor")  # merge-cli keys also accepted in a mergekit recipe
-MODEL_KEYS = ("model", "parameters", "lora")  # lora: as merge-cli's {model: BASE, lora: ADAPTER}
+MODEL_KEYS = (
+    "model",
+    "parameters",
+    "lora",
+    "pack",
+)  # lora: as merge-cli's {model: BASE, lora: ADAPTER}; pack: SkillPacks
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
-REF_KEYS = ("model", "lora", "override_architecture")
+REF_KEYS = ("model", "lora", "pack", "override_architecture")  # pack: merge-cli's SkillPacks (issue 16)
 FILTER_KEYS = ("filter", "value")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 UNSUPPORTED = ("modules", "residual_weight")  # accepted keys, never suggested
@@ -81,6 +86,8 @@ class _Tr:
             if "model" not in value:
                 raise self.err(loc, f"missing required key '{loc_str((*loc, 'model'))}'")
             model = self.path(value["model"], (*loc, "model"))
+            if value.get("pack") is not None:  # merge-cli's SkillPacks (issue 16): BASE+PACK.skillpack
+                model = f"{model}+{self.path(value['pack'], (*loc, 'pack'))}"
             if value.get("lora") is None:
                 return model
             return f"{model}+{self.path(value['lora'], (*loc, 'lora'))}"
@@ -207,6 +214,10 @@ class _Tr:
                 raise self.err(("models", i), f"missing required key '{loc_str(('models', i, 'model'))}'")
             ref = m["model"] if m.get("lora") is None else {"model": m["model"], "lora": m["lora"]}
             e = {"model": self.ref(ref, ("models", i))}
+            if (
+                m.get("pack") is not None
+            ):  # {model: BASE, pack: PACK.skillpack} = BASE+PACK.skillpack (issue 16)
+                e["model"] = f"{e['model']}+{m['pack']}"
             ps = self.params(m.get("parameters"), ("models", i, "parameters"))
             if ps:
                 e["parameters"] = ps

@@ -69,6 +69,10 @@ class ModelEntry(_Strict):
             v = {k: (_path_rev(x) if k in ("model", "lora") else x) for k, x in v.items()}
             if v.get("lora") is not None and isinstance(v.get("model"), str):
                 v["model"] = f"{v['model']}+{v.pop('lora')}"
+        # `{model: BASE, pack: PACK.skillpack}` is `model: BASE+PACK.skillpack` (issue 16, merge_cli/skillpack)
+        if isinstance(v, dict) and v.get("pack") is not None and isinstance(v.get("model"), str):
+            v = dict(v)
+            v["model"] = f"{v['model']}+{v.pop('pack')}"
         return v
 
     @property
