@@ -32,6 +32,32 @@ def transformers_module():
     return transformers
 
 
+SMALL_FILES = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
+
+
+def hub_folder(hub, weights: bool = False):
+    """The hub model's snapshot folder in the local cache, downloaded if needed (HF_HUB_OFFLINE: the cache
+    only): config and tokenizer files, and with weights=True its safetensors too. transformers then loads
+    the folder as a local one and makes no hub call of its own."""
+    from huggingface_hub import snapshot_download
+
+    from merge_cli.io.hub import _hub_error, hub_cache_dir, hub_offline
+
+    try:
+        return Path(
+            snapshot_download(
+                hub.repo_id,
+                revision=hub.revision,
+                allow_patterns=SMALL_FILES + (WEIGHT_FILES if weights else []),
+                cache_dir=str(hub_cache_dir()),
+                local_files_only=hub_offline(),
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - huggingface_hub errors, worded by _hub_error
+        raise _hub_error(hub, e, "its config/tokenizer files") from None
+
+
 @dataclass
 class ModelInfo:
     role: str  # "large", "small base", "expert 1", ...
@@ -42,17 +68,11 @@ class ModelInfo:
     hub: object | None = None  # a merge_cli.io.hub.HubRef when the model comes from the hub
 
     def load_args(self) -> tuple[str, dict]:
-        """What from_pretrained takes for this model: a local folder, or a hub id with revision and cache."""
+        """What from_pretrained takes for this model: always a local folder (a hub model's snapshot in the
+        cache, its weights fetched first), so transformers makes no hub call of its own."""
         if self.hub is None:
             return str(self.path), {}
-        from merge_cli.io.hub import hub_cache_dir, hub_offline
-
-        kw = {
-            "revision": self.hub.revision,
-            "cache_dir": str(hub_cache_dir()),
-            "local_files_only": hub_offline(),
-        }
-        return self.hub.repo_id, kw
+        return str(hub_folder(self.hub, weights=True)), {}
 
     @property
     def key(self) -> str:

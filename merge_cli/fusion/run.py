@@ -8,7 +8,7 @@ from pathlib import Path
 
 from merge_cli.errors import CheckpointError, RecipeError
 from merge_cli.fusion.decode import DecodeOptions, FusionDecoder, Generation
-from merge_cli.fusion.preflight import check_models
+from merge_cli.fusion.preflight import check_models, hub_folder
 from merge_cli.fusion.spec import FusionSpec, read_prompts_file
 
 
@@ -37,29 +37,6 @@ def options_of(spec: FusionSpec) -> DecodeOptions:
     )
 
 
-SMALL_FILES = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-
-
-def _hub_folder(hub):
-    """The hub model's config and tokenizer files in the local cache (downloaded if needed): no weights."""
-    from huggingface_hub import snapshot_download
-
-    from merge_cli.io.hub import _hub_error, hub_cache_dir, hub_offline
-
-    try:
-        return Path(
-            snapshot_download(
-                hub.repo_id,
-                revision=hub.revision,
-                allow_patterns=SMALL_FILES,
-                cache_dir=str(hub_cache_dir()),
-                local_files_only=hub_offline(),
-            )
-        )
-    except Exception as e:  # noqa: BLE001 - huggingface_hub errors, worded by _hub_error
-        raise _hub_error(hub, e, "its config/tokenizer files") from None
-
-
 def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple]:
     """(role, ref, folder, HubRef or None) per model: local folders, or hub ids `org/name[@revision]`."""
     from merge_cli.io.checkpoint import resolve_model_path
@@ -79,7 +56,7 @@ def model_list(spec: FusionSpec, base_dir: Path) -> list[tuple]:
             hub = parse_hub_ref(ref)
             if hub is None:
                 raise CheckpointError(f"{role}: {e}") from None
-            out.append((role, ref, _hub_folder(hub), hub))
+            out.append((role, ref, hub_folder(hub), hub))
             continue
         if not path.is_dir():
             raise RecipeError(
