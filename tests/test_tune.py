@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from html_check import check_page
 
 pytest.importorskip("transformers")
 
@@ -202,6 +203,12 @@ def test_cli_nll_preset_and_merge(bench, tmp_path):
     weights = [m["parameters"]["weight"] for m in yaml.safe_load(out.read_text())["models"]]
     assert len(weights) == 2 and weights != [0.3, 0.3]
     assert (tmp_path / "m" / "model.safetensors").exists()
+    # the page beside the tuned recipe: the learned weights (bars) and the loss per step, and a table that
+    # holds every learned weight as written to the recipe
+    page = check_page((tmp_path / "sp.html").read_text())
+    assert page.figures == ["plot-coefficients", "plot-loss"]
+    for w in weights:
+        assert f"{w:.4f}" in page.text
 
 
 def test_missing_transformers_is_one_line(bench, tmp_path, monkeypatch):

@@ -226,8 +226,23 @@ def _tune(plan, r, recipe, out_recipe, data, merge, opts, max_length, device, ma
         f"data {Path(data).name} (sha256 {digest}...); {objective} {before:.4f} -> {after:.4f}",
     ]
     form = write_recipe(r, plan, merged, coeffs, out_recipe, header)
+    from merge_cli.output.html_report import tune_html, write_html
+
+    page = write_html(
+        out_recipe.with_suffix(".html"),
+        tune_html(
+            f"merge-cli tune: {out_recipe.name}",
+            header,
+            merged.groups,
+            merged.models,
+            merged.start,
+            coeffs,
+            history,
+        ),
+    )
     if not quiet:
         _print_table(merged, coeffs)
+        print(f"plots of the coefficients and the loss: {page}")
     print(f"{objective}: {before:.4f} -> {after:.4f} in {steps} step(s), {seconds:.1f} s; wrote {out_recipe} ({form}, {len(merged.groups)} group(s) x "
           f"{len(merged.models)} model(s))")  # fmt: skip
     if merge is not None:

@@ -380,3 +380,32 @@ def analysis_html(res: dict) -> str:
              + [num(r["experts"][e].get("kept_fraction"), True) for e in res["experts"]] for r in res["by_layer"]],
         )  # fmt: skip
     return page.render()
+
+
+def tune_html(
+    title: str, header: list[str], groups: list[str], models: list[str], start, coeffs, losses
+) -> str:
+    """`merge-cli tune`'s page beside the tuned recipe: the learned weight per model and group (bars, and
+    a table with the starting values), and the loss per step."""
+    page = Page(title)
+    for line in header:
+        page.p(line)
+    shown = groups[:48]  # bars stay readable; the table has every group
+    series = {m: [float(coeffs[g][i]) for g in range(len(shown))] for i, m in enumerate(models)}
+    page.plot(
+        "coefficients",
+        "learned weight per model and group",
+        plots.bars("learned weights", shown, series, "weight"),
+    )
+    if losses:
+        page.plot(
+            "loss",
+            "objective per step",
+            plots.line("objective", list(range(1, len(losses) + 1)), {"loss": losses}, "loss", xlabel="step"),
+        )
+    rows = [
+        [esc(g), *(f"{float(c):.4f} (from {float(s):.2f})" for c, s in zip(coeffs[k], start[k]))]
+        for k, g in enumerate(groups)
+    ]
+    page.table(["group", *models], rows)
+    return page.render()
