@@ -310,7 +310,7 @@ def test_blocked_select_matches_plain_topk(monkeypatch, quantised, density, miss
     """The blocked selection (sample bracket + one counting pass) finds the same threshold and tie cutoff as
     a plain sort: keeping |tau| > value plus the first take_equal equal entries gives exactly the top k."""
     from merge_cli.kernels import blocked as fused
-    from merge_cli.kernels import dispatch as fused_methods
+    from merge_cli.kernels import ties as fused_methods
 
     monkeypatch.setattr(fused, "BLOCK", 1000)
     if miss:  # a bracket that misses the threshold: the radix fallback must give the same answer
@@ -338,7 +338,7 @@ def test_chunked_ties_with_a_missed_bracket_is_still_exact(tmp_path, monkeypatch
     """Row-chunked TIES whose sample bracket misses every threshold (forced): the radix fallback and the
     recount give the eager result bit for bit."""
     from merge_cli.kernels import blocked as fused
-    from merge_cli.kernels import dispatch as fused_methods
+    from merge_cli.kernels import ties as fused_methods
 
     m = _quantised_models(tmp_path)
     recipe = _recipe(tmp_path, m, "ties", "{density: 0.35}", "{}")

@@ -103,7 +103,8 @@ def _inputs(dtype, n=10_000, m=3, quantised=True, seed=0):
 
 
 def _steps(kind: str, base, xs):
-    from merge_cli.kernels.dispatch import Draws, ties_thresholds, trims
+    from merge_cli.kernels.gta import Draws
+    from merge_cli.kernels.ties import ties_thresholds, trims
 
     n = base.numel()
     if kind == "none":
@@ -111,7 +112,7 @@ def _steps(kind: str, base, xs):
     if kind == "trim":
         return trims(*ties_thresholds(base, xs, [0.3, 0.55, 1.0]))
     if kind == "band":
-        from merge_cli.kernels.dispatch import select_thresholds, whole_views
+        from merge_cli.kernels.ties import select_thresholds, whole_views
 
         ks = [int(0.9 * n), int(0.01 * n), int(0.5 * n), 0, None, int(0.2 * n)]
         ts, cuts = select_thresholds(n, ks, *whole_views(base, xs), which=[0, 0, 1, 1, 2, 2])

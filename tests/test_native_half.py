@@ -9,7 +9,8 @@ import torch
 
 from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
-from merge_cli.kernels.dispatch import Draws, select_thresholds, ties_thresholds, trims, whole_views
+from merge_cli.kernels.gta import Draws
+from merge_cli.kernels.ties import select_thresholds, ties_thresholds, trims, whole_views
 from merge_cli.methods.task_arithmetic import weighted_sum
 from merge_cli.methods.ties import disjoint_merge, elect
 

@@ -202,7 +202,8 @@ def _merged(job: TensorJob, base, xs, ctx: TensorCtx, fast: bool) -> tuple[torch
     it applies (kernels/dispatch.py, bitwise equal to the plain kernel), else the method's plain kernel."""
     from merge_cli.engine.stats import whole_model_job
     from merge_cli.kernels.blocked import NonFinite
-    from merge_cli.kernels.dispatch import FUSED_METHODS, predraw, whole
+    from merge_cli.kernels.dispatch import FUSED_METHODS, whole
+    from merge_cli.kernels.gta import predraw
 
     params = _params(job)
     if fast and ctx.device.type == "cpu" and xs[0].dtype == torch.float32 and job.method in FUSED_METHODS:

@@ -33,15 +33,9 @@ class ChunkedPath:
         tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
         from merge_cli.kernels import native
         from merge_cli.kernels.blocked import abs_tau
-        from merge_cli.kernels.dispatch import (
-            counts_for,
-            gta_sparsify,
-            run_gta,
-            run_ties,
-            select_thresholds,
-            trims,
-            whole,
-        )  # fmt: skip
+        from merge_cli.kernels.dispatch import whole
+        from merge_cli.kernels.gta import gta_sparsify, run_gta
+        from merge_cli.kernels.ties import counts_for, run_ties, select_thresholds, trims
 
         if not self.fused:
             return None

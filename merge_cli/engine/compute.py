@@ -49,16 +49,17 @@ class _Compute(ChunkedPath):
 
     def predraw(self, job: TensorJob, base, inputs):
         """What a whole-tensor blocked dare_* merge needs first (the L1 sums), made on the reader thread
-        (dispatch.predraw)."""
+        (kernels/gta.predraw)."""
         if not self.fused or base is None or self.why_plain(job) is not None:
             return None
-        from merge_cli.kernels.dispatch import predraw
+        from merge_cli.kernels.gta import predraw
 
         ctx = _ctx(self.plan, job, self.device)
         return predraw(job.method, _params(job), base, inputs, ctx, self.dtype)
 
     def try_fused(self, job: TensorJob, base, inputs, stats, pre=None) -> torch.Tensor | None:
-        from merge_cli.kernels.dispatch import NoKernel, whole
+        from merge_cli.kernels.dispatch import whole
+        from merge_cli.kernels.route import NoKernel
 
         if not self.fused:
             return None

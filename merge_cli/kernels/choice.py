@@ -15,7 +15,8 @@ import threading
 import torch
 
 from merge_cli.kernels import native
-from merge_cli.kernels.dispatch import FUSED_METHODS, applies, dtype_name, fast_path
+from merge_cli.kernels.dispatch import FUSED_METHODS, applies
+from merge_cli.kernels.route import dtype_name, fast_path
 
 __all__ = ["KernelLog", "dtype_name", "fast_label", "fast_path", "why_plain"]
 

@@ -135,14 +135,14 @@ BREADCRUMBS_TIES = MethodSpec(
 # runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     "breadcrumbs": (
-        "merge_cli.kernels.dispatch.run_gta",
-        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.gta.run_gta",
+        "merge_cli.kernels.gta.gta_sparsify",
         "merge_cli.kernels.native.merge",
         "merge_cli.kernels.blocked.sparse_sum",
     ),
     "breadcrumbs_ties": (
-        "merge_cli.kernels.dispatch.run_gta",
-        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.gta.run_gta",
+        "merge_cli.kernels.gta.gta_sparsify",
         "merge_cli.kernels.native.merge",
         "merge_cli.kernels.blocked.consensus",
     ),

@@ -25,14 +25,14 @@ from merge_cli.methods.gta import Rescale, rescale_bool
 # runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     "dare_linear": (
-        "merge_cli.kernels.dispatch.run_gta",
-        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.gta.run_gta",
+        "merge_cli.kernels.gta.gta_sparsify",
         "merge_cli.kernels.native.merge",
         "merge_cli.kernels.blocked.sparse_sum",
     ),
     "dare_ties": (
-        "merge_cli.kernels.dispatch.run_gta",
-        "merge_cli.kernels.dispatch.gta_sparsify",
+        "merge_cli.kernels.gta.run_gta",
+        "merge_cli.kernels.gta.gta_sparsify",
         "merge_cli.kernels.native.merge",
         "merge_cli.kernels.blocked.consensus",
     ),

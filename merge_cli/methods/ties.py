@@ -161,8 +161,8 @@ SPEC = MethodSpec(
 # runner, then the primitives it calls (native C, with the eager blocked form as the fallback).
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     "ties": (
-        "merge_cli.kernels.dispatch.run_ties",
-        "merge_cli.kernels.dispatch.select_thresholds",
+        "merge_cli.kernels.ties.run_ties",
+        "merge_cli.kernels.ties.select_thresholds",
         "merge_cli.kernels.native.merge",
         "merge_cli.kernels.blocked.consensus",
     ),
