@@ -260,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     from merge_cli.fusion.spec import is_fusion_recipe
 
     # every merge recipe (a logit_fusion recipe decodes instead: `merge-cli generate --recipe`)
-    recipes = [p for p in sorted((repo / "recipes").glob("*.yaml")) if not is_fusion_recipe(p)]
+    from merge_cli.skillpack.twin import is_twin_recipe
+
+    recipes = [
+        p for p in sorted((repo / "recipes").glob("*.yaml")) if not (is_fusion_recipe(p) or is_twin_recipe(p))
+    ]
     console = Console()
     t0 = time.perf_counter()
     make_example_models(repo / "examples" / "models")

@@ -554,3 +554,31 @@ def test_hostile_metadata_values_give_one_line(default_pack, tmp_path, field, va
     bad = _rewrite(good, tmp_path / "bad.skillpack", edit)
     line = _bad(run_cli("pack", "inspect", bad))
     assert "bad.skillpack" in line
+
+
+def test_method_twin_recipe_runs_as_pack_twin(fam, tmp_path):
+    """`method: twin` in a recipe (`merge-cli run`) writes what `pack twin` writes: the same shared model and
+    the same exclusive packs, bit for bit; bad twin recipes are one line and exit 2."""
+    recipe = write_recipe(tmp_path / "twin.yaml", {
+        "method": "twin", "base_model": str(fam["base"]), "models": [str(fam["expert0"]), {"model": str(fam["expert1"])}],
+        "parameters": {"shared_method": "task_arithmetic", "lambda": 0.4, "density": 0.5},
+    })  # fmt: skip
+    assert run_cli("validate", recipe).exit_code == 0
+    r = run_cli("run", recipe, tmp_path / "a", "-q")
+    assert r.exit_code == 0, r.output
+    r = run_cli("pack", "twin", fam["base"], fam["expert0"], fam["expert1"], tmp_path / "b",
+                "--density", "0.5", "--param", "lambda=0.4")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    a, b = load_output(tmp_path / "a" / "shared"), load_output(tmp_path / "b" / "shared")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("expert0", "expert1"):
+        pa, pb = (load_file(str(tmp_path / d / f"{name}.skillpack")) for d in ("a", "b"))
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    for bad, needle in (
+        ({"method": "twin", "models": [str(fam["expert0"])]}, "base_model"),
+        ({"method": "twin", "base_model": str(fam["base"]), "models": [str(fam["expert0"])], "parameters": {"density": 2}}, "density"),
+        ({"method": "twin", "base_model": str(fam["base"]), "models": [str(fam["expert0"])], "modles": []}, "did you mean 'models'"),
+        ({"method": "twin", "base_model": str(fam["base"]), "models": [str(fam["expert0"])], "parameters": {"shared_method": "tie"}}, "unknown merge method"),
+    ):  # fmt: skip
+        r = run_cli("run", write_recipe(tmp_path / "bad.yaml", bad), tmp_path / "c", "-q")
+        assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

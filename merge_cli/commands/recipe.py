@@ -21,6 +21,14 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
         _, stages, _ = load_stages(recipe)
         print(f"ok: {recipe} is a valid multi-stage recipe: {', '.join(s.name or 'final' for s in stages)}")
         return
+    from merge_cli.skillpack.twin import is_twin_recipe, load_twin_recipe
+
+    if is_twin_recipe(recipe):
+        t = load_twin_recipe(recipe)
+        print(
+            f"ok: {recipe} is a valid twin recipe: a shared {t['method']} merge and {len(t['experts'])} exclusive pack(s)"
+        )
+        return
     r = load_recipe_arg(recipe)
     n = len(r.models) or sum(len(s.sources) for s in r.slices)
     print(f"ok: {recipe} is a valid {r.method} recipe over {n} model reference(s)")

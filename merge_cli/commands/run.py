@@ -67,6 +67,17 @@ def run(
     from merge_cli.merge.stages import run_stages
     from merge_cli.plan import build_plan
     from merge_cli.recipe.stages import is_multi_stage
+    from merge_cli.skillpack.twin import is_twin_recipe
+
+    if is_twin_recipe(recipe):  # issue 16: Twin-Merging writes a shared model and one pack per expert
+        from merge_cli.engine import default_max_memory
+        from merge_cli.skillpack.twin import load_twin_recipe, twin
+
+        res = twin(**load_twin_recipe(recipe), out_dir=out_dir, overwrite=overwrite,
+                   max_memory=size_arg(max_memory, "--max-memory") or default_max_memory())  # fmt: skip
+        print(f"twin: wrote {res['shared']} and {len(res['packs'])} exclusive pack(s) in {out_dir}; "
+              f"`merge-cli pack apply {res['shared']} PACKS... OUT --weights NAME=1` gives one expert's model")  # fmt: skip
+        return
 
     if is_multi_stage(recipe):
         done = run_stages(

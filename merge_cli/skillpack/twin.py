@@ -59,3 +59,63 @@ def twin(base_ref: str, experts: list[str], out_dir: Path, *, method: str = "tas
     finally:
         theta.close()
     return {"shared": shared, "packs": packs}
+
+
+TWIN_KEYS = ("name", "method", "base_model", "models", "parameters", "shard_size")
+
+
+def is_twin_recipe(path: Path) -> bool:
+    """A recipe whose `method:` is twin: `merge-cli run` writes the shared model and the exclusive packs."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("method") == "twin"
+
+
+def load_twin_recipe(path: Path) -> dict:
+    """The twin() arguments of a `method: twin` recipe, checked with one-line errors:
+
+        method: twin
+        base_model: ./base
+        models: [./math, ./code]          # or {model: PATH} entries
+        parameters: {shared_method: task_arithmetic, lambda: 0.3, density: 0.1}
+
+    `shared_method` (default task_arithmetic) merges the shared model with the other parameters; `density`
+    (default 0.1) is the fraction of singular triplets each exclusive pack keeps."""
+    import yaml
+
+    from merge_cli.errors import RecipeError, did_you_mean
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    for k in data:
+        if k not in TWIN_KEYS:
+            raise RecipeError(f"{path}: unknown key '{k}' in a twin recipe{did_you_mean(k, TWIN_KEYS)}")
+    if not isinstance(data.get("base_model"), str):
+        raise RecipeError(
+            f"{path}: a twin recipe needs `base_model:` (the model the experts were tuned from)"
+        )
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise RecipeError(f"{path}: a twin recipe needs `models:`, a non-empty list of the experts")
+    refs = [m.get("model") if isinstance(m, dict) else m for m in models]
+    if not all(isinstance(r, str) and r for r in refs):
+        raise RecipeError(f"{path}: every entry of `models:` is a path or {{model: PATH}}")
+    params = dict(data.get("parameters") or {})
+    density = params.pop("density", 0.1)
+    if not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+        raise RecipeError(f"{path}: parameters.density must be a number in [0, 1] (got {density!r})")
+    shared = params.pop("shared_method", "task_arithmetic")
+    from merge_cli.methods import get_method
+
+    get_method(shared, f"{path}: parameters.shared_method")
+
+    def rel(ref: str) -> str:  # paths relative to the recipe's folder, as in merge recipes
+        p = path.parent / ref
+        return str(p) if not Path(ref).is_absolute() and p.exists() else ref
+
+    return {"base_ref": rel(data["base_model"]), "experts": [rel(r) for r in refs], "method": shared,
+            "params": params, "density": float(density)}  # fmt: skip
