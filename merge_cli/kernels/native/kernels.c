@@ -240,6 +240,41 @@ static double sumabs(const float *restrict t, int64_t n) {
     return s;
 }
 
+/* TIES' elect and disjoint merge of one tile, shared by mk_merge() and merge_half(): the sign elected from acc
+ * (the election's total), then acc = sum_i w_i tau_i and den = sum_i w_i over the entries that agree with it;
+ * touched and conflict count the coordinates some model agrees with / opposes. Inlined, so each caller's
+ * loops vectorize as before; every float op is in the same order, so the bits are unchanged. */
+static inline void disjoint_tile(int64_t k, int32_t m, const float *ts, const float *wts, const float *w,
+                                 float *restrict acc, float *restrict den, float *restrict sg, float *restrict smax,
+                                 float *restrict smin, int64_t *touched, int64_t *conflict) {
+    for (int64_t j = 0; j < k; j++) {
+        sg[j] = acc[j] < 0.0f ? -1.0f : 1.0f; /* sign(sign(total) + 0.5): >= 0 (and -0) -> +1 */
+        acc[j] = 0.0f;
+        den[j] = 0.0f;
+        smax[j] = -2.0f;
+        smin[j] = 2.0f;
+    }
+    for (int32_t i = 0; i < m; i++) {
+        const float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+        const float wi = w[i];
+        for (int64_t j = 0; j < k; j++) {
+            float a = signf(t[j] * sg[j]); /* 1 agrees with the elected sign, -1 opposes it, 0 */
+            smax[j] = a > smax[j] ? a : smax[j];
+            smin[j] = a < smin[j] ? a : smin[j];
+            a = a > 0.0f ? a : 0.0f;
+            acc[j] = acc[j] + wt[j] * a;
+            den[j] = den[j] + wi * a;
+        }
+    }
+    int32_t tch = 0, cfl = 0;
+    for (int64_t j = 0; j < k; j++) {
+        tch += smax[j] == 1.0f;
+        cfl += smin[j] == -1.0f;
+    }
+    *touched += tch;
+    *conflict += cfl;
+}
+
 /* TIES election and disjoint merge (consensus = 1) or the plain weighted sum (consensus = 0) of the
  * sparsified task vectors tau_i = x_i - base, for n elements at flat index offset..offset+n.
  * consensus: sign = sign(sum_i w_i tau_i) (or sum_i tau_i unless weighted; 0 -> +), agreeing entries merged
@@ -294,32 +329,7 @@ int mk_merge(int64_t n, int64_t offset, const void *base, int base_dtype, int32_
             kept[i] += c;
         }
         if (consensus) {
-            for (int64_t j = 0; j < k; j++) {
-                sg[j] = acc[j] < 0.0f ? -1.0f : 1.0f; /* sign(sign(total) + 0.5): >= 0 (and -0) -> +1 */
-                acc[j] = 0.0f;
-                den[j] = 0.0f;
-                smax[j] = -2.0f;
-                smin[j] = 2.0f;
-            }
-            for (int32_t i = 0; i < m; i++) {
-                const float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
-                const float wi = w[i];
-                for (int64_t j = 0; j < k; j++) {
-                    float a = signf(t[j] * sg[j]); /* 1 agrees with the elected sign, -1 opposes it, 0 */
-                    smax[j] = a > smax[j] ? a : smax[j];
-                    smin[j] = a < smin[j] ? a : smin[j];
-                    a = a > 0.0f ? a : 0.0f;
-                    acc[j] = acc[j] + wt[j] * a;
-                    den[j] = den[j] + wi * a;
-                }
-            }
-            int32_t tch = 0, cfl = 0;
-            for (int64_t j = 0; j < k; j++) {
-                tch += smax[j] == 1.0f;
-                cfl += smin[j] == -1.0f;
-            }
-            *touched += tch;
-            *conflict += cfl;
+            disjoint_tile(k, m, ts, wts, w, acc, den, sg, smax, smin, touched, conflict);
             if (mean)
                 for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] == 0.0f ? 1.0f : den[j]);
         } else if (divisor != 1.0f) {
@@ -373,32 +383,7 @@ static int merge_half(int64_t n, int64_t offset, const void *base, int base_dtyp
         }
         if (consensus) {
             rnd(acc, k, cd); /* the election's total, rounded to cd, then compared with 0 */
-            for (int64_t j = 0; j < k; j++) {
-                sg[j] = acc[j] < 0.0f ? -1.0f : 1.0f;
-                acc[j] = 0.0f;
-                den[j] = 0.0f;
-                smax[j] = -2.0f;
-                smin[j] = 2.0f;
-            }
-            for (int32_t i = 0; i < m; i++) {
-                const float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
-                const float wi = w[i];
-                for (int64_t j = 0; j < k; j++) {
-                    float a = signf(t[j] * sg[j]);
-                    smax[j] = a > smax[j] ? a : smax[j];
-                    smin[j] = a < smin[j] ? a : smin[j];
-                    a = a > 0.0f ? a : 0.0f;
-                    acc[j] = acc[j] + wt[j] * a;
-                    den[j] = den[j] + wi * a;
-                }
-            }
-            int32_t tch = 0, cfl = 0;
-            for (int64_t j = 0; j < k; j++) {
-                tch += smax[j] == 1.0f;
-                cfl += smin[j] == -1.0f;
-            }
-            *touched += tch;
-            *conflict += cfl;
+            disjoint_tile(k, m, ts, wts, w, acc, den, sg, smax, smin, touched, conflict);
             rnd(acc, k, cd);
             if (mean) {
                 rnd(den, k, cd);
