@@ -66,6 +66,22 @@ def run_cli_subprocess(*args: str, timeout: float = 300, **kw) -> subprocess.Com
     )
 
 
+def merge_in_process(tmp_path: Path, recipe: Path, label: str, **options):
+    """(output tensors, MergeOutcome) of one in-process merge of `recipe` into tmp_path / label, with
+    EngineOptions(**options)."""
+    from merge_cli.engine import EngineOptions
+    from merge_cli.merge import execute
+    from merge_cli.plan import build_plan
+    from merge_cli.recipe import load_recipe
+
+    plan = build_plan(load_recipe(recipe))
+    try:
+        result = execute(plan, tmp_path / label, options=EngineOptions(**options))
+    finally:
+        plan.close()
+    return load_output(tmp_path / label), result
+
+
 def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a written model, read back with the safetensors library (an independent reader)."""
     out = {}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import load_output, run_cli, write_model, write_recipe
+from helpers import load_output, merge_in_process, run_cli, write_model, write_recipe
 
 from merge_cli.engine import EngineOptions, resolve_device, working_bytes
 from merge_cli.errors import MergeCliError
@@ -41,12 +41,8 @@ def _recipe(tmp_path, m, method: str, params: str, top: str, params_for_both: bo
 
 def _merge(tmp_path, recipe, label: str, **options):
     """(output tensors, report stats by tensor name, MergeOutcome) of one merge into tmp_path / label."""
-    plan = build_plan(load_recipe(recipe))
-    try:
-        result = execute(plan, tmp_path / label, options=EngineOptions(**options))
-    finally:
-        plan.close()
-    return load_output(tmp_path / label), {t["name"]: t for t in result.report["tensors"]}, result
+    out, result = merge_in_process(tmp_path, recipe, label, **options)
+    return out, {t["name"]: t for t in result.report["tensors"]}, result
 
 
 @pytest.mark.parametrize(

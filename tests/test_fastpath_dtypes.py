@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_output, run_cli, write_model, write_recipe
+from helpers import merge_in_process, run_cli, write_model, write_recipe
 
-from merge_cli.engine import EngineOptions
 from merge_cli.kernels import native
-from merge_cli.merge import execute
-from merge_cli.plan import build_plan
-from merge_cli.recipe import load_recipe
 
 needs_native = pytest.mark.skipif(
     native.lib() is None, reason=f"native kernels unavailable: {native.unavailable_reason()}"
@@ -54,15 +50,6 @@ def _recipe(tmp_path, m, method: str, params: str, top: str, dtype: str, out_dty
     )
 
 
-def _merge(tmp_path, recipe, label: str, **options):
-    plan = build_plan(load_recipe(recipe))
-    try:
-        result = execute(plan, tmp_path / label, options=EngineOptions(**options))
-    finally:
-        plan.close()
-    return load_output(tmp_path / label), result
-
-
 CASES = [
     ("linear", "", "{normalize: true}"),
     ("task_arithmetic", "", "{lambda: 0.8}"),
@@ -85,10 +72,10 @@ def test_half_compute_runs_native_with_the_plain_bits(tmp_path, method, params, 
         pytest.skip("the C compiler has no _Float16")
     m = _models(tmp_path)
     recipe = _recipe(tmp_path, m, method, params, top, dtype)
-    ref, plain = _merge(tmp_path, recipe, "plain", max_memory=1 << 30, fused="off")
+    ref, plain = merge_in_process(tmp_path, recipe, "plain", max_memory=1 << 30, fused="off")
     assert plain.engine.kernels.startswith("plain")
     for label, budget in (("whole", 1 << 30), ("chunked", 600_000)):
-        got, res = _merge(tmp_path, recipe, label, max_memory=budget)
+        got, res = merge_in_process(tmp_path, recipe, label, max_memory=budget)
         assert res.engine.kernels == "native", res.engine.kernels
         assert (EMB in res.engine.chunked) == (label == "chunked")
         for name in ref:
@@ -100,8 +87,8 @@ def test_fp32_inputs_with_bf16_compute_and_fp32_output(tmp_path):
     """Inputs in fp32 are rounded to the compute dtype as they are read; the output widened to fp32."""
     m = _models(tmp_path, torch.float32)
     recipe = _recipe(tmp_path, m, "ties", "density: 0.3", "{}", "bfloat16", "float32")
-    ref, _ = _merge(tmp_path, recipe, "plain", fused="off")
-    got, res = _merge(tmp_path, recipe, "native", max_memory=600_000)
+    ref, _ = merge_in_process(tmp_path, recipe, "plain", fused="off")
+    got, res = merge_in_process(tmp_path, recipe, "native", max_memory=600_000)
     assert res.engine.kernels == "native"
     for name in ref:
         assert torch.equal(ref[name].view(torch.int32), got[name].view(torch.int32)), name
@@ -111,20 +98,20 @@ def test_plain_kernels_say_why(tmp_path, monkeypatch):
     """One line in the report (and the summary line): which kernels ran and why the plain ones did."""
     m = _models(tmp_path)
     recipe = _recipe(tmp_path, m, "della", "density: 0.5, epsilon: 0.1", "{}", "bfloat16")
-    _, res = _merge(tmp_path, recipe, "della")
+    _, res = merge_in_process(tmp_path, recipe, "della")
     assert res.engine.kernels == "plain kernels: della has no fast path"
     assert res.report["engine"]["kernels"] == res.engine.kernels
     recipe = _recipe(tmp_path, m, "ties", "density: 0.3", "{}", "bfloat16")
-    _, res = _merge(tmp_path, recipe, "off", fused="off")
+    _, res = merge_in_process(tmp_path, recipe, "off", fused="off")
     assert res.engine.kernels == "plain kernels: --fused off"
     monkeypatch.setattr(native, "lib", lambda: None)
     monkeypatch.setattr(native, "_why", ["no C compiler found (set CC)"])
-    _, res = _merge(tmp_path, recipe, "nocc")
+    _, res = merge_in_process(tmp_path, recipe, "nocc")
     assert res.engine.kernels == (
         "plain kernels: bf16 compute needs the native kernels (no C compiler found (set CC))"
     )
     recipe = _recipe(tmp_path, m, "linear", "", "{}", "bfloat16")
-    _, res = _merge(tmp_path, recipe, "linear_nocc")
+    _, res = merge_in_process(tmp_path, recipe, "linear_nocc")
     assert res.engine.kernels.startswith("eager blocked")
     r = run_cli(
         "run", _recipe(tmp_path, m, "della", "density: 0.5", "{}", "bfloat16"), tmp_path / "cli", "-q"

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from kernel_steps import sparsify_steps
 from method_helpers import counter_draw
 
 from merge_cli.kernels import blocked as fused
@@ -102,32 +103,6 @@ def _inputs(dtype, n=10_000, m=3, quantised=True, seed=0):
     return base, xs
 
 
-def _steps(kind: str, base, xs):
-    from merge_cli.kernels.gta import Draws
-    from merge_cli.kernels.ties import ties_thresholds, trims
-
-    n = base.numel()
-    if kind == "none":
-        return [[] for _ in xs]
-    if kind == "trim":
-        return trims(*ties_thresholds(base, xs, [0.3, 0.55, 1.0]))
-    if kind == "band":
-        from merge_cli.kernels.ties import select_thresholds, whole_views
-
-        ks = [int(0.9 * n), int(0.01 * n), int(0.5 * n), 0, None, int(0.2 * n)]
-        ts, cuts = select_thresholds(n, ks, *whole_views(base, xs), which=[0, 0, 1, 1, 2, 2])
-        tr = trims(ts, cuts)
-        return [[fused.Band(tr[2 * i][0] if tr[2 * i] else None, tr[2 * i + 1][0] if tr[2 * i + 1] else None)]
-                for i in range(3)]  # fmt: skip
-    if kind == "dare":
-        return [
-            [fused.KeepBelow(Draws(_Ctx, 0, 0.3), mul=2.7)],
-            [fused.KeepBelow(Draws(_Ctx, 1, 0.5), div=0.5), fused.negate],
-            [fused.KeepBelow(Draws(_Ctx, 2, 0.0))],
-        ]
-    raise AssertionError(kind)
-
-
 @needs_native
 @pytest.mark.parametrize("kind", ["none", "trim", "band", "dare"])
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
@@ -137,7 +112,7 @@ def test_native_merge_is_bitwise_equal_to_the_eager_kernels(kind, dtype, out_dty
     """Consensus (weighted or not, mean or sum, lambda) and the plain weighted sum, at a non-zero flat offset
     and over a length that is no multiple of the tile: the same output bits and the same counts."""
     base, xs = _inputs(dtype, quantised=quantised)
-    steps = _steps(kind, base, xs)
+    steps = sparsify_steps(kind, base, xs, _Ctx)
     specs = [native.spec(s) for s in steps]
     w = [0.7, 1.3, 0.4]
     for offset in (0, 4096 + 17):
@@ -171,7 +146,7 @@ def test_trim_cutoff_inside_a_tile_keeps_exactly_the_quota():
 @needs_native
 def test_native_l1_sums_and_counts_match_eager():
     base, xs = _inputs(torch.bfloat16, n=70_000)
-    steps = _steps("dare", base, xs)
+    steps = sparsify_steps("dare", base, xs, _Ctx)
     specs = [native.spec(s) for s in steps]
     for (a, b), (c, d) in zip(fused.l1_sums(base, xs, steps, 0), native.l1_sums(base, xs, specs, 0)):
         assert c == pytest.approx(a, rel=1e-9) and d == pytest.approx(b, rel=1e-9)

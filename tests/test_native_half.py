@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_steps import sparsify_steps
 
 from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 from merge_cli.kernels.gta import Draws
-from merge_cli.kernels.ties import select_thresholds, ties_thresholds, trims, whole_views
+from merge_cli.kernels.ties import ties_thresholds
 from merge_cli.methods.task_arithmetic import weighted_sum
 from merge_cli.methods.ties import disjoint_merge, elect
 
@@ -40,27 +41,6 @@ def _inputs(dtype, n=9_000, m=3, kind="quantised", seed=0):
             step = 0.01 * torch.randn(n, generator=g)
         xs.append((base + step).to(dtype))
     return base.to(dtype), xs
-
-
-def _steps(kind: str, base, xs, cd):
-    n = base.numel()
-    if kind == "none":
-        return [[] for _ in xs]
-    if kind == "trim":
-        return trims(*ties_thresholds(base, xs, [0.3, 0.55, 1.0], cd))
-    if kind == "band":
-        ks = [int(0.9 * n), int(0.01 * n), int(0.5 * n), 0, None, int(0.2 * n)]
-        ts, cuts = select_thresholds(n, ks, *whole_views(base, xs, cd), which=[0, 0, 1, 1, 2, 2], cd=cd)
-        tr = trims(ts, cuts)
-        return [[fused.Band(tr[2 * i][0] if tr[2 * i] else None, tr[2 * i + 1][0] if tr[2 * i + 1] else None)]
-                for i in range(3)]  # fmt: skip
-    if kind == "dare":
-        return [
-            [fused.KeepBelow(Draws(_Ctx, 0, 0.3), mul=2.7)],
-            [fused.KeepBelow(Draws(_Ctx, 1, 0.45), div=0.45), fused.negate],
-            [fused.KeepBelow(Draws(_Ctx, 2, 0.0))],
-        ]
-    raise AssertionError(kind)
 
 
 def _plain_sparsify(t: torch.Tensor, steps, g0: int) -> torch.Tensor:
@@ -122,7 +102,7 @@ def test_half_merge_is_bitwise_the_plain_ops(cd, kind, in_dtype, data):
     if in_dtype == torch.float16 and not native.has_f16():
         pytest.skip("no _Float16")
     base, xs = _inputs(in_dtype, kind=data, seed=hash((kind, data)) % 1000)
-    steps = _steps(kind, base, xs, cd)
+    steps = sparsify_steps(kind, base, xs, _Ctx, cd, dare_density=0.45)
     specs = [native.spec(s) for s in steps]
     for offset in (0, 4096 + 17):
         for w, weighted, mean, lam in (
