@@ -45,7 +45,7 @@ class ChunkedPath:
             return None
         cd = self.dtype
         models = self.plan.models
-        if cd != torch.float32 and job.method != "linear":  # the native kernels must read every input
+        if (cd != torch.float32 and job.method != "linear") or job.method == "sce":  # native reads every input
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
                 self.ran_plain(f"{dtype_name(cd)} compute of inputs the native kernels do not read")
@@ -60,6 +60,8 @@ class ChunkedPath:
                 return out, st.get("_sqnorms")
 
             return elementwise
+        if job.method == "sce":
+            return self._sce_apply(job, rows, state, params, out_dtype)
         per_row = job.numel // job.shape[0]
 
         def read(ref, r0: int, r1: int) -> torch.Tensor:
@@ -113,6 +115,34 @@ class ChunkedPath:
             if touched is not None:
                 st["touched"] += touched
                 st["conflict"] += conflict
+            return out, sq
+
+        return apply
+
+    def _sce_apply(self, job: TensorJob, rows: int, state, params: ParamSet, out_dtype):
+        """sce's per-chunk native apply after its statistics passes (kernels/sce.py SceChunks)."""
+        from merge_cli.kernels.sce import SceChunks
+
+        sce = SceChunks(state, params, self.dtype)
+        try:
+            sce.prepare(lambda: self.chunks(job, rows, raw=True, check=False))
+        except NonFinite:  # a NaN/Inf input: name it, or (--allow-nonfinite) the plain streamed kernels
+            if self.check_finite:
+                for _ in self.chunks(job, rows, raw=True):
+                    pass
+            self.ran_plain("NaN/Inf inputs (--allow-nonfinite)")
+            return None
+        self.log.ran_fast()
+
+        def apply(offset, b, xs):
+            try:
+                out, bad, sq = sce.apply(b, xs, out_dtype)
+            except NonFinite:
+                self.check_counts(job, [1] * (len(xs) + 1), offset, b, xs)
+                raise MergeCliError(
+                    f"tensor '{job.name}': NaN/Inf values met in the merge; run again with --fused off"
+                ) from None
+            self.check_counts(job, bad, offset, b, xs)
             return out, sq
 
         return apply

@@ -1,7 +1,8 @@
 """The one dispatch table of the fast kernels: FUSED_METHODS, `applies` (does a fast kernel serve these
 parameters) and `whole` (one tensor through its method's blocked runner), plus the runners of linear and
-task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, the native-or-eager choice per
-primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the plain kernels.
+task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, sce in sce.py, the native-or-eager
+choice per primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the
+plain kernels.
 
 Each runner takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
 output in the output dtype; `cd` is the compute dtype.
@@ -17,6 +18,7 @@ from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
 from merge_cli.kernels.route import F32, NoKernel, fast_path
+from merge_cli.kernels.sce import run_sce
 from merge_cli.kernels.ties import (
     run_ties,
     ties_thresholds,
@@ -34,6 +36,7 @@ FUSED_METHODS = (
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "sce",
 )
 
 
@@ -98,6 +101,8 @@ def whole(
         return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
+    if method == "sce":  # None: numerics: mergekit with a tied top-k threshold (torch.topk's choice)
+        return run_sce(base, xs, p, out_dtype, stats, cd)
     if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
         raise NoKernel
     if method == "task_arithmetic":

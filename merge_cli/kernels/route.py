@@ -13,6 +13,7 @@ from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 
 F32 = torch.float32
+NATIVE_ONLY = ("sce",)  # methods with no eager blocked form: fp32 needs the native kernels as well
 
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -25,9 +26,14 @@ def dtype_name(dt: torch.dtype) -> str:
 def fast_path(methods, cd: torch.dtype) -> str | None:
     """None when the fast kernels can merge these methods in compute dtype cd; otherwise why not (a
     phrase). Resolving the native kernels may wait for their build (native.warm_up started it)."""
-    if cd == torch.float32 or all(m == "linear" for m in methods):
+    if all(m == "linear" for m in methods):
+        return None
+    native_only = [m for m in methods if m in NATIVE_ONLY]
+    if cd == torch.float32 and not native_only:
         return None
     if native.lib() is None:
+        if cd == torch.float32:
+            return f"{native_only[0]} needs the native kernels ({native.unavailable_reason()})"
         return f"{dtype_name(cd)} compute needs the native kernels ({native.unavailable_reason()})"
     if not native.dtype_ok(cd):
         return f"{dtype_name(cd)} compute has no native path (the C compiler has no _Float16)"

@@ -84,20 +84,32 @@ def _sq(stacked: torch.Tensor) -> list[float]:
     return [float(x) for x in stacked.reshape(stacked.shape[0], -1).double().pow(2).sum(dim=1)]
 
 
+def topk_count(var: torch.Tensor, select_topk: float, mergekit: bool) -> int:
+    """k = int(count_nonzero(var) * select_topk): for numerics: mergekit the count times the fraction as a
+    tensor product (fp32), as mergekit forms it; otherwise in Python floats."""
+    if mergekit:
+        return int(torch.count_nonzero(var) * select_topk) if select_topk > 0 else 0
+    return int(int(torch.count_nonzero(var)) * select_topk)
+
+
 def _mergekit_select_and_weigh(stacked: torch.Tensor, select_topk: float) -> tuple[torch.Tensor, list[float]]:
     """numerics: mergekit: the selected task vectors and the weights, every step in the compute dtype."""
     if select_topk < 1.0:
         mask = torch.zeros_like(stacked[0])
         var = stacked.var(dim=0, unbiased=False)
-        # the count times the fraction as a tensor product (fp32), as mergekit forms it
-        k = int(torch.count_nonzero(var) * select_topk) if select_topk > 0 else 0
+        k = topk_count(var, select_topk, True)
         if k > 0:
             mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
         stacked = stacked * mask.unsqueeze(0)
+    return stacked, mergekit_weights(stacked)
+
+
+def mergekit_weights(stacked: torch.Tensor) -> list[float]:
+    """numerics: mergekit: w_i = mean(tau^_i^2) / sum_j, in the compute dtype (uniform below 1e-6)."""
     energy = stacked.square().reshape(stacked.shape[0], -1).mean(dim=1)
     total = float(energy.sum())
     w = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
-    return stacked, [float(x) for x in w]
+    return [float(x) for x in w]
 
 
 def sce(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
@@ -110,7 +122,7 @@ def sce(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
         return out
     if p.select_topk < 1.0:
         var = stacked.var(dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(var)) * p.select_topk)
+        k = topk_count(var, p.select_topk, False)
         stacked = stacked * topk_mask(var, k).unsqueeze(0)
     w = _energy_weights(_sq(stacked), base.numel())
     st = {"kept": [0] * len(tensors), "numel": 0}

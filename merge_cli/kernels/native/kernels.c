@@ -545,3 +545,97 @@ int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x,
     *seen = met;
     return -1;
 }
+
+/* -- SCE (merge_cli/kernels/sce.py) ----------------------------------------------------------------------
+ * The plain kernel (methods/sce.py) stacks tau_i = x_i - base in the compute dtype, takes the population
+ * variance over the models per element (torch's var(dim=0, unbiased=False): Welford in double over the
+ * models in order, m2 / m converted to the compute dtype: double -> float, then to bf16/fp16), keeps the
+ * top-variance positions, and erases sign conflicts with weights w_i: sign of sum_i tau_i (0 -> +),
+ * sum_i cd(w_i tau_i) [agree] / max(sum_i w_i [agree], floor), plus base. */
+
+/* the population variance of m values (v[i * STRIDE]) as torch's Welford reduction gives it, in cd */
+static inline float welford_var(const float *v, int32_t m, int cd) {
+    double mean = 0.0, m2 = 0.0;
+    for (int32_t i = 0; i < m; i++) {
+        double x = (double)v[(size_t)i * STRIDE];
+        double delta = x - mean;
+        mean = mean + delta / (double)(i + 1);
+        m2 = m2 + delta * (x - mean);
+    }
+    float f = (float)(m2 / (double)m);
+    if (cd == BF16) return bf16_round(f);
+#if HAVE_F16
+    if (cd == F16) return (float)(half_t)f;
+#endif
+    return f;
+}
+
+/* Per tile: tau_i in cd (into stk[i], the plain kernel's stacked tensor, when stk is not NULL), the
+ * variance over the models into var (cd), and sq[i] += ||tau_i||^2 (non-finite when an input holds a
+ * NaN/Inf). stk[i] and var are arrays in the compute dtype cd. Returns 0, or -1 when out of memory. */
+int mk_sce_prep(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                const int32_t *x_dtypes, void *const *stk, void *var, double *sq, int32_t cd) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(m + 2));
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict vv = buf + STRIDE, *ts = buf + 2 * STRIDE;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load_c(bb, base, base_dtype, s, k, cd);
+        for (int32_t i = 0; i < m; i++) {
+            float *restrict t = ts + (size_t)i * STRIDE;
+            if (cd == F32)
+                load_tau(t, xs[i], x_dtypes[i], s, k, bb);
+            else
+                load_tau_c(t, xs[i], x_dtypes[i], s, k, bb, cd);
+            sq[i] += sumsq(t, k);
+            if (stk) store(stk[i], cd, s, t, k);
+        }
+        for (int64_t j = 0; j < k; j++) vv[j] = welford_var(ts + j, m, cd);
+        store(var, cd, s, vv, k);
+    }
+    free(buf);
+    return 0;
+}
+
+/* The erase of SCE over the selected stack stk (m arrays in cd, tau_i already masked) for n elements:
+ * out = base + sum_i cd(w_i tau_i) [agree] / max(sum_i w_i [agree], floor), every op rounded to cd as
+ * torch rounds it (sums over models accumulate in fp32 from +0 and are rounded once). w: the weights
+ * rounded to cd; kept[i] += nonzero entries of tau_i. Returns 0, or -1 when out of memory. */
+int mk_sce_erase(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *stk, const float *w,
+                 float floor_, void *out, int out_dtype, int64_t *kept, int32_t cd) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(2 * m + 6));
+    if (!buf) return -1;
+    float *restrict bb = buf, *restrict acc = buf + STRIDE, *restrict den = buf + 2 * STRIDE;
+    float *restrict sg = buf + 3 * STRIDE, *restrict smax = buf + 4 * STRIDE, *restrict smin = buf + 5 * STRIDE;
+    float *ts = buf + 6 * STRIDE, *wts = ts + (size_t)m * STRIDE;
+    int64_t touched = 0, conflict = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load_c(bb, base, base_dtype, s, k, cd);
+        for (int64_t j = 0; j < k; j++) acc[j] = 0.0f;
+        for (int32_t i = 0; i < m; i++) {
+            float *restrict t = ts + (size_t)i * STRIDE, *restrict wt = wts + (size_t)i * STRIDE;
+            load(t, stk[i], cd, s, k);
+            int32_t c = 0;
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) {
+                c += t[j] != 0.0f;
+                wt[j] = t[j] * wi;
+                acc[j] = acc[j] + t[j];
+            }
+            rnd(wt, k, cd);
+            kept[i] += c;
+        }
+        rnd(acc, k, cd); /* the election's total in cd, compared with 0 */
+        disjoint_tile(k, m, ts, wts, w, acc, den, sg, smax, smin, &touched, &conflict);
+        rnd(acc, k, cd);
+        rnd(den, k, cd);
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] < floor_ ? floor_ : den[j]);
+        rnd(acc, k, cd);
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        rnd(acc, k, cd);
+        store(out, out_dtype, s, acc, k);
+    }
+    free(buf);
+    return 0;
+}

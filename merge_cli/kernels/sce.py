@@ -1,0 +1,169 @@
+"""SCE (methods/sce.py) on the native kernels, bitwise the plain kernel in every compute dtype.
+
+The plain kernel's slow steps are replaced, its cheap ones are called as they are:
+
+- kernels.c mk_sce_prep makes the stacked task vectors tau_i = x_i - base in the compute dtype (the plain
+  kernel's `stacked`) and their population variance over the models per element as torch's
+  `var(dim=0, unbiased=False)` gives it on the CPU: Welford in double over the models in order, m2 / m,
+  converted double -> float (-> bf16/fp16), in one pass over tiles instead of torch's per-element reduction;
+- the top-k of the variance is an exact threshold (selection.find_threshold): `numerics: exact` keeps the
+  plain kernel's topk_mask (ties by lowest index); `numerics: mergekit` takes torch.topk's set, which is
+  `var >= threshold` unless the threshold is tied so that topk chooses among equal entries: then the
+  tensor goes to the plain kernel (None), as the TIES fast path does;
+- the weights are the plain kernel's own functions on the selected stack (sce.mergekit_weights, or float64
+  sums of squares by sce._sq), so they are its bits;
+- kernels.c mk_sce_erase does the sign election and the weighted disjoint merge with sce's denominator
+  max(sum_i w_i [agree], cd(1e-6)), each op rounded to the compute dtype as torch rounds it.
+
+Row-chunked tensors follow the plain streamed form (sce.STREAM: non-zero count, radix threshold with
+lowest-index ties across chunks, float64 sums of squares per chunk, then the erase per chunk) on the
+same state, with the variance and the erase native (SceChunks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from merge_cli.kernels import blocked as fused
+from merge_cli.kernels import native
+from merge_cli.kernels.route import F32, NoKernel
+from merge_cli.methods import ParamSet
+from merge_cli.methods.base import mergekit_numerics
+from merge_cli.methods.sce import _end_pass, _energy_weights, _sq, mergekit_weights, topk_count
+from merge_cli.methods.selection import find_threshold, topk_mask
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    so = native.lib()
+    i64, i32, f32, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+    so.mk_sce_prep.argtypes = [i64, vp, i32, i32, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_double), i32]
+    so.mk_sce_prep.restype = ctypes.c_int
+    so.mk_sce_erase.argtypes = [i64, vp, i32, i32, vp, vp, f32, vp, i32, ctypes.POINTER(ctypes.c_int64), i32]
+    so.mk_sce_erase.restype = ctypes.c_int
+    return so
+
+
+def usable(base, xs, out_dtype=None) -> bool:
+    """Can the native SCE kernels take these inputs (and write this output dtype)?"""
+    ok = native.lib() is not None and native.supports(base, *xs)
+    return ok and (out_dtype is None or native.dtype_ok(out_dtype))
+
+
+def _rows(stack: torch.Tensor):
+    return (ctypes.c_void_p * stack.shape[0])(*[stack[i].data_ptr() for i in range(stack.shape[0])])
+
+
+def prep(base, xs, cd=F32, stack: bool = True):
+    """(the stacked task vectors [m, *shape] in cd, or None; their variance over the models in cd; the
+    squared norm of each task vector; NaN/Inf counts of [base, *xs]). Raises fused.NonFinite when an input
+    holds a NaN/Inf."""
+    m = len(xs)
+    stk = torch.empty((m, *base.shape), dtype=cd) if stack else None
+    var = torch.empty(base.shape, dtype=cd)
+    ptrs, codes = native._ptrs(xs)
+    sq = (ctypes.c_double * m)()
+    native._check(
+        _lib().mk_sce_prep(
+            base.numel(), base.data_ptr(), native.DTYPES[base.dtype], m, ptrs, codes,
+            _rows(stk) if stack else None, var.data_ptr(), sq, native.DTYPES[cd],
+        )  # fmt: skip
+    )
+    sq = list(sq)
+    bad = fused._bad(sq, [base, *xs])
+    if any(bad):
+        raise fused.NonFinite
+    return stk, var, sq, bad
+
+
+def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[torch.Tensor, list[int]]:
+    """sce._erase over the selected stack: (output in out_dtype, nonzero entries per model)."""
+    m = stk.shape[0]
+    out = torch.empty(base.shape, dtype=out_dtype)
+    kept = (ctypes.c_int64 * m)()
+    floor = float(torch.tensor(1e-6, dtype=cd))  # den.clamp_min(1e-6) in the compute dtype
+    native._check(
+        _lib().mk_sce_erase(
+            base.numel(), base.data_ptr(), native.DTYPES[base.dtype], m, _rows(stk),
+            (ctypes.c_float * m)(*native.weights_in(w, cd)), floor, out.data_ptr(), native.DTYPES[out_dtype],
+            kept, native.DTYPES[cd],
+        )  # fmt: skip
+    )
+    return out, list(kept)
+
+
+def mergekit_mask(var: torch.Tensor, k: int) -> torch.Tensor | None:
+    """torch.topk(var, k)'s positions as a mask, or None when topk would choose among threshold-equal
+    entries (its order, not the lowest index: the plain kernel decides)."""
+    n = var.numel()
+    if k <= 0:
+        return torch.zeros(var.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(var.shape, dtype=torch.bool)
+    t = find_threshold(var, k)
+    return var >= t.value if t.keep_all_equal else None
+
+
+def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor | None:
+    """One whole tensor; None when numerics: mergekit meets a tied top-k threshold (plain kernel)."""
+    if not usable(base, xs, out_dtype):
+        raise NoKernel
+    mk = mergekit_numerics(p)
+    stk, var, sq, bad = prep(base, xs, cd)
+    if p.select_topk < 1.0:
+        k = topk_count(var, p.select_topk, mk)
+        mask = mergekit_mask(var, k) if mk else topk_mask(var, k)
+        if mask is None:
+            return None
+        stk.mul_(mask)
+    w = mergekit_weights(stk) if mk else _energy_weights(_sq(stk), base.numel())
+    out, kept = erase(base, stk, w, out_dtype, cd)
+    stats["weights"] = w
+    stats["kept_fraction"] = [k / max(base.numel(), 1) for k in kept]
+    stats["_nonfinite"], stats["_sqnorms"] = bad, sq
+    return out
+
+
+class SceChunks:
+    """The row-chunked form on the native kernels, on sce.STREAM's state (the engine's `state`): prepare()
+    runs the statistics passes over the chunks, then apply() merges each chunk in order."""
+
+    def __init__(self, state: dict, p: ParamSet, cd=F32):
+        self.state, self.p, self.cd = state, p, cd
+
+    def prepare(self, chunks) -> None:
+        """chunks(): (offset, base, xs) raw, in row order. The engine's state is updated only on success (a
+        NaN/Inf raises fused.NonFinite and leaves it for the plain streamed kernels)."""
+        st = {**self.state, "sq": list(self.state["sq"]), "kept": list(self.state["kept"])}
+        topk = self.p.select_topk < 1.0
+        for k in range(4):
+            sel = st["sel"]
+            if k == 3 or (topk and (k == 0 or sel.radix is not None)):
+                for _, b, xs in chunks():
+                    if not usable(b, xs):
+                        raise NoKernel
+                    stk, var, _, _ = prep(b, xs, self.cd, stack=k == 3)
+                    if k == 0:
+                        st["nz"] += int(torch.count_nonzero(var))
+                    elif k < 3:
+                        sel.radix.update(var)
+                    else:
+                        add = _sq(self._selected(st, stk, var))
+                        st["sq"] = [a + b for a, b in zip(st["sq"], add, strict=True)]
+            _end_pass(st, k)
+        self.state.update(st)
+
+    def _selected(self, st: dict, stk: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return stk if self.p.select_topk >= 1.0 else stk.mul_(st["sel"].mask(var).unsqueeze(0))
+
+    def apply(self, base, xs, out_dtype):
+        """(output chunk, NaN/Inf counts of [base, *xs], squared task-vector norms)."""
+        st = self.state
+        stk, var, sq, bad = prep(base, xs, self.cd)
+        out, kept = erase(base, self._selected(st, stk, var), st["w"], out_dtype, self.cd)
+        st["kept"] = [a + b for a, b in zip(st["kept"], kept, strict=True)]
+        st["numel"] += base.numel()
+        return out, bad, sq
