@@ -101,7 +101,7 @@ def whole(
         return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
-    if method == "sce":  # None: numerics: mergekit with a tied top-k threshold (torch.topk's choice)
+    if method == "sce":
         return run_sce(base, xs, p, out_dtype, stats, cd)
     if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
         raise NoKernel

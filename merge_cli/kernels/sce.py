@@ -8,8 +8,9 @@ The plain kernel's slow steps are replaced, its cheap ones are called as they ar
   converted double -> float (-> bf16/fp16), in one pass over tiles instead of torch's per-element reduction;
 - the top-k of the variance is an exact threshold (selection.find_threshold): `numerics: exact` keeps the
   plain kernel's topk_mask (ties by lowest index); `numerics: mergekit` takes torch.topk's set, which is
-  `var >= threshold` unless the threshold is tied so that topk chooses among equal entries: then the
-  tensor goes to the plain kernel (None), as the TIES fast path does;
+  `var >= threshold` unless the threshold is tied so that topk chooses among equal entries: then
+  torch.topk itself runs on the emulated variance (same bits in, so the same choice out; in bf16, whose
+  variances take few distinct values, this is the common case);
 - the weights are the plain kernel's own functions on the selected stack (sce.mergekit_weights, or float64
   sums of squares by sce._sq), so they are its bits;
 - kernels.c mk_sce_erase does the sign election and the weighted disjoint merge with sce's denominator
@@ -95,30 +96,32 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
     return out, list(kept)
 
 
-def mergekit_mask(var: torch.Tensor, k: int) -> torch.Tensor | None:
-    """torch.topk(var, k)'s positions as a mask, or None when topk would choose among threshold-equal
-    entries (its order, not the lowest index: the plain kernel decides)."""
+def mergekit_mask(var: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(|var|, k)'s positions as a mask: `var >= threshold` when every threshold-equal entry is
+    kept (var >= 0), else torch.topk itself on the same bits, since its introselect decides which of the
+    equal entries it keeps (common in bf16, whose variances take few distinct values)."""
     n = var.numel()
     if k <= 0:
         return torch.zeros(var.shape, dtype=torch.bool)
     if k >= n:
         return torch.ones(var.shape, dtype=torch.bool)
     t = find_threshold(var, k)
-    return var >= t.value if t.keep_all_equal else None
+    if t.keep_all_equal:
+        return var >= t.value
+    mask = torch.zeros(var.shape, dtype=torch.bool)
+    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = True
+    return mask
 
 
-def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor | None:
-    """One whole tensor; None when numerics: mergekit meets a tied top-k threshold (plain kernel)."""
+def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor:
+    """One whole tensor through the native SCE kernels (raises NoKernel when they cannot read it)."""
     if not usable(base, xs, out_dtype):
         raise NoKernel
     mk = mergekit_numerics(p)
     stk, var, sq, bad = prep(base, xs, cd)
     if p.select_topk < 1.0:
         k = topk_count(var, p.select_topk, mk)
-        mask = mergekit_mask(var, k) if mk else topk_mask(var, k)
-        if mask is None:
-            return None
-        stk.mul_(mask)
+        stk.mul_(mergekit_mask(var, k) if mk else topk_mask(var, k))
     w = mergekit_weights(stk) if mk else _energy_weights(_sq(stk), base.numel())
     out, kept = erase(base, stk, w, out_dtype, cd)
     stats["weights"] = w
