@@ -6,8 +6,10 @@ The plain kernel's slow steps are replaced, its cheap ones are called as they ar
   kernel's `stacked`) and their population variance over the models per element as torch's
   `var(dim=0, unbiased=False)` gives it on the CPU: Welford in double over the models in order, m2 / m,
   converted double -> float (-> bf16/fp16), in one pass over tiles instead of torch's per-element reduction;
-- the top-k of the variance is an exact threshold (selection.find_threshold): `numerics: exact` keeps the
-  plain kernel's topk_mask (ties by lowest index); `numerics: mergekit` takes torch.topk's set, which is
+- the top-k of the variance is an exact threshold, from a histogram of the variances' 16-bit patterns
+  made in the same pass (bf16/fp16: one bin is one value; fp32: one more pass over the low 16 bits of
+  the bin holding it): `numerics: exact` keeps the plain kernel's topk_mask positions (ties by lowest
+  index, mask_from_threshold); `numerics: mergekit` takes torch.topk's set, which is
   `var >= threshold` unless the threshold is tied so that topk chooses among equal entries: then
   torch.topk itself runs on the emulated variance (same bits in, so the same choice out; in bf16, whose
   variances take few distinct values, this is the common case);
@@ -34,16 +36,17 @@ from merge_cli.kernels.route import F32, NoKernel
 from merge_cli.methods import ParamSet
 from merge_cli.methods.base import mergekit_numerics
 from merge_cli.methods.sce import _end_pass, _energy_weights, _sq, mergekit_weights, topk_count
-from merge_cli.methods.selection import find_threshold, topk_mask
+from merge_cli.methods.selection import StreamingTopK, Threshold, mask_from_threshold
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
     so = native.lib()
     i64, i32, f32, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
-    so.mk_sce_prep.argtypes = [i64, vp, i32, i32, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_double), i32]
+    pd, p64 = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)
+    so.mk_sce_prep.argtypes = [i64, vp, i32, i32, vp, vp, vp, vp, pd, p64, i32]
     so.mk_sce_prep.restype = ctypes.c_int
-    so.mk_sce_erase.argtypes = [i64, vp, i32, i32, vp, vp, f32, vp, i32, ctypes.POINTER(ctypes.c_int64), i32]
+    so.mk_sce_erase.argtypes = [i64, vp, i32, i32, vp, vp, f32, vp, i32, p64, i32]
     so.mk_sce_erase.restype = ctypes.c_int
     return so
 
@@ -58,19 +61,20 @@ def _rows(stack: torch.Tensor):
     return (ctypes.c_void_p * stack.shape[0])(*[stack[i].data_ptr() for i in range(stack.shape[0])])
 
 
-def prep(base, xs, cd=F32, stack: bool = True):
+def prep(base, xs, cd=F32, stack: bool = True, hist: torch.Tensor | None = None):
     """(the stacked task vectors [m, *shape] in cd, or None; their variance over the models in cd; the
-    squared norm of each task vector; NaN/Inf counts of [base, *xs]). Raises fused.NonFinite when an input
-    holds a NaN/Inf."""
+    squared norm of each task vector; NaN/Inf counts of [base, *xs]). hist, when given (65536 int64),
+    accumulates the variances' top-16-bit histogram. Raises fused.NonFinite when an input holds a NaN/Inf."""
     m = len(xs)
     stk = torch.empty((m, *base.shape), dtype=cd) if stack else None
     var = torch.empty(base.shape, dtype=cd)
     ptrs, codes = native._ptrs(xs)
     sq = (ctypes.c_double * m)()
+    h = ctypes.cast(hist.data_ptr(), ctypes.POINTER(ctypes.c_int64)) if hist is not None else None
     native._check(
         _lib().mk_sce_prep(
             base.numel(), base.data_ptr(), native.DTYPES[base.dtype], m, ptrs, codes,
-            _rows(stk) if stack else None, var.data_ptr(), sq, native.DTYPES[cd],
+            _rows(stk) if stack else None, var.data_ptr(), sq, h, native.DTYPES[cd],
         )  # fmt: skip
     )
     sq = list(sq)
@@ -78,6 +82,27 @@ def prep(base, xs, cd=F32, stack: bool = True):
     if any(bad):
         raise fused.NonFinite
     return stk, var, sq, bad
+
+
+def new_hist() -> torch.Tensor:
+    return torch.zeros(1 << 16, dtype=torch.int64)
+
+
+def threshold(hist: torch.Tensor, k: int, cd, variances) -> Threshold:
+    """The exact k-th largest variance (1 <= k < n) from prep's histogram: a bf16/fp16 bin is one value;
+    in fp32 one more pass over `variances()` (the variance tensors in order) counts the low 16 bits of the
+    entries in the bin that holds it (a radix select, as selection.StreamingTopK)."""
+    b, above = StreamingTopK._locate(hist, k)
+    if cd != F32:
+        value = float(torch.tensor([b], dtype=torch.int16).view(cd))
+        return Threshold(value, above, k - above, int(hist[b]))
+    low = new_hist()
+    for var in variances():
+        bits = var.reshape(-1).view(torch.int32)
+        low += torch.bincount((bits[(bits >> 16) == b] & 0xFFFF).to(torch.int64), minlength=1 << 16)
+    lo, above_lo = StreamingTopK._locate(low, k - above)
+    value = float(torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32))
+    return Threshold(value, above + above_lo, k - above - above_lo, int(low[lo]))
 
 
 def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[torch.Tensor, list[int]]:
@@ -96,20 +121,21 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
     return out, list(kept)
 
 
-def mergekit_mask(var: torch.Tensor, k: int) -> torch.Tensor:
-    """torch.topk(|var|, k)'s positions as a mask: `var >= threshold` when every threshold-equal entry is
-    kept (var >= 0), else torch.topk itself on the same bits, since its introselect decides which of the
-    equal entries it keeps (common in bf16, whose variances take few distinct values)."""
+def select(var: torch.Tensor, hist: torch.Tensor, k: int, mergekit: bool, cd=F32) -> torch.Tensor:
+    """The positions the plain kernel keeps, as a mask: numerics: exact, topk_mask's (ties by lowest index)
+    from the exact threshold; numerics: mergekit, torch.topk(|var|, k)'s: `var >= threshold` when every
+    threshold-equal entry is kept (var >= 0), else torch.topk itself on the same bits (its introselect
+    decides which equal entries it keeps; unsorted: the same set, half the time)."""
     n = var.numel()
-    if k <= 0:
-        return torch.zeros(var.shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(var.shape, dtype=torch.bool)
-    t = find_threshold(var, k)
+    if k <= 0 or k >= n:
+        return torch.full(var.shape, k >= n, dtype=torch.bool)
+    t = threshold(hist, k, cd, lambda: [var])
+    if not mergekit:
+        return mask_from_threshold(var, t)
     if t.keep_all_equal:
         return var >= t.value
     mask = torch.zeros(var.shape, dtype=torch.bool)
-    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = True
+    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True, sorted=False).indices] = True
     return mask
 
 
@@ -118,10 +144,11 @@ def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tens
     if not usable(base, xs, out_dtype):
         raise NoKernel
     mk = mergekit_numerics(p)
-    stk, var, sq, bad = prep(base, xs, cd)
-    if p.select_topk < 1.0:
-        k = topk_count(var, p.select_topk, mk)
-        stk.mul_(mergekit_mask(var, k) if mk else topk_mask(var, k))
+    topk = p.select_topk < 1.0
+    hist = new_hist() if topk else None
+    stk, var, sq, bad = prep(base, xs, cd, hist=hist)
+    if topk:
+        stk.mul_(select(var, hist, topk_count(var, p.select_topk, mk), mk, cd))
     w = mergekit_weights(stk) if mk else _energy_weights(_sq(stk), base.numel())
     out, kept = erase(base, stk, w, out_dtype, cd)
     stats["weights"] = w
@@ -141,22 +168,29 @@ class SceChunks:
         """chunks(): (offset, base, xs) raw, in row order. The engine's state is updated only on success (a
         NaN/Inf raises fused.NonFinite and leaves it for the plain streamed kernels)."""
         st = {**self.state, "sq": list(self.state["sq"]), "kept": list(self.state["kept"])}
-        topk = self.p.select_topk < 1.0
-        for k in range(4):
-            sel = st["sel"]
-            if k == 3 or (topk and (k == 0 or sel.radix is not None)):
-                for _, b, xs in chunks():
-                    if not usable(b, xs):
-                        raise NoKernel
-                    stk, var, _, _ = prep(b, xs, self.cd, stack=k == 3)
-                    if k == 0:
-                        st["nz"] += int(torch.count_nonzero(var))
-                    elif k < 3:
-                        sel.radix.update(var)
-                    else:
-                        add = _sq(self._selected(st, stk, var))
-                        st["sq"] = [a + b for a, b in zip(st["sq"], add, strict=True)]
-            _end_pass(st, k)
+        cd = self.cd
+
+        def pieces():
+            for _, b, xs in chunks():
+                if not usable(b, xs):
+                    raise NoKernel
+                yield b, xs
+
+        def variances(hist=None):
+            return (prep(b, xs, cd, stack=False, hist=hist)[1] for b, xs in pieces())
+
+        if self.p.select_topk < 1.0:  # pass 0: non-zero variances and their histogram
+            hist = new_hist()
+            st["nz"] = sum(int(torch.count_nonzero(v)) for v in variances(hist))
+        _end_pass(st, 0)
+        sel = st["sel"]
+        if sel.radix is not None:  # the radix passes 1-2 of sce.STREAM: from the histogram (+ fp32 low bits)
+            sel.thr = threshold(hist, sel.k, cd, variances)
+        for b, xs in pieces():  # pass 3: float64 sums of squares of the selected entries
+            stk, var, _, _ = prep(b, xs, cd)
+            add = _sq(self._selected(st, stk, var))
+            st["sq"] = [a + b for a, b in zip(st["sq"], add, strict=True)]
+        _end_pass(st, 3)
         self.state.update(st)
 
     def _selected(self, st: dict, stk: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

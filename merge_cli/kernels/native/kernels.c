@@ -572,9 +572,11 @@ static inline float welford_var(const float *v, int32_t m, int cd) {
 
 /* Per tile: tau_i in cd (into stk[i], the plain kernel's stacked tensor, when stk is not NULL), the
  * variance over the models into var (cd), and sq[i] += ||tau_i||^2 (non-finite when an input holds a
- * NaN/Inf). stk[i] and var are arrays in the compute dtype cd. Returns 0, or -1 when out of memory. */
+ * NaN/Inf). stk[i] and var are arrays in the compute dtype cd. hist (65536 counts, when not NULL) counts
+ * the variances by their top 16 bits: a bf16/fp16 variance's own bits, an fp32 one's high half (the
+ * first radix pass of its top-k). Returns 0, or -1 when out of memory. */
 int mk_sce_prep(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *xs,
-                const int32_t *x_dtypes, void *const *stk, void *var, double *sq, int32_t cd) {
+                const int32_t *x_dtypes, void *const *stk, void *var, double *sq, int64_t *hist, int32_t cd) {
     float *buf = (float *)malloc(sizeof(float) * STRIDE * (size_t)(m + 2));
     if (!buf) return -1;
     float *restrict bb = buf, *restrict vv = buf + STRIDE, *ts = buf + 2 * STRIDE;
@@ -592,6 +594,18 @@ int mk_sce_prep(int64_t n, const void *base, int base_dtype, int32_t m, const vo
         }
         for (int64_t j = 0; j < k; j++) vv[j] = welford_var(ts + j, m, cd);
         store(var, cd, s, vv, k);
+        if (hist) {
+            if (cd == F16) {
+                const uint16_t *h = (const uint16_t *)var + s;
+                for (int64_t j = 0; j < k; j++) hist[h[j]]++;
+            } else {
+                for (int64_t j = 0; j < k; j++) {
+                    uint32_t u;
+                    memcpy(&u, &vv[j], 4);
+                    hist[u >> 16]++;
+                }
+            }
+        }
     }
     free(buf);
     return 0;
