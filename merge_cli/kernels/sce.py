@@ -48,6 +48,8 @@ def _lib() -> ctypes.CDLL:
     so.mk_sce_prep.restype = ctypes.c_int
     so.mk_sce_erase.argtypes = [i64, vp, i32, i32, vp, vp, f32, vp, i32, p64, i32]
     so.mk_sce_erase.restype = ctypes.c_int
+    so.mk_topk_set.argtypes = [i64, vp, i32, i64, vp]
+    so.mk_topk_set.restype = ctypes.c_int
     return so
 
 
@@ -134,9 +136,40 @@ def select(var: torch.Tensor, hist: torch.Tensor, k: int, mergekit: bool, cd=F32
         return mask_from_threshold(var, t)
     if t.keep_all_equal:
         return var >= t.value
-    mask = torch.zeros(var.shape, dtype=torch.bool)
-    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True, sorted=False).indices] = True
+    return topk_set(var, k)
+
+
+def _torch_topk_set(v: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(v.shape, dtype=torch.bool)
+    mask.view(-1)[torch.topk(v.abs().reshape(-1), k=k, largest=True, sorted=False).indices] = True
     return mask
+
+
+def topk_set(v: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(|v|, k)'s positions (v >= 0, no NaN, 0 < k < n) as a mask: kernels.c mk_topk_set runs
+    the same selection steps (the same set, several times faster) when this torch's topk agrees with it
+    on a tied sample (checked once), else torch.topk itself (unsorted: the same set as sorted)."""
+    n = v.numel()
+    if k * 64 <= n or not _emulation_agrees():  # torch's partial-sort branch: its heap order, not ours
+        return _torch_topk_set(v, k)
+    keep = torch.empty(v.shape, dtype=torch.bool)
+    rc = _lib().mk_topk_set(n, v.data_ptr(), native.DTYPES[v.dtype], k, keep.data_ptr())
+    native._check(0 if rc >= 0 else rc)
+    return keep if rc == 0 else _torch_topk_set(v, k)
+
+
+@functools.cache
+def _emulation_agrees() -> bool:
+    g = torch.Generator().manual_seed(3)
+    for n, levels in ((50_000, 40), (70_001, 3), (4_099, 1000)):
+        v = torch.randint(0, levels, (n,), generator=g).float() * 0.25
+        for k in (n // 60, n // 3, n - 5):
+            keep = torch.empty(n, dtype=torch.bool)
+            if _lib().mk_topk_set(n, v.data_ptr(), 0, k, keep.data_ptr()) != 0:
+                return False
+            if not torch.equal(keep, _torch_topk_set(v, k)):
+                return False
+    return True
 
 
 def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor:

@@ -653,3 +653,110 @@ int mk_sce_erase(int64_t n, const void *base, int base_dtype, int32_t m, const v
     free(buf);
     return 0;
 }
+
+/* -- torch.topk's choice among tied values ----------------------------------------------------------------
+ * torch.topk(v, k, largest=True) on the CPU (k * 64 > n) fills (value, index) pairs in index order and
+ * runs the C++ library's nth_element with "greater" at position k - 1; its first k pairs are the result.
+ * Which of the entries equal to the k-th value it keeps follows from that algorithm (introselect:
+ * median-of-three moved to the front, unguarded Hoare partition, insertion sort below 4 entries), so the
+ * same steps on the same values reproduce it. mk_topk_set marks keep[i] = 1 for the kept entries; it
+ * returns 1 when it cannot reproduce the run (the depth limit reached: the library switches to a heap
+ * select) and the caller asks torch. Values must not be NaN. */
+typedef struct {
+    float v;
+    uint32_t i;
+} vi_t;
+
+static inline void vi_swap(vi_t *a, vi_t *b) {
+    vi_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static inline int gt(const vi_t *a, const vi_t *b) { return a->v > b->v; }
+
+static void median_to_first(vi_t *r, vi_t *a, vi_t *b, vi_t *c) {
+    if (gt(a, b)) {
+        if (gt(b, c))
+            vi_swap(r, b);
+        else if (gt(a, c))
+            vi_swap(r, c);
+        else
+            vi_swap(r, a);
+    } else if (gt(a, c))
+        vi_swap(r, a);
+    else if (gt(b, c))
+        vi_swap(r, c);
+    else
+        vi_swap(r, b);
+}
+
+static vi_t *partition_at(vi_t *first, vi_t *last) {
+    vi_t *pivot = first, *lo = first + 1, *hi = last;
+    vi_t *mid = first + (last - first) / 2;
+    median_to_first(first, first + 1, mid, last - 1);
+    for (;;) {
+        while (gt(lo, pivot)) lo++;
+        hi--;
+        while (gt(pivot, hi)) hi--;
+        if (!(lo < hi)) return lo;
+        vi_swap(lo, hi);
+        lo++;
+    }
+}
+
+static void small_sort(vi_t *first, vi_t *last) {
+    if (first == last) return;
+    for (vi_t *i = first + 1; i != last; i++) {
+        vi_t val = *i;
+        if (val.v > first->v) {
+            memmove(first + 1, first, (size_t)(i - first) * sizeof(vi_t));
+            *first = val;
+        } else {
+            vi_t *p = i, *q = i - 1;
+            while (val.v > q->v) {
+                *p = *q;
+                p = q;
+                q--;
+            }
+            *p = val;
+        }
+    }
+}
+
+int mk_topk_set(int64_t n, const void *vals, int dtype, int64_t k, uint8_t *keep) {
+    if (k <= 0 || k > n || n >= 0xFFFFFFFFll) return 1;
+    vi_t *q = (vi_t *)malloc(sizeof(vi_t) * (size_t)n);
+    if (!q) return -1;
+    float tile[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t c = n - s < TILE ? n - s : TILE;
+        load(tile, vals, dtype, s, c);
+        for (int64_t j = 0; j < c; j++) {
+            q[s + j].v = tile[j];
+            q[s + j].i = (uint32_t)(s + j);
+        }
+    }
+    vi_t *first = q, *last = q + n, *nth = q + k - 1;
+    int depth = 2 * (63 - __builtin_clzll((unsigned long long)n));
+    int rc = 0;
+    while (last - first > 3) {
+        if (depth == 0) {
+            rc = 1;
+            break;
+        }
+        depth--;
+        vi_t *cut = partition_at(first, last);
+        if (cut <= nth)
+            first = cut;
+        else
+            last = cut;
+    }
+    if (!rc) {
+        small_sort(first, last);
+        memset(keep, 0, (size_t)n);
+        for (int64_t j = 0; j < k; j++) keep[q[j].i] = 1;
+    }
+    free(q);
+    return rc;
+}
