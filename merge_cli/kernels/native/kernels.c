@@ -553,21 +553,24 @@ int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x,
  * top-variance positions, and erases sign conflicts with weights w_i: sign of sum_i tau_i (0 -> +),
  * sum_i cd(w_i tau_i) [agree] / max(sum_i w_i [agree], floor), plus base. */
 
-/* the population variance of m values (v[i * STRIDE]) as torch's Welford reduction gives it, in cd */
-static inline float welford_var(const float *v, int32_t m, int cd) {
-    double mean = 0.0, m2 = 0.0;
+/* the population variance over the m models of k entries (ts[i * STRIDE + j]) as torch's Welford reduction
+ * gives it (mean += delta / n; m2 += delta * (x - mean), in double, models in order; m2 / m), into vv in
+ * cd: double -> float, then rounded to bf16/fp16 (c10's conversions go through float). The model loop is
+ * outside, so each step vectorizes over the entries; every entry gets the same ops in the same order. */
+static void welford_var(float *restrict vv, const float *ts, int32_t m, int64_t k, int cd) {
+    double mean[TILE], m2[TILE];
+    for (int64_t j = 0; j < k; j++) mean[j] = m2[j] = 0.0;
     for (int32_t i = 0; i < m; i++) {
-        double x = (double)v[(size_t)i * STRIDE];
-        double delta = x - mean;
-        mean = mean + delta / (double)(i + 1);
-        m2 = m2 + delta * (x - mean);
+        const float *restrict t = ts + (size_t)i * STRIDE;
+        const double cnt = (double)(i + 1);
+        for (int64_t j = 0; j < k; j++) {
+            double x = (double)t[j], delta = x - mean[j];
+            mean[j] = mean[j] + delta / cnt;
+            m2[j] = m2[j] + delta * (x - mean[j]);
+        }
     }
-    float f = (float)(m2 / (double)m);
-    if (cd == BF16) return bf16_round(f);
-#if HAVE_F16
-    if (cd == F16) return (float)(half_t)f;
-#endif
-    return f;
+    for (int64_t j = 0; j < k; j++) vv[j] = (float)(m2[j] / (double)m);
+    rnd(vv, k, cd);
 }
 
 /* Per tile: tau_i in cd (into stk[i], the plain kernel's stacked tensor, when stk is not NULL), the
@@ -592,7 +595,7 @@ int mk_sce_prep(int64_t n, const void *base, int base_dtype, int32_t m, const vo
             sq[i] += sumsq(t, k);
             if (stk) store(stk[i], cd, s, t, k);
         }
-        for (int64_t j = 0; j < k; j++) vv[j] = welford_var(ts + j, m, cd);
+        welford_var(vv, ts, m, k, cd);
         store(var, cd, s, vv, k);
         if (hist) {
             if (cd == F16) {
@@ -691,14 +694,54 @@ static void median_to_first(vi_t *r, vi_t *a, vi_t *b, vi_t *c) {
         vi_swap(r, b);
 }
 
+#define BLK 512
+
+/* The library's unguarded partition of [first + 1, last) around the pivot moved to *first: the left scan
+ * stops at entries not greater than the pivot, the right scan at entries not smaller, and the two are
+ * swapped while the left one is below the right one. The t-th left stop is swapped with the t-th right
+ * stop, so while the scanned blocks cannot meet, the stops are found a block at a time without branches
+ * and swapped in order (the same swaps); the last stretch runs the scans as they are. */
 static vi_t *partition_at(vi_t *first, vi_t *last) {
-    vi_t *pivot = first, *lo = first + 1, *hi = last;
     vi_t *mid = first + (last - first) / 2;
     median_to_first(first, first + 1, mid, last - 1);
+    const float p = first->v;
+    vi_t *lo = first + 1, *hi = last; /* the scans' state after the last swap */
+    vi_t *le = lo, *rs = hi;          /* [lo.., le) and [rs, ..hi) scanned */
+    vi_t *lb = lo, *rb = hi - 1;
+    uint16_t la[BLK], ra[BLK];
+    int na = 0, ia = 0, nb = 0, ib = 0;
     for (;;) {
-        while (gt(lo, pivot)) lo++;
+        if (ia == na) {
+            if (rs - le < BLK) break;
+            lb = le;
+            na = ia = 0;
+            for (int j = 0; j < BLK; j++) {
+                la[na] = (uint16_t)j;
+                na += !(lb[j].v > p);
+            }
+            le += BLK;
+            continue;
+        }
+        if (ib == nb) {
+            if (rs - le < BLK) break;
+            rb = rs - 1;
+            nb = ib = 0;
+            for (int j = 0; j < BLK; j++) {
+                ra[nb] = (uint16_t)j;
+                nb += !(p > rb[-j].v);
+            }
+            rs -= BLK;
+            continue;
+        }
+        vi_t *a = lb + la[ia++], *b = rb - ra[ib++];
+        vi_swap(a, b);
+        lo = a + 1;
+        hi = b;
+    }
+    for (;;) {
+        while (lo->v > p) lo++;
         hi--;
-        while (gt(pivot, hi)) hi--;
+        while (p > hi->v) hi--;
         if (!(lo < hi)) return lo;
         vi_swap(lo, hi);
         lo++;
