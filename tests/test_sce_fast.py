@@ -13,6 +13,7 @@ from method_helpers import params_for
 
 from merge_cli.kernels import native
 from merge_cli.kernels import sce as fast
+from merge_cli.kernels.blocked import NonFinite
 from merge_cli.kernels.dispatch import whole
 from merge_cli.methods import METHODS, TensorCtx
 
@@ -62,7 +63,8 @@ def test_variance_is_torch_var_bit_for_bit(cd):
             xs[-1][300:600] = xs[0][300:600]  # some equal deltas
             # adversarial: deltas of one ulp pattern, so m2 / m lands on rounding midpoints
             ulp = 2.0 ** torch.randint(-20, 4, (500,), generator=g).float()
-            xs[-1][600:1100] = (base[600:1100].float() + ulp * torch.randint(-3, 4, (500,), generator=g)).to(cd)
+            steps = ulp * torch.randint(-3, 4, (500,), generator=g)
+            xs[-1][600:1100] = (base[600:1100].float() + steps).to(cd)
             stacked = torch.stack([x - base for x in xs])
             stk, var, _, _ = fast.prep(base, xs, cd)
             assert torch.equal(_bits(stk), _bits(stacked))
@@ -114,6 +116,32 @@ def test_mergekit_tied_threshold_keeps_topks_choice(monkeypatch):
     assert len(calls) == 1  # the plain kernel's call only
 
 
+def test_topk_choice_is_torch_topks():
+    """kernels.c mk_topk_set (the library's nth_element steps, block-scanned partition) keeps the same
+    positions as torch.topk on values with many ties (few levels), in each dtype, k across the range."""
+    assert fast._emulation_agrees()
+    g = torch.Generator().manual_seed(9)
+    for trial in range(48):
+        n = int(torch.randint(4, 3000, (1,), generator=g)) if trial % 4 else 150_001
+        levels = int(torch.randint(1, 400, (1,), generator=g))
+        dt = _dtypes()[trial % len(_dtypes())]
+        v = (torch.randint(0, levels, (n,), generator=g).float() * 0.37).to(dt)
+        if trial % 6 == 0:
+            v = torch.rand(n, generator=g).to(dt)
+        k = int(torch.randint(n // 64 + 1, n + 1, (1,), generator=g))
+        keep = torch.empty(n, dtype=torch.bool)
+        assert fast._lib().mk_topk_set(n, v.data_ptr(), native.DTYPES[dt], k, keep.data_ptr()) == 0
+        assert torch.equal(keep, fast._torch_topk_set(v, k)), (n, levels, k, dt)
+
+
+def test_nonfinite_input_is_reported():
+    base = torch.zeros(50)
+    xs = [torch.ones(50), torch.zeros(50)]
+    xs[1][7] = float("nan")
+    with pytest.raises(NonFinite):
+        fast.prep(base, xs)
+
+
 def _models(tmp_path, dtype=torch.bfloat16):
     """base + 3 experts with an 'embedding' (3000 x 64) that a small budget merges in row chunks, a quarter
     of its rows unchanged (zero variance), quantised deltas (tied variances)."""
@@ -143,8 +171,15 @@ def _recipe(tmp_path, m, dtype: str, params: str, name: str = "r.yaml"):
     )
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("params", ["select_topk: 0.3", "select_topk: 1.0, numerics: exact"])
+@pytest.mark.parametrize(
+    "dtype,params",
+    [
+        ("float32", "select_topk: 0.3"),
+        ("bfloat16", "select_topk: 0.3"),
+        ("float16", "select_topk: 0.3, numerics: exact"),
+        ("bfloat16", "select_topk: 1.0, numerics: exact"),
+    ],
+)
 def test_row_chunks_bitwise(tmp_path, dtype, params):
     """A budget that sends the embedding to row chunks: the fast chunked path (statistics passes, then the
     native erase per chunk) against the plain streamed kernel (sce.STREAM) with the same budget."""

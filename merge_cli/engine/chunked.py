@@ -45,7 +45,8 @@ class ChunkedPath:
             return None
         cd = self.dtype
         models = self.plan.models
-        if (cd != torch.float32 and job.method != "linear") or job.method == "sce":  # native reads every input
+        native_only = job.method == "sce"  # the native kernels must read every input
+        if (cd != torch.float32 and job.method != "linear") or native_only:
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
                 self.ran_plain(f"{dtype_name(cd)} compute of inputs the native kernels do not read")
@@ -121,8 +122,13 @@ class ChunkedPath:
 
     def _sce_apply(self, job: TensorJob, rows: int, state, params: ParamSet, out_dtype):
         """sce's per-chunk native apply after its statistics passes (kernels/sce.py SceChunks)."""
+        from merge_cli.kernels import native
+        from merge_cli.kernels.route import NoKernel
         from merge_cli.kernels.sce import SceChunks
 
+        if not native.dtype_ok(out_dtype):
+            self.ran_plain(f"output dtype {out_dtype} the native kernels do not write")
+            return None
         sce = SceChunks(state, params, self.dtype)
         try:
             sce.prepare(lambda: self.chunks(job, rows, raw=True, check=False))
@@ -131,6 +137,9 @@ class ChunkedPath:
                 for _ in self.chunks(job, rows, raw=True):
                     pass
             self.ran_plain("NaN/Inf inputs (--allow-nonfinite)")
+            return None
+        except NoKernel:
+            self.ran_plain(f"{dtype_name(self.dtype)} compute of inputs the native kernels do not read")
             return None
         self.log.ran_fast()
 

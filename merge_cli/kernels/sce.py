@@ -75,9 +75,18 @@ def prep(base, xs, cd=F32, stack: bool = True, hist: torch.Tensor | None = None)
     h = ctypes.cast(hist.data_ptr(), ctypes.POINTER(ctypes.c_int64)) if hist is not None else None
     native._check(
         _lib().mk_sce_prep(
-            base.numel(), base.data_ptr(), native.DTYPES[base.dtype], m, ptrs, codes,
-            _rows(stk) if stack else None, var.data_ptr(), sq, h, native.DTYPES[cd],
-        )  # fmt: skip
+            base.numel(),
+            base.data_ptr(),
+            native.DTYPES[base.dtype],
+            m,
+            ptrs,
+            codes,
+            _rows(stk) if stack else None,
+            var.data_ptr(),
+            sq,
+            h,
+            native.DTYPES[cd],
+        )
     )
     sq = list(sq)
     bad = fused._bad(sq, [base, *xs])
@@ -115,10 +124,18 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
     floor = float(torch.tensor(1e-6, dtype=cd))  # den.clamp_min(1e-6) in the compute dtype
     native._check(
         _lib().mk_sce_erase(
-            base.numel(), base.data_ptr(), native.DTYPES[base.dtype], m, _rows(stk),
-            (ctypes.c_float * m)(*native.weights_in(w, cd)), floor, out.data_ptr(), native.DTYPES[out_dtype],
-            kept, native.DTYPES[cd],
-        )  # fmt: skip
+            base.numel(),
+            base.data_ptr(),
+            native.DTYPES[base.dtype],
+            m,
+            _rows(stk),
+            (ctypes.c_float * m)(*native.weights_in(w, cd)),
+            floor,
+            out.data_ptr(),
+            native.DTYPES[out_dtype],
+            kept,
+            native.DTYPES[cd],
+        )
     )
     return out, list(kept)
 

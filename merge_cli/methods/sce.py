@@ -194,6 +194,15 @@ SPEC = MethodSpec(
     mergekit_defaults={"numerics": "mergekit"},
 )
 
-# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
-# kernel below runs on every device and dtype.
-FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: on the CPU, in fp32, bf16
+# and fp16, whole tensors and row chunks (bitwise the plain kernel above; docs/methods.md).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "sce": (
+        "merge_cli.kernels.sce.run_sce",
+        "merge_cli.kernels.sce.SceChunks",
+        "merge_cli.kernels.sce.prep",
+        "merge_cli.kernels.sce.select",
+        "merge_cli.kernels.sce.topk_set",
+        "merge_cli.kernels.sce.erase",
+    ),
+}
