@@ -10,9 +10,10 @@ The plain kernel's slow steps are replaced, its cheap ones are called as they ar
   made in the same pass (bf16/fp16: one bin is one value; fp32: one more pass over the low 16 bits of
   the bin holding it): `numerics: exact` keeps the plain kernel's topk_mask positions (ties by lowest
   index, mask_from_threshold); `numerics: mergekit` takes torch.topk's set, which is
-  `var >= threshold` unless the threshold is tied so that topk chooses among equal entries: then
-  torch.topk itself runs on the emulated variance (same bits in, so the same choice out; in bf16, whose
-  variances take few distinct values, this is the common case);
+  `var >= threshold` unless the threshold is tied so that topk chooses among equal entries (the common
+  case in bf16, whose variances take few values, and with bf16 inputs in fp32): then kernels.c
+  mk_topk_set repeats torch.topk's selection steps (the C++ library's nth_element) on the same bits and
+  keeps the same entries (checked once per process against torch.topk, which runs where it cannot);
 - the weights are the plain kernel's own functions on the selected stack (sce.mergekit_weights, or float64
   sums of squares by sce._sq), so they are its bits;
 - kernels.c mk_sce_erase does the sign election and the weighted disjoint merge with sce's denominator
@@ -143,8 +144,8 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
 def select(var: torch.Tensor, hist: torch.Tensor, k: int, mergekit: bool, cd=F32) -> torch.Tensor:
     """The positions the plain kernel keeps, as a mask: numerics: exact, topk_mask's (ties by lowest index)
     from the exact threshold; numerics: mergekit, torch.topk(|var|, k)'s: `var >= threshold` when every
-    threshold-equal entry is kept (var >= 0), else torch.topk itself on the same bits (its introselect
-    decides which equal entries it keeps; unsorted: the same set, half the time)."""
+    threshold-equal entry is kept (var >= 0), else topk_set (which of the equal entries torch.topk's
+    selection steps keep)."""
     n = var.numel()
     if k <= 0 or k >= n:
         return torch.full(var.shape, k >= n, dtype=torch.bool)
@@ -239,7 +240,7 @@ class SceChunks:
         for b, xs in pieces():  # pass 3: float64 sums of squares of the selected entries
             stk, var, _, _ = prep(b, xs, cd)
             add = _sq(self._selected(st, stk, var))
-            st["sq"] = [a + b for a, b in zip(st["sq"], add, strict=True)]
+            st["sq"] = [s + a for s, a in zip(st["sq"], add, strict=True)]
         _end_pass(st, 3)
         self.state.update(st)
 
