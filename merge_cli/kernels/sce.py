@@ -51,6 +51,8 @@ def _lib() -> ctypes.CDLL:
     so.mk_sce_erase.restype = ctypes.c_int
     so.mk_topk_set.argtypes = [i64, vp, i32, i64, vp]
     so.mk_topk_set.restype = ctypes.c_int
+    so.mk_sce_mask_sq.argtypes = [i64, i32, vp, vp, vp, i32]
+    so.mk_sce_mask_sq.restype = None
     return so
 
 
@@ -141,6 +143,23 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
     return out, list(kept)
 
 
+def mask_sq(stk: torch.Tensor, keep: torch.Tensor | None, cd=F32, squares: bool = False):
+    """stk *= keep (in place; keep None: all) and, when asked, the squares of the result in cd (the plain
+    kernel's stacked * mask and .square(), in one pass)."""
+    out = torch.empty_like(stk) if squares else None
+    if keep is None and out is None:
+        return None
+    _lib().mk_sce_mask_sq(
+        stk[0].numel(),
+        stk.shape[0],
+        _rows(stk),
+        keep.data_ptr() if keep is not None else None,
+        _rows(out) if out is not None else None,
+        native.DTYPES[cd],
+    )
+    return out
+
+
 def select(var: torch.Tensor, hist: torch.Tensor, k: int, mergekit: bool, cd=F32) -> torch.Tensor:
     """The positions the plain kernel keeps, as a mask: numerics: exact, topk_mask's (ties by lowest index)
     from the exact threshold; numerics: mergekit, torch.topk(|var|, k)'s: `var >= threshold` when every
@@ -198,9 +217,9 @@ def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tens
     topk = p.select_topk < 1.0
     hist = new_hist() if topk else None
     stk, var, sq, bad = prep(base, xs, cd, hist=hist)
-    if topk:
-        stk.mul_(select(var, hist, topk_count(var, p.select_topk, mk), mk, cd))
-    w = mergekit_weights(stk) if mk else _energy_weights(_sq(stk), base.numel())
+    keep = select(var, hist, topk_count(var, p.select_topk, mk), mk, cd) if topk else None
+    squares = mask_sq(stk, keep, cd, squares=mk)
+    w = mergekit_weights(stk, squares) if mk else _energy_weights(_sq(stk), base.numel())
     out, kept = erase(base, stk, w, out_dtype, cd)
     stats["weights"] = w
     stats["kept_fraction"] = [k / max(base.numel(), 1) for k in kept]

@@ -104,9 +104,11 @@ def _mergekit_select_and_weigh(stacked: torch.Tensor, select_topk: float) -> tup
     return stacked, mergekit_weights(stacked)
 
 
-def mergekit_weights(stacked: torch.Tensor) -> list[float]:
-    """numerics: mergekit: w_i = mean(tau^_i^2) / sum_j, in the compute dtype (uniform below 1e-6)."""
-    energy = stacked.square().reshape(stacked.shape[0], -1).mean(dim=1)
+def mergekit_weights(stacked: torch.Tensor, squares: torch.Tensor | None = None) -> list[float]:
+    """numerics: mergekit: w_i = mean(tau^_i^2) / sum_j, in the compute dtype (uniform below 1e-6);
+    `squares`: stacked.square() when the caller has it (the fast kernels make it beside the mask)."""
+    sq = stacked.square() if squares is None else squares
+    energy = sq.reshape(stacked.shape[0], -1).mean(dim=1)
     total = float(energy.sum())
     w = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
     return [float(x) for x in w]

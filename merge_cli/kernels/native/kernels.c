@@ -563,10 +563,19 @@ static void welford_var(float *restrict vv, const float *ts, int32_t m, int64_t 
     for (int32_t i = 0; i < m; i++) {
         const float *restrict t = ts + (size_t)i * STRIDE;
         const double cnt = (double)(i + 1);
-        for (int64_t j = 0; j < k; j++) {
-            double x = (double)t[j], delta = x - mean[j];
-            mean[j] = mean[j] + delta / cnt;
-            m2[j] = m2[j] + delta * (x - mean[j]);
+        if (((i + 1) & i) == 0) { /* a power of two: dividing is multiplying by its exact inverse */
+            const double inv = 1.0 / cnt;
+            for (int64_t j = 0; j < k; j++) {
+                double x = (double)t[j], delta = x - mean[j];
+                mean[j] = mean[j] + delta * inv;
+                m2[j] = m2[j] + delta * (x - mean[j]);
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) {
+                double x = (double)t[j], delta = x - mean[j];
+                mean[j] = mean[j] + delta / cnt;
+                m2[j] = m2[j] + delta * (x - mean[j]);
+            }
         }
     }
     for (int64_t j = 0; j < k; j++) vv[j] = (float)(m2[j] / (double)m);
@@ -802,4 +811,26 @@ int mk_topk_set(int64_t n, const void *vals, int dtype, int64_t k, uint8_t *keep
     }
     free(q);
     return rc;
+}
+
+/* The selection applied to SCE's stack and, for numerics: mergekit's weights, the squares: per model i,
+ * stk[i][j] *= keep[j] (exact: the entry or a signed zero; keep NULL keeps all) and, when sqo is not NULL,
+ * sqo[i][j] = cd(stk[i][j]^2) (torch's square in cd). stk and sqo are arrays in the compute dtype cd. */
+void mk_sce_mask_sq(int64_t n, int32_t m, void *const *stk, const uint8_t *keep, void *const *sqo, int32_t cd) {
+    float t[TILE];
+    for (int32_t i = 0; i < m; i++) {
+        for (int64_t s = 0; s < n; s += TILE) {
+            int64_t k = n - s < TILE ? n - s : TILE;
+            load(t, stk[i], cd, s, k);
+            if (keep) {
+                for (int64_t j = 0; j < k; j++) t[j] = t[j] * (keep[s + j] ? 1.0f : 0.0f);
+                store(stk[i], cd, s, t, k);
+            }
+            if (sqo) {
+                for (int64_t j = 0; j < k; j++) t[j] = t[j] * t[j];
+                rnd(t, k, cd);
+                store(sqo[i], cd, s, t, k);
+            }
+        }
+    }
 }
