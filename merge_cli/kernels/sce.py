@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+import threading
 
 import torch
 
@@ -62,6 +64,23 @@ def usable(base, xs, out_dtype=None) -> bool:
     return ok and (out_dtype is None or native.dtype_ok(out_dtype))
 
 
+_SCRATCH = threading.local()
+SCRATCH_MAX = 1 << 26  # entries: larger working tensors (a whole embedding) are not kept between tensors
+
+
+def _scratch(slot: str, shape, dtype) -> torch.Tensor:
+    """An uninitialised working tensor, reused between tensors of the same thread (a fresh allocation of
+    tens of MB costs more in page faults than the kernels that fill it)."""
+    n = math.prod(shape)
+    if n > SCRATCH_MAX:
+        return torch.empty(shape, dtype=dtype)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(slot, dtype)] = torch.empty(max(n, 1 << 20), dtype=dtype)
+    return buf[:n].view(shape)
+
+
 def _rows(stack: torch.Tensor):
     return (ctypes.c_void_p * stack.shape[0])(*[stack[i].data_ptr() for i in range(stack.shape[0])])
 
@@ -69,10 +88,11 @@ def _rows(stack: torch.Tensor):
 def prep(base, xs, cd=F32, stack: bool = True, hist: torch.Tensor | None = None):
     """(the stacked task vectors [m, *shape] in cd, or None; their variance over the models in cd; the
     squared norm of each task vector; NaN/Inf counts of [base, *xs]). hist, when given (65536 int64),
-    accumulates the variances' top-16-bit histogram. Raises fused.NonFinite when an input holds a NaN/Inf."""
+    accumulates the variances' top-16-bit histogram. Raises fused.NonFinite when an input holds a NaN/Inf.
+    The stack and the variance are this thread's scratch tensors: valid until its next call."""
     m = len(xs)
-    stk = torch.empty((m, *base.shape), dtype=cd) if stack else None
-    var = torch.empty(base.shape, dtype=cd)
+    stk = _scratch("stack", (m, *base.shape), cd) if stack else None
+    var = _scratch("var", base.shape, cd)
     ptrs, codes = native._ptrs(xs)
     sq = (ctypes.c_double * m)()
     h = ctypes.cast(hist.data_ptr(), ctypes.POINTER(ctypes.c_int64)) if hist is not None else None
@@ -146,7 +166,7 @@ def erase(base, stk: torch.Tensor, w: list[float], out_dtype, cd=F32) -> tuple[t
 def mask_sq(stk: torch.Tensor, keep: torch.Tensor | None, cd=F32, squares: bool = False):
     """stk *= keep (in place; keep None: all) and, when asked, the squares of the result in cd (the plain
     kernel's stacked * mask and .square(), in one pass)."""
-    out = torch.empty_like(stk) if squares else None
+    out = _scratch("squares", stk.shape, stk.dtype) if squares else None
     if keep is None and out is None:
         return None
     _lib().mk_sce_mask_sq(
