@@ -193,6 +193,10 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_band_hist.restype = ctypes.c_int
     so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64, i32]
     so.mk_nth_equal.restype = ctypes.c_int64
+    so.mk_linear.argtypes = [i64, i32, vp, vp, vp, f32, vp, i32, i32]
+    so.mk_linear.restype = ctypes.c_int
+    so.mk_task_arith.argtypes = [i64, vp, i32, i32, vp, vp, vp, f32, vp, i32, pd]
+    so.mk_task_arith.restype = None
     so.mk_has_f16.argtypes = []
     so.mk_has_f16.restype = ctypes.c_int
     return so
@@ -314,6 +318,45 @@ def merge(
     if any(bad):  # as the eager kernels: the caller names the input (or merges with the plain kernels)
         raise fused.NonFinite
     return out, list(kept), touched.value, conflict.value, bad, sq
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The kernels if they are built and loaded already, else None, without waiting for a build: for the
+    kernels whose eager twin is as exact (linear, fp32 task arithmetic), so a first run never waits."""
+    return lib() if ready() else None
+
+
+def usable(out_dtype: torch.dtype, cd: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Are the kernels loaded (no waiting) and able to read these tensors, write out_dtype, compute in cd?"""
+    return loaded() is not None and supports(*tensors) and dtype_ok(out_dtype) and dtype_ok(cd)
+
+
+def linear(xs, w: list[float], divisor: float, out_dtype: torch.dtype, cd: torch.dtype = torch.float32):
+    """kernels.c mk_linear: bitwise blocked.linear (sum_i w_i x_i / divisor). Returns (output, NaN/Inf
+    count of each input)."""
+    out = torch.empty(xs[0].shape, dtype=out_dtype)
+    ptrs, codes = _ptrs(xs)
+    m = len(xs)
+    w32 = (ctypes.c_float * m)(*w)
+    hit = lib().mk_linear(
+        xs[0].numel(), m, ptrs, codes, w32, divisor, out.data_ptr(), DTYPES[out_dtype], DTYPES[cd]
+    )
+    return out, (fused.count_nonfinite(xs) if hit else [0] * m)
+
+
+def task_arithmetic(base, xs, w: list[float], scale: float, out_dtype: torch.dtype):
+    """kernels.c mk_task_arith: bitwise blocked.task_arithmetic in fp32 (base + scale * sum_i w_i (x_i -
+    base)). Returns (output, NaN/Inf counts of [base, *xs], squared norm of each task vector)."""
+    out = torch.empty(base.shape, dtype=out_dtype)
+    ptrs, codes = _ptrs(xs)
+    m = len(xs)
+    sq = (ctypes.c_double * m)()
+    lib().mk_task_arith(
+        base.numel(), base.data_ptr(), DTYPES[base.dtype], m, ptrs, codes, (ctypes.c_float * m)(*w), scale,
+        out.data_ptr(), DTYPES[out_dtype], sq,
+    )  # fmt: skip
+    sq = list(sq)
+    return out, fused._bad(sq, [base, *xs]), sq
 
 
 def l1_sums(base, xs, specs: list[Spec], offset: int = 0, cd=torch.float32) -> list[tuple[float, float]]:

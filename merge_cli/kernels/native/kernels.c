@@ -545,3 +545,68 @@ int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x,
     *seen = met;
     return -1;
 }
+
+/* -- linear and task arithmetic: no sparsify, no election, one pass over each tile ----------------------- */
+
+/* z stays 0 unless some v is NaN/Inf (0 * inf = NaN): a vectorisable "is anything non-finite" */
+static inline float nonfinite_probe(const float *restrict v, int64_t n) {
+    float lane[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += v[j + l] * 0.0f;
+    float z = 0.0f;
+    for (int l = 0; l < LANES; l++) z += lane[l];
+    for (; j < n; j++) z += v[j] * 0.0f;
+    return z;
+}
+
+/* linear (kernels/blocked.py linear): acc = x_0 w_0, acc = fma(x_i, w_i, acc) for i >= 1 (torch's add_ with
+ * alpha is a fused multiply-add on the CPU), acc / divisor when divisor != 1, then rounded to the compute dtype
+ * (half cd; inputs in another dtype are rounded to it as they are loaded) and stored in the output dtype.
+ * Returns 1 when some acc was NaN/Inf (the caller then counts the inputs' NaN/Inf, as the eager kernel does). */
+int mk_linear(int64_t n, int32_t m, const void *const *xs, const int32_t *x_dtypes, const float *w, float divisor,
+              void *out, int out_dtype, int32_t cd) {
+    float acc[TILE], t[TILE];
+    float z = 0.0f;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load_c(acc, xs[0], x_dtypes[0], s, k, cd);
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * w[0];
+        for (int32_t i = 1; i < m; i++) {
+            load_c(t, xs[i], x_dtypes[i], s, k, cd);
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) acc[j] = fmaf(t[j], wi, acc[j]);
+        }
+        z += nonfinite_probe(acc, k);
+        if (divisor != 1.0f)
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+        rnd(acc, k, cd);
+        store(out, out_dtype, s, acc, k);
+    }
+    return z == 0.0f ? 0 : 1;
+}
+
+/* task arithmetic in fp32 (kernels/blocked.py task_arithmetic): tau_i = x_i - base, acc = sum_i tau_i w_i (in
+ * model order, no fma), acc * scale when scale != 1, plus base. sq[i] += the squared norm of tau_i (non-finite
+ * when an input holds a NaN/Inf). */
+void mk_task_arith(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                   const int32_t *x_dtypes, const float *w, float scale, void *out, int out_dtype, double *sq) {
+    float bb[TILE], acc[TILE], t[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        for (int32_t i = 0; i < m; i++) {
+            float *ti = i == 0 ? acc : t;
+            load_tau(ti, xs[i], x_dtypes[i], s, k, bb);
+            sq[i] += sumsq(ti, k);
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) ti[j] = ti[j] * wi;
+            if (i)
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + t[j];
+        }
+        if (scale != 1.0f)
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * scale;
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        store(out, out_dtype, s, acc, k);
+    }
+}
