@@ -11,6 +11,7 @@ from merge_cli.engine.resume import ResumableRun
 from merge_cli.io.lock import LOCK_NAME, dump_lock
 from merge_cli.io.writer import ShardedWriter, check_output
 from merge_cli.merge.inputs import prepare_inputs
+from merge_cli.output import plots
 from merge_cli.output.card import model_card
 from merge_cli.output.report import build_report, report_markdown
 from merge_cli.output.run_stats import plan_experts
@@ -62,6 +63,7 @@ def execute(
         from merge_cli.kernels import native
 
         native.warm_up()
+    plots.preload()  # merge_report.html is drawn at the end: its imports overlap the merge
     # issue 7 (hub, lock, side files, card): merge_cli/merge/inputs.py
     hub = prepare_inputs(plan, locked, lock_path)
     run = ResumableRun(plan, out_dir, resume)
