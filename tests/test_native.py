@@ -235,6 +235,36 @@ def test_narrow_finds_the_kth_largest_with_its_counts(quantised):
         assert idx == int(torch.nonzero(a == kth)[0])
 
 
+@needs_native
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16])
+def test_narrow_many_answers_each_bracket_as_one_pass_of_its_own(cd):
+    """Several brackets of one x in one pass (Breadcrumbs' two per model): each answer is the one-bracket
+    answer checked against a sort of |x - base| in the compute dtype: exact value and counts, a
+    single-value bracket (lo == hi), a narrower bracket, a miss; in row pieces as whole."""
+    base, xs = _inputs(torch.bfloat16, n=40_000, quantised=True, seed=5)
+    a = fused.abs_tau(xs[1], base, cd)
+    srt = torch.sort(a, descending=True).values
+    brackets = []
+    for k in (3, 400, 12_000, 39_000):
+        brackets.append((float(srt[min(k + 300, 39_999)]), float(srt[max(k - 300, 0)]), k))
+    kth = float(srt[12_000 - 1])
+    brackets.append((kth, kth, 12_000))  # one value: a count
+    brackets.append((float(srt[0]) * 2 + 1, float(srt[0]) * 2 + 2, 50))  # misses
+    pieces = [(base[i : i + 9000], xs[1][i : i + 9000]) for i in range(0, 40_000, 9000)]
+    for pairs in ([(base, xs[1])], pieces):
+        many = native.narrow_many(pairs, brackets, cd)
+        for (lo, hi, k), got in zip(brackets, many):
+            assert got == native.narrow(pairs, lo, hi, k, cd)
+            if got is None:
+                assert (lo, hi, k) == brackets[-1]
+                continue
+            while len(got) == 2:
+                got = native.narrow(pairs, got[0], got[1], k, cd)
+            value, above, equal = got
+            assert value == float(srt[k - 1])
+            assert above == int((a > value).sum()) and equal == int((a == value).sum())
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
 

@@ -476,51 +476,62 @@ int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, i
  * hist[(bits(a) - bits(lo)) >> shift] (the caller sizes shift so the range fits its histogram; for
  * non-negative floats the bits order like the values), plus how many entries lie above hi. It narrows a
  * top-k bracket without gathering the values. */
-int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
-                 int32_t shift, int64_t *above, int64_t *hist, int32_t cd) {
-    float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
+/* Count the in-band entries of the tile t[0..k) into one bracket's histogram; returns how many lie above hi.
+ * u: scratch of k floats (the in-band values are compacted there, branch-free, then counted). */
+static int64_t hist_tile(const float *restrict t, float *restrict u, int64_t k, float lo, float hi,
+                         uint32_t lo_bits, int32_t shift, int64_t *hist) {
+    int32_t c_up = 0;
+    for (int64_t j = 0; j < k; j++) c_up += t[j] > hi;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 v = _mm512_loadu_ps(t + j);
+        __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
+        _mm512_storeu_ps(u + c, _mm512_maskz_compress_ps(in, v));
+        c += __builtin_popcount((unsigned)in);
+    }
+    for (; j < k; j++) {
+        float a = t[j];
+        u[c] = a;
+        c += (a >= lo) & (a <= hi);
+    }
+#else
+    for (int64_t j = 0; j < k; j++) {
+        float a = t[j];
+        u[c] = a;
+        c += (a >= lo) & (a <= hi);
+    }
+#endif
+    for (int64_t j = 0; j < c; j++) {
+        uint32_t v;
+        memcpy(&v, &u[j], 4);
+        hist[(v - lo_bits) >> shift]++;
+    }
+    return c_up;
+}
+
+/* Histograms of the entries of |x - base| inside each of nb brackets [lo[b], hi[b]] (0 <= lo <= hi) by their
+ * float bits: hists[b][(bits(a) - bits(lo[b])) >> shift[b]] (the caller sizes each shift so the range fits;
+ * for non-negative floats the bits order like the values), plus how many entries lie above each hi. One
+ * pass computes |x - base| once for every bracket of this x (Breadcrumbs' two per model). It narrows top-k
+ * brackets without gathering the values. */
+int mk_band_hists(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, int32_t nb,
+                  const float *lo, const float *hi, const int32_t *shift, int64_t *above, int64_t *const *hists,
+                  int32_t cd) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * 3);
     if (!buf) return -1;
-    float *restrict bb = buf, *restrict t = buf + STRIDE;
-    uint32_t lo_bits;
-    memcpy(&lo_bits, &lo, 4);
-    int64_t up = 0;
+    float *restrict bb = buf, *restrict t = buf + STRIDE, *restrict u = buf + 2 * STRIDE;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
         abs_tau(t, bb, base, base_dtype, x, x_dtype, s, k, cd);
-        int32_t c_up = 0;
-        for (int64_t j = 0; j < k; j++) c_up += t[j] > hi;
-        up += c_up;
-        /* compact the in-band values (branch-free: a store per entry, the index advances only in band),
-         * then count only those into the histogram */
-        int64_t c = 0;
-#if defined(__AVX512F__)
-        const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-        int64_t j = 0;
-        for (; j + 16 <= k; j += 16) {
-            __m512 v = _mm512_loadu_ps(t + j);
-            __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
-            _mm512_storeu_ps(t + c, _mm512_maskz_compress_ps(in, v)); /* c <= j: never past what is read */
-            c += __builtin_popcount((unsigned)in);
-        }
-        for (; j < k; j++) {
-            float a = t[j];
-            t[c] = a;
-            c += (a >= lo) & (a <= hi);
-        }
-#else
-        for (int64_t j = 0; j < k; j++) {
-            float a = t[j];
-            t[c] = a;
-            c += (a >= lo) & (a <= hi);
-        }
-#endif
-        for (int64_t j = 0; j < c; j++) {
-            uint32_t u;
-            memcpy(&u, &t[j], 4);
-            hist[(u - lo_bits) >> shift]++;
+        for (int32_t b = 0; b < nb; b++) {
+            uint32_t lo_bits;
+            memcpy(&lo_bits, &lo[b], 4);
+            above[b] += hist_tile(t, u, k, lo[b], hi[b], lo_bits, shift[b], hists[b]);
         }
     }
-    *above += up;
     free(buf);
     return 0;
 }
