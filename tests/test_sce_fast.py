@@ -134,6 +134,23 @@ def test_topk_choice_is_torch_topks():
         assert torch.equal(keep, fast._torch_topk_set(v, k)), (n, levels, k, dt)
 
 
+def test_topk_falls_back_to_torch_where_it_cannot_repeat_it(monkeypatch):
+    """torch.topk's partial-sort branch (k * 64 <= n: its heap order) and a torch whose topk disagrees
+    with the emulation (checked once per process) run torch.topk itself: still the plain bits."""
+    base = torch.zeros(20_000)
+    xs = [torch.zeros(20_000) for _ in range(3)]
+    xs[0][:200] = 1.0  # 200 tied non-zero variances, k = 60: 60 * 64 <= 20000
+    calls = []
+    real = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, want, _, _ = _both(base, xs, torch.float32, torch.float32, select_topk=0.3, numerics="mergekit")
+    assert torch.equal(got, want) and len(calls) == 2  # the plain kernel's and the fast path's
+    xs[0][:10_000] = 1.0  # k = 3000: the nth_element branch, emulated unless the check failed
+    monkeypatch.setattr(fast, "_emulation_agrees", lambda: False)
+    got, want, _, _ = _both(base, xs, torch.float32, torch.float32, select_topk=0.3, numerics="mergekit")
+    assert torch.equal(got, want) and len(calls) == 4
+
+
 def test_nonfinite_input_is_reported():
     base = torch.zeros(50)
     xs = [torch.ones(50), torch.zeros(50)]
