@@ -151,6 +151,17 @@ def test_topk_falls_back_to_torch_where_it_cannot_repeat_it(monkeypatch):
     assert torch.equal(got, want) and len(calls) == 4
 
 
+def test_more_than_16_models_stay_plain():
+    """torch sums more than 17 rows over dim 0 in groups of 16: the fast path declines, with the reason."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(500, generator=g)
+    for m, served in ((16, True), (20, False)):
+        xs = [base + 0.01 * torch.randn(500, generator=g) * (1 + i % 5) for i in range(m)]
+        got, want, st, _ = _both(base, xs, torch.float32, torch.float32, select_topk=0.5)
+        assert (got is not None) == served
+        assert torch.equal(got, want) if served else "more than 16 models" in st["_plain_why"]
+
+
 def test_nonfinite_input_is_reported():
     base = torch.zeros(50)
     xs = [torch.ones(50), torch.zeros(50)]

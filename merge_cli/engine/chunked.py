@@ -124,10 +124,11 @@ class ChunkedPath:
         """sce's per-chunk native apply after its statistics passes (kernels/sce.py SceChunks)."""
         from merge_cli.kernels import native
         from merge_cli.kernels.route import NoKernel
-        from merge_cli.kernels.sce import SceChunks
+        from merge_cli.kernels.sce import SceChunks, too_many
 
-        if not native.dtype_ok(out_dtype):
-            self.ran_plain(f"output dtype {out_dtype} the native kernels do not write")
+        why = too_many(len(job.inputs))
+        if why or not native.dtype_ok(out_dtype):
+            self.ran_plain(why or f"output dtype {out_dtype} the native kernels do not write")
             return None
         sce = SceChunks(state, params, self.dtype)
         try:

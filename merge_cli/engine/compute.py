@@ -82,8 +82,11 @@ class _Compute(ChunkedPath):
         except NoKernel:
             self.ran_plain(f"{dtype_name(self.dtype)} compute of inputs the native kernels do not read")
             return None
-        if out is None:  # numerics: mergekit where the sort chooses among tied magnitudes
-            self.ran_plain(f"{job.method} with numerics: mergekit at tied magnitudes (torch's sort order)")
+        if (
+            out is None
+        ):  # numerics: mergekit where the sort chooses among tied magnitudes (or the kernel's why)
+            why = f"{job.method} with numerics: mergekit at tied magnitudes (torch's sort order)"
+            self.ran_plain(stats.pop("_plain_why", why))
             return None
         self.log.ran_fast()
         bad = stats.pop("_nonfinite", None)

@@ -229,10 +229,23 @@ def _emulation_agrees() -> bool:
     return True
 
 
-def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor:
-    """One whole tensor through the native SCE kernels (raises NoKernel when they cannot read it)."""
+MAX_MODELS = 16
+
+
+def too_many(m: int) -> str | None:
+    """Why m models stay on the plain kernel: torch sums more than 17 rows over dim 0 in groups of 16 (its
+    cascade), not in the order the native erase adds them."""
+    return f"sce with more than {MAX_MODELS} models has no fast path" if m > MAX_MODELS else None
+
+
+def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tensor | None:
+    """One whole tensor through the native SCE kernels (raises NoKernel when they cannot read it; None,
+    with stats['_plain_why'], for more models than the native erase adds in torch's order)."""
     if not usable(base, xs, out_dtype):
         raise NoKernel
+    if too_many(len(xs)):
+        stats["_plain_why"] = too_many(len(xs))
+        return None
     mk = mergekit_numerics(p)
     topk = p.select_topk < 1.0
     hist = new_hist() if topk else None
