@@ -82,9 +82,7 @@ class _Compute(ChunkedPath):
         except NoKernel:
             self.ran_plain(f"{dtype_name(self.dtype)} compute of inputs the native kernels do not read")
             return None
-        if (
-            out is None
-        ):  # numerics: mergekit where the sort chooses among tied magnitudes (or the kernel's why)
+        if out is None:  # the kernel declined: its reason, or mergekit's sort among tied magnitudes
             why = f"{job.method} with numerics: mergekit at tied magnitudes (torch's sort order)"
             self.ran_plain(stats.pop("_plain_why", why))
             return None
