@@ -33,19 +33,27 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _inputs(shape, cd, seed: int, quantised: bool):
-    """base + 3 experts in cd: a fifth of the entries unchanged in every model (zero variance), the third
-    expert tiny (a tiny energy weight, so sce's denominator floor 1e-6 is met), quantised deltas (ties in
-    the variance) or Gaussian ones."""
+    """base + 3 experts in cd: a fifth of the entries unchanged in every model (zero variance), quantised
+    deltas (ties in the variance) or Gaussian ones, and a third expert of tiny energy (its weight ~1e-9,
+    0 in fp16) that alone moves some entries where the base is 0: there sce's denominator is below 1e-6
+    and its clamp decides."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g).to(cd)
+    base = torch.randn(shape, generator=g)
+    base.view(-1)[3::11] = 0.0
+    base = base.to(cd)
     xs = []
     for i in range(3):
         if quantised:
             d = 2.0**-7 * torch.randint(-4, 5, shape, generator=g).float() * (1 + i)
         else:
             d = 0.01 * torch.randn(shape, generator=g)
-        xs.append((base.float() + (d if i < 2 else 1e-4 * torch.randn(shape, generator=g))).to(cd))
+        if i == 2:
+            d = torch.zeros(shape)
+            d.view(-1)[3::11] = 1e-6 * torch.randn(d.view(-1)[3::11].shape, generator=g)
+        xs.append((base.float() + d).to(cd))
         xs[-1].view(-1)[::5] = base.view(-1)[::5]
+    for x in xs[:2]:
+        x.view(-1)[3::22] = base.view(-1)[3::22]  # only the tiny expert moves these
     return base, xs
 
 
