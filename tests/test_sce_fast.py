@@ -104,6 +104,17 @@ def test_whole_tensor_bitwise(cd, numerics, topk):
             assert st["kept_fraction"] == ref["kept_fraction"]
 
 
+@pytest.mark.parametrize("cd", _dtypes(), ids=str)
+def test_one_two_and_five_models(cd):
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 2, 5):
+        base = torch.randn(2000, generator=g).to(cd)
+        xs = [(base.float() + 0.01 * torch.randn(2000, generator=g) * (1 + i)).to(cd) for i in range(m)]
+        for topk, numerics in ((0.3, "mergekit"), (1.0, "mergekit"), (0.3, "exact")):
+            got, want, st, ref = _both(base, xs, cd, cd, select_topk=topk, numerics=numerics)
+            assert torch.equal(_bits(got), _bits(want)) and st["weights"] == ref["weights"], (m, topk)
+
+
 def test_mergekit_tied_threshold_keeps_topks_choice(monkeypatch):
     """numerics: mergekit with a top-k threshold shared by more entries than it keeps: torch.topk's own
     choice among them (not the lowest indices); with no such tie, the threshold alone (topk not called)."""
