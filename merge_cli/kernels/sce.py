@@ -250,7 +250,10 @@ def run_sce(base, xs, p: ParamSet, out_dtype, stats: dict, cd=F32) -> torch.Tens
     topk = p.select_topk < 1.0
     hist = new_hist() if topk else None
     stk, var, sq, bad = prep(base, xs, cd, hist=hist)
-    keep = select(var, hist, topk_count(var, p.select_topk, mk), mk, cd) if topk else None
+    keep = None
+    if topk:  # bf16/fp16: the zero variances are the histogram's bin 0 (+0; a variance is never -0)
+        nz = var.numel() - int(hist[0]) if cd != F32 else None
+        keep = select(var, hist, topk_count(var, p.select_topk, mk, nz), mk, cd)
     squares = mask_sq(stk, keep, cd, squares=mk)
     w = mergekit_weights(stk, squares) if mk else _energy_weights(_sq(stk), base.numel())
     out, kept = erase(base, stk, w, out_dtype, cd)

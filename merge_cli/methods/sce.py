@@ -84,12 +84,14 @@ def _sq(stacked: torch.Tensor) -> list[float]:
     return [float(x) for x in stacked.reshape(stacked.shape[0], -1).double().pow(2).sum(dim=1)]
 
 
-def topk_count(var: torch.Tensor, select_topk: float, mergekit: bool) -> int:
+def topk_count(var: torch.Tensor, select_topk: float, mergekit: bool, nonzero: int | None = None) -> int:
     """k = int(count_nonzero(var) * select_topk): for numerics: mergekit the count times the fraction as a
-    tensor product (fp32), as mergekit forms it; otherwise in Python floats."""
+    tensor product (fp32), as mergekit forms it; otherwise in Python floats. `nonzero`: the count, when
+    the caller has it."""
+    nz = torch.count_nonzero(var) if nonzero is None else torch.tensor(nonzero, dtype=torch.int64)
     if mergekit:
-        return int(torch.count_nonzero(var) * select_topk) if select_topk > 0 else 0
-    return int(int(torch.count_nonzero(var)) * select_topk)
+        return int(nz * select_topk) if select_topk > 0 else 0
+    return int(int(nz) * select_topk)
 
 
 def _mergekit_select_and_weigh(stacked: torch.Tensor, select_topk: float) -> tuple[torch.Tensor, list[float]]:
