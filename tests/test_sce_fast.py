@@ -181,6 +181,19 @@ def test_more_than_16_models_stay_plain():
         assert torch.equal(got, want) if served else "more than 16 models" in st["_plain_why"]
 
 
+def test_the_report_names_the_kernels(monkeypatch):
+    """sce is served in every compute dtype; without the native kernels (it has no eager form) the reason
+    names them, in fp32 as well."""
+    from merge_cli.kernels.choice import why_plain
+
+    p = params_for("sce", 3, select_topk=0.3)
+    assert all(why_plain("sce", p, cd) is None for cd in _dtypes())
+    monkeypatch.setattr(native, "lib", lambda: None)
+    monkeypatch.setattr(native, "_why", ["no C compiler found (set CC)"])
+    assert why_plain("sce", p, torch.float32) == "sce needs the native kernels (no C compiler found (set CC))"
+    assert why_plain("ties", params_for("ties", 3, density=0.5), torch.float32) is None  # eager blocked
+
+
 def test_nonfinite_input_is_reported():
     base = torch.zeros(50)
     xs = [torch.ones(50), torch.zeros(50)]
