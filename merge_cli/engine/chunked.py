@@ -33,6 +33,7 @@ class ChunkedPath:
         tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
         from merge_cli.kernels import native
         from merge_cli.kernels.blocked import abs_tau
+        from merge_cli.kernels.della import DELLA_METHODS, chunk_factors, run_della
         from merge_cli.kernels.dispatch import whole
         from merge_cli.kernels.gta import gta_sparsify, run_gta
         from merge_cli.kernels.ties import counts_for, run_ties, select_thresholds, trims
@@ -45,7 +46,8 @@ class ChunkedPath:
             return None
         cd = self.dtype
         models = self.plan.models
-        if cd != torch.float32 and job.method != "linear":  # the native kernels must read every input
+        native_only = cd != torch.float32 or job.method in DELLA_METHODS
+        if native_only and job.method != "linear":  # the native kernels must read every input
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
                 self.ran_plain(f"{dtype_name(cd)} compute of inputs the native kernels do not read")
@@ -83,6 +85,8 @@ class ChunkedPath:
             if job.method == "ties":
                 ks = counts_for(job.numel, params.density)
                 steps = trims(*select_thresholds(job.numel, ks, *views, cd=cd))
+            elif job.method in DELLA_METHODS:  # ranks per chunk (rows are whole); L1 factors in a pass
+                steps = chunk_factors(params, views[1], ctx, cd)
             else:
                 steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views, cd=cd)
         except NonFinite:  # a NaN/Inf input reached a count
@@ -97,6 +101,8 @@ class ChunkedPath:
             try:
                 if job.method == "ties":
                     res = run_ties(b, xs, weights, params, out_dtype, steps, offset, cd)
+                elif job.method in DELLA_METHODS:
+                    res = run_della(job.method, b, xs, weights, params, out_dtype, ctx, offset, cd, steps)
                 else:
                     res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset, cd)
             except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly

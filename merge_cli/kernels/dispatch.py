@@ -1,6 +1,6 @@
 """The one dispatch table of the fast kernels: FUSED_METHODS, `applies` (does a fast kernel serve these
 parameters) and `whole` (one tensor through its method's blocked runner), plus the runners of linear and
-task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, the native-or-eager choice per
+task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, della* in della.py, the native-or-eager choice per
 primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the plain kernels.
 
 Each runner takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
@@ -15,6 +15,7 @@ import torch
 
 from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
+from merge_cli.kernels.della import DELLA_METHODS, run_della
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
 from merge_cli.kernels.route import F32, NoKernel, fast_path
 from merge_cli.kernels.ties import (
@@ -34,6 +35,8 @@ FUSED_METHODS = (
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "della",
+    "della_linear",
 )
 
 
@@ -111,6 +114,9 @@ def whole(
         ):  # the sort would choose among threshold-equal entries (or keep one of none): the plain kernel
             return None
         res = run_ties(base, xs, weights, p, out_dtype, trims(ts, cuts), 0, cd)
+        return _merge_stats(stats, res, base.numel())
+    if method in DELLA_METHODS:
+        res = run_della(method, base, xs, weights, p, out_dtype, ctx, 0, cd)
         return _merge_stats(stats, res, base.numel())
     views = whole_views(base, xs, cd)
     steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, views, pre, cd)
