@@ -4,12 +4,15 @@ tensors with tied magnitudes; and a mergekit-format recipe run end to end agains
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import pytest
 import torch
 from helpers import merge_in_process, write_model, write_recipe
 from method_helpers import params_for
 
-from merge_cli.kernels import native
+from merge_cli.kernels import della, native
 from merge_cli.kernels.della import chunk_factors, run_della
 from merge_cli.methods import METHODS, TensorCtx
 
@@ -78,7 +81,9 @@ def _plain_chunked(method, base, xs, p, cd, rows):
 @pytest.mark.parametrize("rescale,normalize", [("l1", False), ("inv_p", True), ("l1", True), ("none", False)])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fast_equals_plain_whole_and_chunked(method, cd, rescale, normalize, eps, shape):
+def test_fast_equals_plain_whole_and_chunked(method, cd, rescale, normalize, eps, shape, monkeypatch):
+    if shape == "3d":  # the ranks in pieces of one row each on the thread pool
+        monkeypatch.setattr(della, "PIECE", 100)
     base, xs = _inputs(SHAPES[shape])
     p = _params(method, rescale, normalize, eps)
     ctx = TensorCtx(name=NAME, seed=11)
@@ -140,3 +145,42 @@ def test_mergekit_recipe_bf16_end_to_end(tmp_path):
             assert set(got) == set(ref)
             for name in ref:
                 assert torch.equal(_bits(got[name]), _bits(ref[name])), (method, label, name)
+
+
+def _keys_range(tau: torch.Tensor, cd) -> list[int]:
+    """Per row, the span of the compacted sort keys mk_della_q ranks by (to check which path a row takes)."""
+    k = tau.abs().to(cd).view(torch.int32 if cd == torch.float32 else torch.int16).to(torch.int64)
+    out = []
+    for row in k.reshape(k.shape[0], -1):
+        nz = [int(v) for v in row if v]
+        if not nz:
+            out.append(1)
+            continue
+        vary = functools.reduce(operator.or_, nz) ^ functools.reduce(operator.and_, nz)
+        lo = (vary & -vary).bit_length() - 1 if vary else 0
+        out.append((max(nz) >> lo) - (min(nz) >> lo) + 2)
+    return out
+
+
+@pytest.mark.parametrize("cd", DTYPES)
+def test_fast_equals_plain_on_every_ranking_path(cd):
+    """Rows whose magnitudes are all tied or zero, span a few keys (a counting sort), span many (the radix
+    sort on 16-bit keys) or very many (fp32: the 64-bit items): fp32 inputs, rounded to cd as read."""
+    g = torch.Generator().manual_seed(8)
+    rows, n = 8, 300
+    base = torch.randn(rows, n, generator=g)
+    tau = torch.empty(rows, n)
+    tau[0] = 0.0
+    tau[1] = 0.25 * torch.sign(torch.randn(n, generator=g))  # one magnitude, both signs
+    tau[2:4] = 2.0**-7 * torch.randint(-3, 4, (2, n), generator=g)  # few keys: counting sort
+    tau[4:] = torch.randn(4, n, generator=g) * 10.0 ** (-6 * torch.rand(4, n, generator=g))  # many keys
+    xs = [base + tau, base - 0.5 * tau, base + tau.roll(1, 1)]
+    spans = _keys_range(xs[0].to(cd) - base.to(cd), cd)
+    assert min(spans[4:]) > 4 * n  # not the counting sort
+    if cd == torch.float32:
+        assert max(spans[4:]) > 65536  # the 64-bit items
+    for method, rescale in (("della_linear", "inv_p"), ("della", "l1")):
+        p = _params(method, rescale, True, 0.2)
+        ref = METHODS[method].kernel(base.to(cd), [x.to(cd) for x in xs], WEIGHTS, p, TensorCtx(NAME, seed=5))
+        out = run_della(method, base, xs, WEIGHTS, p, cd, TensorCtx(NAME, seed=5), 0, cd)[0]
+        assert torch.equal(_bits(out), _bits(ref)), method

@@ -13,6 +13,9 @@ della_linear. Needs the native kernels (choice.py sends della to the plain kerne
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -60,21 +63,57 @@ def _consts(d: float, e: float, cd) -> tuple[float, float, float]:
     return de, e2, qc
 
 
-def keep_q(base, x, d: float, e: float, key, offset: int, cd, want_q: bool, want_sums: bool):
-    """(q or None, (||tau||_1, ||keep * tau||_1) or None) of one model over a piece of whole rows (mk_della_q)."""
-    n, length = base.numel(), row_len(base)
-    de, e2, qc = _consts(d, e, cd)
-    ranked = e != 0.0 and length > 1
-    q = torch.empty(n, dtype=torch.float32) if want_q and ranked else None
+PIECE = 1 << 18  # elements (whole rows) per task of the ranking pool
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """Threads for the ranks: the heaviest part of della, split over the cores by pieces of whole rows
+    (ctypes releases the GIL; every piece is independent, so the result does not depend on the split)."""
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="merge-cli-della")
+
+
+def _piece(base, x, r0: int, r1: int, length: int, offset: int, c, ranked: bool, q, key, want_sums, cd):
+    """mk_della_q over the flat range [r0, r1) of whole rows; the L1 sums of the piece (or None)."""
     sums = (ctypes.c_double * 2)()
+    eb, ex = base.element_size(), x.element_size()
     rc = native.lib().mk_della_q(
-        n, length, offset, base.data_ptr(), native.DTYPES[base.dtype], x.data_ptr(), native.DTYPES[x.dtype],
-        de, e2, qc, int(ranked), q.data_ptr() if q is not None else None, key[0], key[1],
-        sums if want_sums else None, native.DTYPES[cd],
+        r1 - r0, length, offset + r0, base.data_ptr() + r0 * eb, native.DTYPES[base.dtype],
+        x.data_ptr() + r0 * ex, native.DTYPES[x.dtype], c[0], c[1], c[2], int(ranked),
+        q.data_ptr() + 4 * r0 if q is not None else None, key[0], key[1], sums if want_sums else None,
+        native.DTYPES[cd],
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory")
-    return q, ((sums[0], sums[1]) if want_sums else None), qc
+    return (sums[0], sums[1]) if want_sums else None
+
+
+def keep_qs(base, xs, p: ParamSet, ctx, offset: int, cd, want_q: bool, want_sums: bool):
+    """{model i: (q or None, (||tau||_1, ||keep * tau||_1) or None, the constant q)} for each model that
+    drops entries, over a piece of whole rows at flat `offset` (mk_della_q, in pieces on the pool)."""
+    n, length = base.numel(), row_len(base)
+    step = max(1, PIECE // max(length, 1)) * length
+    jobs, out = [], {}
+    for i in _dropping(p, n):
+        d, e = p.density[i], p.epsilon[i]
+        c = _consts(d, e, cd)
+        ranked = e != 0.0 and length > 1
+        q = torch.empty(n, dtype=torch.float32) if want_q and ranked else None
+        key = draw_key(ctx.seed, ctx.name, i)
+        args = [(base, xs[i], r0, min(n, r0 + step), length, offset, c, ranked, q, key, want_sums, cd)
+                for r0 in range(0, n, step)]  # fmt: skip
+        out[i] = (q, c[2])
+        jobs.append((i, args))
+    pieces = sum(len(a) for _, a in jobs)
+    run = _pool().map if pieces > 1 else map
+    flat = list(run(lambda a: _piece(*a), [a for _, args in jobs for a in args]))
+    res, k = {}, 0
+    for i, args in jobs:
+        part = flat[k : k + len(args)]
+        k += len(args)
+        sums = (sum(s[0] for s in part), sum(s[1] for s in part)) if want_sums else None
+        res[i] = (out[i][0], sums, out[i][1])
+    return res
 
 
 def _dropping(p: ParamSet, n: int) -> list[int]:
@@ -85,9 +124,7 @@ def l1_sums(p: ParamSet, pieces, ctx, cd=F32) -> dict[int, list[float]]:
     """Each dropping model's (||tau||_1, ||keep * tau||_1) over the pieces (offset, base, xs) of whole rows."""
     sums: dict[int, list[float]] = {}
     for offset, b, xs in pieces:
-        for i in _dropping(p, b.numel()):
-            key = draw_key(ctx.seed, ctx.name, i)
-            _, s, _ = keep_q(b, xs[i], p.density[i], p.epsilon[i], key, offset, cd, False, True)
+        for i, (_, s, _) in keep_qs(b, xs, p, ctx, offset, cd, False, True).items():
             acc = sums.setdefault(i, [0.0, 0.0])
             acc[0] += s[0]
             acc[1] += s[1]
@@ -117,12 +154,10 @@ def run_della(method: str, base, xs, weights, p: ParamSet, out_dtype, ctx, offse
     need_sums = how == "l1" and fac is None
     steps: list[list] = [[] for _ in xs]
     sums: dict[int, list[float]] = {}
-    for i in _dropping(p, base.numel()):
-        key = draw_key(ctx.seed, ctx.name, i)
-        q, s, qc = keep_q(base, xs[i], p.density[i], p.epsilon[i], key, offset, cd, True, need_sums)
+    for i, (q, s, qc) in keep_qs(base, xs, p, ctx, offset, cd, True, need_sums).items():
         if s is not None:
             sums[i] = list(s)
-        steps[i] = [DellaKeep(key, q, offset, qc, how, cd)]
+        steps[i] = [DellaKeep(draw_key(ctx.seed, ctx.name, i), q, offset, qc, how, cd)]
     if how == "l1":
         fac = factors(p, sums) if fac is None else fac
         for i, st in enumerate(steps):

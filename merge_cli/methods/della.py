@@ -23,7 +23,7 @@ from merge_cli.methods.gta import Rescale, rescale_bool
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     name: (
         "merge_cli.kernels.della.run_della",
-        "merge_cli.kernels.della.keep_q",
+        "merge_cli.kernels.della.keep_qs",
         "merge_cli.kernels.gta.run_gta",
         "merge_cli.kernels.native.merge",
     )
