@@ -184,3 +184,17 @@ def test_fast_equals_plain_on_every_ranking_path(cd):
         ref = METHODS[method].kernel(base.to(cd), [x.to(cd) for x in xs], WEIGHTS, p, TensorCtx(NAME, seed=5))
         out = run_della(method, base, xs, WEIGHTS, p, cd, TensorCtx(NAME, seed=5), 0, cd)[0]
         assert torch.equal(_bits(out), _bits(ref)), method
+
+
+def test_without_a_compiler_della_says_why(monkeypatch):
+    """The ranks are native only: without the native kernels della runs on the plain kernels, and says so."""
+    from merge_cli.kernels.choice import why_plain
+
+    p = _params("della", "l1", True, 0.1)
+    assert why_plain("della", p, torch.float32) is None
+    monkeypatch.setattr(native, "lib", lambda: None)
+    monkeypatch.setattr(native, "_why", ["no C compiler found (set CC)"])
+    for cd in (torch.float32, torch.bfloat16):
+        assert why_plain("della_linear", p, cd) == (
+            "della_linear needs the native kernels (no C compiler found (set CC))"
+        )
