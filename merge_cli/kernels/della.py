@@ -1,9 +1,9 @@
 """della and della_linear (MagPrune, then the GTA back half) on the native kernels, bitwise the plain kernel
 of methods/della.py in every compute dtype.
 
-Per model, kernels.c's mk_della_q (native/della.c) ranks |tau| within each row (a stable LSD radix sort on
-the bits of |tau|) and turns each rank into the keep probability q with torch's per-op rounding in the
-compute dtype; DellaKeep is the sparsify step that keeps u < q (the tensor's counter-hash draws, as
+Per model, kernels.c's mk_della_q (native/della.c) ranks |tau| within each row (stable: a counting or LSD
+radix sort on the bits of |tau|, on a thread pool by pieces of whole rows) and turns each rank into the keep
+probability q with torch's per-op rounding in the compute dtype; DellaKeep is the sparsify step that keeps u < q (the tensor's counter-hash draws, as
 ctx.uniform) and rescales. The L1 sums of `rescale: l1` come from the same call (whole tensors) or from a
 pass over the row chunks (chunked tensors: rows are whole within a chunk, so ranks are per chunk); then the
 merge runs as dare_*'s does (gta.run_gta): sign election and disjoint mean for della, the sum for
