@@ -84,6 +84,8 @@ def _plain_chunked(method, base, xs, p, cd, rows):
 def test_fast_equals_plain_whole_and_chunked(method, cd, rescale, normalize, eps, shape, monkeypatch):
     if shape == "3d":  # the ranks in pieces of one row each on the thread pool
         monkeypatch.setattr(della, "PIECE", 100)
+    if shape == "2d":  # the merge in flat pieces (not whole rows) on the thread pool
+        monkeypatch.setattr(della, "MERGE_PIECE", 1000)
     base, xs = _inputs(SHAPES[shape])
     p = _params(method, rescale, normalize, eps)
     ctx = TensorCtx(name=NAME, seed=11)

@@ -163,4 +163,30 @@ def run_della(method: str, base, xs, weights, p: ParamSet, out_dtype, ctx, offse
         for i, st in enumerate(steps):
             if st:
                 st[0].mul = fac.get(i)
-    return run_gta(method, base, xs, weights, p, out_dtype, steps, offset, cd)
+    return _merge(method, base, xs, weights, p, out_dtype, steps, offset, cd)
+
+
+MERGE_PIECE = 1 << 20  # elements per task of the merge on the pool
+
+
+def _merge(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int, cd):
+    """run_gta, in flat pieces on the pool when the tensor is large (the merge is elementwise once q is
+    known: the same bits; the counts add up, the squared norms too, in piece order)."""
+    n = base.numel()
+    if n < 2 * MERGE_PIECE:
+        return run_gta(method, base, xs, weights, p, out_dtype, steps, offset, cd)
+    fb, fx = base.reshape(-1), [x.reshape(-1) for x in xs]
+
+    def piece(a: int):
+        b = min(n, a + MERGE_PIECE)
+        return run_gta(method, fb[a:b], [x[a:b] for x in fx], weights, p, out_dtype, steps, offset + a, cd)
+
+    parts = list(_pool().map(piece, range(0, n, MERGE_PIECE)))
+    out = torch.cat([r[0] for r in parts]).reshape(base.shape)
+    m = len(xs)
+    kept = [sum(r[1][i] for r in parts) for i in range(m)]
+    touched = None if parts[0][2] is None else sum(r[2] for r in parts)
+    conflict = None if parts[0][3] is None else sum(r[3] for r in parts)
+    bad = [sum(r[4][i] for r in parts) for i in range(len(parts[0][4]))]
+    sq = [sum(r[5][i] for r in parts) for i in range(m)]
+    return out, kept, touched, conflict, bad, sq
