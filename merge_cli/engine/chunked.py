@@ -18,6 +18,7 @@ from merge_cli.errors import MergeCliError
 from merge_cli.finite import ensure_finite
 from merge_cli.kernels.blocked import NonFinite
 from merge_cli.kernels.choice import dtype_name
+from merge_cli.kernels.interp import INTERP_METHODS
 from merge_cli.methods import METHODS, ParamSet
 from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import TensorJob, report_params
@@ -27,7 +28,21 @@ class ChunkedPath:
     """The row-chunked half of the engine's _Compute (compute.py): it uses _Compute's plan, device, prep,
     to_host and check_counts."""
 
-    def fused_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype):
+    def interp_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, ctx):
+        """slerp, nuslerp, model_stock: their Streamed gather pass, run here on the fast kernels (over chunks
+        in the compute dtype, checked for NaN/Inf as the plain pass checks them), then the fast apply."""
+        from merge_cli.kernels.interp import chunked
+
+        gather, apply = chunked(job.method, params, self.dtype)
+        for _, b, xs in self.chunks(job, rows):
+            gather(state, b, xs)
+        self.log.ran_fast()
+        weights, out_dtype = list(job.weights), ST_TO_TORCH[job.out_dtype]
+        return lambda offset, b, xs: apply(state, b, xs, weights, out_dtype, ctx)
+
+    def fused_chunk_apply(
+        self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype, ctx=None
+    ):  # fmt: skip
         """A per-chunk blocked apply (offset, base, xs) -> (out, squared task-vector norms or None), or None
         when the blocked kernels do not apply. For ties, dare_* and breadcrumbs*, what needs the whole
         tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
@@ -45,6 +60,8 @@ class ChunkedPath:
             return None
         cd = self.dtype
         models = self.plan.models
+        if job.method in INTERP_METHODS:
+            return self.interp_chunk_apply(job, rows, state, params, ctx)
         if cd != torch.float32 and job.method != "linear":  # the native kernels must read every input
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
@@ -148,7 +165,7 @@ class ChunkedPath:
         }
         st = whole_model_streamed(job) if whole_model_job(job) else spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
-        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype)
+        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype, ctx)
         passes = st.passes if st and fused_apply is None else 0
         for p in range(passes):
             for offset, b, xs in self.chunks(job, rows, check=p == 0):

@@ -1,6 +1,7 @@
 """The one dispatch table of the fast kernels: FUSED_METHODS, `applies` (does a fast kernel serve these
 parameters) and `whole` (one tensor through its method's blocked runner), plus the runners of linear and
-task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, the native-or-eager choice per
+task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, slerp/nuslerp in interp.py and
+model_stock in stock.py, the native-or-eager choice per
 primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the plain kernels.
 
 Each runner takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
@@ -15,7 +16,9 @@ import torch
 
 from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
+from merge_cli.kernels import interp
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
+from merge_cli.kernels.interp import INTERP_METHODS
 from merge_cli.kernels.route import F32, NoKernel, fast_path
 from merge_cli.kernels.ties import (
     run_ties,
@@ -34,6 +37,7 @@ FUSED_METHODS = (
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    *INTERP_METHODS,
 )
 
 
@@ -98,6 +102,8 @@ def whole(
         return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
+    if method in INTERP_METHODS:  # eager blocked torch in any dtype (kernels/interp.py)
+        return interp.whole(method, base, xs, weights, p, out_dtype, stats, ctx, cd)
     if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
         raise NoKernel
     if method == "task_arithmetic":

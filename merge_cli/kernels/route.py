@@ -13,6 +13,8 @@ from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 
 F32 = torch.float32
+# methods whose fast kernels are eager torch in the compute dtype itself (any dtype, no compiler needed)
+ANY_DTYPE = ("linear", "slerp", "nuslerp", "model_stock")
 
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -25,7 +27,7 @@ def dtype_name(dt: torch.dtype) -> str:
 def fast_path(methods, cd: torch.dtype) -> str | None:
     """None when the fast kernels can merge these methods in compute dtype cd; otherwise why not (a
     phrase). Resolving the native kernels may wait for their build (native.warm_up started it)."""
-    if cd == torch.float32 or all(m == "linear" for m in methods):
+    if cd == torch.float32 or all(m in ANY_DTYPE for m in methods):
         return None
     if native.lib() is None:
         return f"{dtype_name(cd)} compute needs the native kernels ({native.unavailable_reason()})"
