@@ -132,22 +132,21 @@ def blend(out: torch.Tensor, views, coefs, mode: str, fn) -> None:
         o[r0:r1, c0:c1] = fn(*parts, *(cut(c, r0, r1, c0, c1) for c in coefs))
 
 
+def _sq(x: torch.Tensor) -> float:
+    """Squared norm of a block, summed in fp32 by torch.dot (a statistic, not merged bits)."""
+    f = x.reshape(-1).float()
+    return float(torch.dot(f, f))
+
+
 def sq_norms(xs, b: torch.Tensor, cd: torch.dtype) -> list[float]:
-    """Squared norms of x - b in the compute dtype, in float64 (the report's task-vector norms)."""
+    """Squared norms of the task vectors x - b (in the compute dtype) for the report, block by block."""
     bf = b.reshape(-1)
-    res = []
-    for x in xs:
-        xf = x.reshape(-1)
-        s = 0.0
-        for i, j in spans(xf.numel()):
-            s += float(torch.linalg.vector_norm(in_cd(xf[i:j], cd) - in_cd(bf[i:j], cd), dtype=torch.float64)) ** 2
-        res.append(s)
-    return res
+    return [sum(_sq(in_cd(x.reshape(-1)[i:j], cd) - in_cd(bf[i:j], cd)) for i, j in spans(bf.numel())) for x in xs]
 
 
 def tau_sq(*taus: torch.Tensor) -> list[float]:
-    """Squared float64 norms of task vectors already in the compute dtype."""
-    return [float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 for x in taus]
+    """Squared norms of task vectors already in the compute dtype, block by block."""
+    return [sum(_sq(x.reshape(-1)[i:j]) for i, j in spans(x.numel())) for x in taus]
 
 
 def finite(*xs: torch.Tensor) -> bool:
