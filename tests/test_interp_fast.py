@@ -148,7 +148,7 @@ def test_fast_is_bitwise_the_plain_kernel(method, cfg, cd):
                 checked += 1
             if len(shape) < 2:
                 continue
-            for rows in (1, 4):
+            for rows in (3,):
                 want, wst = plain_chunked(method, b, xs, weights, p, cd, cd, rows)
                 got, gst = fast_chunked(method, b, xs, weights, p, cd, cd, rows)
                 assert same_bits(want, got), (shape, label, rows, "chunked")

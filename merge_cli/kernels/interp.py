@@ -81,10 +81,18 @@ def prod_sum(x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: s
 
 
 def sums(a: torch.Tensor, b: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise."""
-    dims = S._dims(a, mode)
-    f64 = torch.float64
-    return tuple(prod_sum(x, y, dims, f64, "p64") for x, y in ((a, a), (b, b), (a, b)))
+    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise: the three products made in one
+    pass (each block cast to float64 once), then the plain kernel's three sums."""
+    dims, f64 = S._dims(a, mode), torch.float64
+    ps = [scratch(f"p64{k}", a.shape, f64) for k in range(3)]
+    af, bf, pf = a.reshape(-1), b.reshape(-1), [p.view(-1) for p in ps]
+    for i, j in spans(af.numel()):
+        x = scratch("x64", (j - i,), f64).copy_(af[i:j])
+        y = scratch("y64", (j - i,), f64).copy_(bf[i:j])
+        torch.mul(x, x, out=pf[0][i:j])
+        torch.mul(y, y, out=pf[1][i:j])
+        torch.mul(x, y, out=pf[2][i:j])
+    return tuple(p.sum(dim=dims, keepdim=True) for p in ps)
 
 
 def view2(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -160,11 +168,11 @@ def slerp_mk_coefficients(t: float, a: torch.Tensor, b: torch.Tensor, cd: torch.
     """slerp.slerp_mergekit's coefficients: norms of per-2^20 chunk norms, the normalised dot, in fp32
     (fp64 for fp64); a, b in any dtype, each chunk cast to cd then to the work dtype. Also (|a|, |b|)."""
     work = S._mk_work(cd)
-    a, b = a.reshape(1, -1), b.reshape(1, -1)
+    a, b = (wide(x.reshape(1, -1), cd, work, slot) for x, slot in ((a, "a32"), (b, "b32")))
     parts = spans(a.shape[1], S.MK_CHUNK)
 
     def chunk(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        return in_cd(x[:, i:j], cd).to(work)
+        return x[:, i:j]
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         ps = [torch.linalg.vector_norm(chunk(x, i, j), dim=1, keepdim=True) for i, j in parts]
@@ -175,30 +183,45 @@ def slerp_mk_coefficients(t: float, a: torch.Tensor, b: torch.Tensor, cd: torch.
         return torch.stack(ps).sum(dim=0)
 
     na, nb = norm(a), norm(b)
-    return S._mk_coefficients(t, na, nb, dot), (na, nb)
+    return S._mk_coefficients(t, na, nb, dot), (na, nb), (a, b)
 
 
-def _combine(work: torch.dtype, cd: torch.dtype):
-    """The plain kernels' blend (c0 a + c1 b in the work dtype, rounded to cd) for one tile."""
+def wide(x: torch.Tensor, cd: torch.dtype, work: torch.dtype, slot: str) -> torch.Tensor:
+    """x cast to cd and then to the work dtype (what the plain kernels' x.to(work) of an input in cd holds),
+    made once, block by block, into scratch (x itself when it is already in the work dtype and cd)."""
+    if x.dtype == cd == work:
+        return x
+    out = scratch(slot, x.shape, work)
+    xf, of = x.reshape(-1), out.view(-1)
+    for i, j in spans(xf.numel()):
+        of[i:j] = in_cd(xf[i:j], cd)
+    return out
+
+
+def _combine(work: torch.dtype, cd: torch.dtype, widened: bool = False):
+    """The plain kernels' blend (c0 a + c1 b in the work dtype, rounded to cd) for one tile; widened: a and b
+    are already cd values in the work dtype."""
+    if widened:
+        return lambda a, b, c0, c1: (c0 * a + c1 * b).to(cd)
     return lambda a, b, c0, c1: (c0 * in_cd(a, cd).to(work) + c1 * in_cd(b, cd).to(work)).to(cd)
 
 
 def run_slerp(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -> torch.Tensor:
     a, b = base, xs[0]
     out = torch.empty(a.shape, dtype=out_dtype)
-    if p.numerics == "mergekit":
-        (c0, c1), norms = slerp_mk_coefficients(p.t, a, b, cd)
+    mk = p.numerics == "mergekit"
+    if mk:
+        (c0, c1), norms, (a, b) = slerp_mk_coefficients(p.t, a, b, cd)  # a, b now in the work dtype
         bad = not finite(*norms)
         work = S._mk_work(cd)
     else:
-        a_, b_ = full_cd(a, cd, "a"), full_cd(b, cd, "b")
-        aa, bb, ab = sums(a_, b_, "flat")
+        aa, bb, ab = sums(full_cd(a, cd, "a"), full_cd(b, cd, "b"), "flat")
         bad = not finite(aa, bb)
         work = S.slerp_work(cd)
         c0, c1 = S.slerp_coefficients(p.t, aa, bb, ab, work)
-    blend(out, (a, b), (coef2(c0, "flat", a), coef2(c1, "flat", a)), "flat", _combine(work, cd))
+    blend(out, (a, b), (coef2(c0, "flat", a), coef2(c1, "flat", a)), "flat", _combine(work, cd, mk))
     stats["_nonfinite"] = [int(bad), 0]
-    stats["_sqnorms"] = sq_norms([b], a, cd)
+    stats["_sqnorms"] = sq_norms([b], a, cd)  # exact in cd: a, b hold cd values
     return out
 
 
