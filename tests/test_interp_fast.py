@@ -33,7 +33,9 @@ def small_blocks(monkeypatch):
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT[a.dtype]), b.view(INT[b.dtype]))
+    return (
+        a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT[a.dtype]), b.view(INT[b.dtype]))
+    )
 
 
 def _near_threshold(a: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -53,9 +55,17 @@ def cases(shape, n: int, with_base: bool, seed: int = 0):
     tau = torch.randn(shape, generator=g)
     out = [
         ("random", base, rnd),
-        ("colinear", base, [2 * base, -base, base][:n] if not with_base else [base + tau * (i + 1) for i in range(n)]),
+        (
+            "colinear",
+            base,
+            [2 * base, -base, base][:n] if not with_base else [base + tau * (i + 1) for i in range(n)],
+        ),
         ("zero", base, [base.clone() for _ in range(n)] if with_base else [torch.zeros(shape)] * n),
-        ("threshold", torch.zeros(shape) if with_base else base, [base] + [_near_threshold(base, g)] * (n - 1)),
+        (
+            "threshold",
+            torch.zeros(shape) if with_base else base,
+            [base] + [_near_threshold(base, g)] * (n - 1),
+        ),
     ]
     mixed = [x.clone() for x in rnd]
     if len(shape) > 1:
@@ -92,7 +102,10 @@ def plain_chunked(method, base, xs, weights, p, cd, out_dtype, rows):
         for b, ys in _chunks(base, xs, rows):
             st.gather(state, k, *prep(b, ys), p, ctx)
         st.end_pass(state, k)
-    out = [st.apply(state, *prep(b, ys), list(weights), p, ctx).to(out_dtype) for b, ys in _chunks(base, xs, rows)]
+    out = [
+        st.apply(state, *prep(b, ys), list(weights), p, ctx).to(out_dtype)
+        for b, ys in _chunks(base, xs, rows)
+    ]
     if st.finish:
         st.finish(state, ctx)
     return torch.cat(out), ctx.stats
@@ -159,7 +172,9 @@ def test_fast_is_bitwise_the_plain_kernel(method, cfg, cd):
     assert checked >= 25
 
 
-@pytest.mark.parametrize("method,cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[8], CONFIGS[14], CONFIGS[18]])
+@pytest.mark.parametrize(
+    "method,cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[8], CONFIGS[14], CONFIGS[18]]
+)
 def test_fp32_inputs_and_a_tensor_big_enough_for_threaded_reductions(method, cfg):
     """fp32 checkpoints in bf16 compute (cast as read), and 320 x 256 entries: torch splits reductions of
     more than 32768 entries over threads, and the fast kernels reduce the same tensors the same way."""
@@ -211,12 +226,19 @@ RECIPES = {
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_mergekit_recipe_in_bf16_runs_fast_with_the_plain_bits(tmp_path, method):
     m = _models(tmp_path)
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPES[method].format(**m) + "dtype: bfloat16\nout_dtype: bfloat16\n")
-    for label, budget in (("whole", 1 << 30), ("chunked", 600_000)):  # the plain chunked form is the reference
+    recipe = write_recipe(
+        tmp_path / "r.yaml", RECIPES[method].format(**m) + "dtype: bfloat16\nout_dtype: bfloat16\n"
+    )
+    for label, budget in (
+        ("whole", 1 << 30),
+        ("chunked", 600_000),
+    ):  # the plain chunked form is the reference
         ref, plain = merge_in_process(tmp_path, recipe, "plain-" + label, max_memory=budget, fused="off")
         assert plain.engine.kernels.startswith("plain")
         got, res = merge_in_process(tmp_path, recipe, label, max_memory=budget)
-        assert res.engine.kernels == "native" or res.engine.kernels.startswith("eager blocked"), res.engine.kernels
+        assert res.engine.kernels == "native" or res.engine.kernels.startswith("eager blocked"), (
+            res.engine.kernels
+        )
         assert res.report["engine"]["kernels"] == res.engine.kernels
         assert (EMB in res.engine.chunked) == (label == "chunked")
         assert set(got) == set(ref)

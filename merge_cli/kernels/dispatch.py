@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from merge_cli.kernels import blocked as fused
-from merge_cli.kernels import native
-from merge_cli.kernels import interp
+from merge_cli.kernels import interp, native
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
 from merge_cli.kernels.interp import INTERP_METHODS
 from merge_cli.kernels.route import F32, NoKernel, fast_path

@@ -73,7 +73,9 @@ def sub_cd(x: torch.Tensor, b: torch.Tensor, cd: torch.dtype, slot: str) -> torc
     return out
 
 
-def prod_sum(x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True) -> torch.Tensor:
+def prod_sum(
+    x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True
+) -> torch.Tensor:
     """(x.to(dtype) * y.to(dtype)).sum(dim=dims, keepdim=keep), the product made in scratch block by block
     (x, y contiguous, of the same shape)."""
     p = scratch(slot, x.shape, dtype)
@@ -153,7 +155,9 @@ def _sq(x: torch.Tensor) -> float:
 def sq_norms(xs, b: torch.Tensor, cd: torch.dtype) -> list[float]:
     """Squared norms of the task vectors x - b (in the compute dtype) for the report, block by block."""
     bf = b.reshape(-1)
-    return [sum(_sq(in_cd(x.reshape(-1)[i:j], cd) - in_cd(bf[i:j], cd)) for i, j in spans(bf.numel())) for x in xs]
+    return [
+        sum(_sq(in_cd(x.reshape(-1)[i:j], cd) - in_cd(bf[i:j], cd)) for i, j in spans(bf.numel())) for x in xs
+    ]
 
 
 def tau_sq(*taus: torch.Tensor) -> list[float]:

@@ -69,7 +69,10 @@ def run_model_stock(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx,
         views = [M._mk_rows(t, p.filter_wise) for t in taus]
         norms = [torch.norm(v, dim=-1) for v in views]
         t, c = M.mergekit_ratio(
-            p, len(views), lambda i: norms[i], lambda i, j: prod_sum(views[i], views[j], -1, cd, "pcd", keep=False)
+            p,
+            len(views),
+            lambda i: norms[i],
+            lambda i, j: prod_sum(views[i], views[j], -1, cd, "pcd", keep=False),
         )
         ok = finite(*norms)
         st["t"].append(t.double())
