@@ -14,6 +14,7 @@ from helpers import merge_in_process, write_model, write_recipe
 from method_helpers import params_for
 
 from merge_cli.kernels import interp
+from merge_cli.kernels.dispatch import interp_chunked, run_interp
 from merge_cli.methods import METHODS, TensorCtx
 from merge_cli.methods import slerp as S
 
@@ -85,7 +86,7 @@ def plain_whole(method, base, xs, weights, p, cd, out_dtype):
 
 def fast_whole(method, base, xs, weights, p, cd, out_dtype):
     ctx, stats = TensorCtx(name="w"), {}
-    out = interp.whole(method, base, xs, weights, p, out_dtype, stats, ctx, cd)
+    out = run_interp(method, base, xs, weights, p, out_dtype, stats, ctx, cd)
     return out, {k: v for k, v in stats.items() if not k.startswith("_")}
 
 
@@ -114,7 +115,7 @@ def plain_chunked(method, base, xs, weights, p, cd, out_dtype, rows):
 def fast_chunked(method, base, xs, weights, p, cd, out_dtype, rows):
     ctx = TensorCtx(name="w")
     state = METHODS[method].streamed.init(p, ctx, len(xs))
-    gather, apply = interp.chunked(method, p, cd)
+    gather, apply = interp_chunked(method, p, cd)
     for b, ys in _chunks(base, xs, rows):
         gather(state, b.to(cd) if b is not None else None, [y.to(cd) for y in ys])
     out = [apply(state, b, ys, list(weights), out_dtype, ctx)[0] for b, ys in _chunks(base, xs, rows)]

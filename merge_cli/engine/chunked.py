@@ -31,9 +31,9 @@ class ChunkedPath:
     def interp_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, ctx):
         """slerp, nuslerp, model_stock: their Streamed gather pass, run here on the fast kernels (over chunks
         in the compute dtype, checked for NaN/Inf as the plain pass checks them), then the fast apply."""
-        from merge_cli.kernels.interp import chunked
+        from merge_cli.kernels.dispatch import interp_chunked
 
-        gather, apply = chunked(job.method, params, self.dtype)
+        gather, apply = interp_chunked(job.method, params, self.dtype)
         for _, b, xs in self.chunks(job, rows):
             gather(state, b, xs)
         self.log.ran_fast()

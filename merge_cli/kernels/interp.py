@@ -28,7 +28,7 @@ from merge_cli.methods import slerp as S
 
 BLOCK = 1 << 20
 KEEP = 64 << 20  # scratch buffers up to this size are kept for the next tensor, bigger ones freed after it
-INTERP_METHODS = ("slerp", "nuslerp", "model_stock")
+INTERP_METHODS = ("slerp", "nuslerp", "model_stock")  # served here and by kernels/stock.py
 _local = threading.local()
 
 
@@ -375,33 +375,3 @@ def nuslerp_chunked(p, cd):
         return out, (tau_sq(x0, x1) if b is not None else None)
 
     return gather, apply
-
-
-def whole(method: str, base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -> torch.Tensor:
-    """One whole tensor of slerp, nuslerp or model_stock; stats as dispatch.whole fills them."""
-    from merge_cli.kernels.stock import run_model_stock
-    from merge_cli.methods.base import TensorCtx
-
-    ctx = ctx if ctx is not None else TensorCtx(name="")
-    if any(x.numel() == 0 for x in xs):  # nothing to block: the plain kernel
-        out = _plain(method, base, xs, weights, p, ctx, cd).to(out_dtype)
-    else:
-        run = {"slerp": run_slerp, "nuslerp": run_nuslerp, "model_stock": run_model_stock}[method]
-        out = run(base, xs, weights, p, out_dtype, stats, ctx, cd)
-        release(KEEP)
-    stats.update(ctx.stats)
-    return out
-
-
-def _plain(method, base, xs, weights, p, ctx, cd) -> torch.Tensor:
-    from merge_cli.methods import METHODS
-
-    b = base.to(cd) if base is not None else None
-    return METHODS[method].kernel(b, [x.to(cd) for x in xs], list(weights), p, ctx)
-
-
-def chunked(method: str, p, cd):
-    """(gather, apply) of the method's row-chunked fast form (see slerp_chunked)."""
-    from merge_cli.kernels.stock import stock_chunked
-
-    return {"slerp": slerp_chunked, "nuslerp": nuslerp_chunked, "model_stock": stock_chunked}[method](p, cd)
