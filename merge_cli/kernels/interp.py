@@ -73,32 +73,25 @@ def sub_cd(x: torch.Tensor, b: torch.Tensor, cd: torch.dtype, slot: str) -> torc
     return out
 
 
-def prod_sum(
-    x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True
-) -> torch.Tensor:
-    """(x.to(dtype) * y.to(dtype)).sum(dim=dims, keepdim=keep), the product made in scratch block by block
-    (x, y contiguous, of the same shape)."""
+def prod_sum(x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True) -> torch.Tensor:
+    """(x.to(dtype) * y.to(dtype)).sum(dim=dims, keepdim=keep), the product made block by block in scratch
+    (x, y contiguous, of the same shape): a block of x is cast into the buffer and multiplied in place by
+    y, which torch casts as it reads (the same IEEE product, no cast copies)."""
     p = scratch(slot, x.shape, dtype)
     xf, yf, pf = x.reshape(-1), y.reshape(-1), p.view(-1)
     for i, j in spans(xf.numel()):
-        torch.mul(xf[i:j].to(dtype), yf[i:j].to(dtype), out=pf[i:j])
+        if x.dtype == y.dtype == dtype:
+            torch.mul(xf[i:j], yf[i:j], out=pf[i:j])
+        else:
+            pf[i:j].copy_(xf[i:j])
+            pf[i:j].mul_(yf[i:j])
     return p.sum(dim=dims, keepdim=keep)
 
 
 def sums(a: torch.Tensor, b: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise: each product made in one
-    float64 scratch buffer (a block cast once for a*a), then the plain kernel's sum."""
-    dims, f64 = S._dims(a, mode), torch.float64
-    p = scratch("p64", a.shape, f64)
-    pf, res = p.view(-1), []
-    for x, y in ((a, a), (b, b), (a, b)):
-        xf, yf = x.reshape(-1), y.reshape(-1)
-        for i, j in spans(xf.numel()):
-            u = scratch("x64", (j - i,), f64).copy_(xf[i:j])
-            v = u if y is x else scratch("y64", (j - i,), f64).copy_(yf[i:j])
-            torch.mul(u, v, out=pf[i:j])
-        res.append(p.sum(dim=dims, keepdim=True))
-    return tuple(res)
+    """slerp.slerp_sums: (|a|^2, |b|^2, <a, b>) in float64 per mode, bitwise."""
+    dims = S._dims(a, mode)
+    return tuple(prod_sum(x, y, dims, torch.float64, "p64") for x, y in ((a, a), (b, b), (a, b)))
 
 
 def view2(x: torch.Tensor, mode: str) -> torch.Tensor:
