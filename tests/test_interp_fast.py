@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import merge_in_process, write_model, write_recipe
+from helpers import load_output, merge_in_process, write_model, write_recipe
 from method_helpers import params_for
 
 from merge_cli.kernels import interp
@@ -245,3 +245,23 @@ def test_mergekit_recipe_in_bf16_runs_fast_with_the_plain_bits(tmp_path, method)
         assert set(got) == set(ref)
         for name in ref:
             assert same_bits(ref[name], got[name]), (label, name)
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_nan_or_inf_in_a_source_stops_the_fast_path_as_the_plain_one(tmp_path, method):
+    """The fast kernels flag non-finite norms; the engine then names the model and tensor, as without them."""
+    from merge_cli.errors import CheckpointError
+
+    m = _models(tmp_path)
+    bad = {k: v.clone() for k, v in load_output(m["e0"]).items()}
+    bad["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    bad[EMB][2500, 7] = float("inf")
+    m["e0"] = write_model(tmp_path / "bad", bad)
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPES[method].format(**m) + "dtype: bfloat16\n")
+    for budget in (1 << 30, 600_000):
+        msgs = []
+        for fused in ("off", "auto"):
+            with pytest.raises(CheckpointError) as e:
+                merge_in_process(tmp_path, recipe, f"{fused}-{budget}", max_memory=budget, fused=fused)
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] and "model 'bad'" in msgs[0], msgs
