@@ -117,7 +117,7 @@ def fast_chunked(method, base, xs, weights, p, cd, out_dtype, rows):
     state = METHODS[method].streamed.init(p, ctx, len(xs))
     gather, apply = interp_chunked(method, p, cd)
     for b, ys in _chunks(base, xs, rows):
-        gather(state, b.to(cd) if b is not None else None, [y.to(cd) for y in ys])
+        gather(state, b, ys)
     out = [apply(state, b, ys, list(weights), out_dtype, ctx)[0] for b, ys in _chunks(base, xs, rows)]
     st = METHODS[method].streamed
     if st.finish:
@@ -177,8 +177,9 @@ def test_fast_is_bitwise_the_plain_kernel(method, cfg, cd):
     "method,cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[8], CONFIGS[14], CONFIGS[18]]
 )
 def test_fp32_inputs_and_a_tensor_big_enough_for_threaded_reductions(method, cfg):
-    """fp32 checkpoints in bf16 compute (cast as read), and 320 x 256 entries: torch splits reductions of
-    more than 32768 entries over threads, and the fast kernels reduce the same tensors the same way."""
+    """fp32 checkpoints in bf16 compute (cast as read), whole and in row chunks, and 320 x 256 entries: torch
+    splits reductions of more than 32768 entries over threads, and the fast kernels reduce the same tensors
+    the same way."""
     cfg = dict(cfg)
     with_base = cfg.pop("base", True)
     n = {"slerp": 1, "nuslerp": 2, "model_stock": 3}[method]
@@ -192,6 +193,9 @@ def test_fp32_inputs_and_a_tensor_big_enough_for_threaded_reductions(method, cfg
         want, _ = plain_whole(method, b, xs, weights, p, cd, torch.float32)
         got, _ = fast_whole(method, b, xs, weights, p, cd, torch.float32)
         assert same_bits(want, got), cd
+        want, _ = plain_chunked(method, b, xs, weights, p, cd, torch.float32, 150)
+        got, _ = fast_chunked(method, b, xs, weights, p, cd, torch.float32, 150)
+        assert same_bits(want, got), (cd, "chunked")
 
 
 # ---- end to end: mergekit-format recipes, fast path vs --fused off -----------------------------------------

@@ -29,13 +29,15 @@ class ChunkedPath:
     to_host and check_counts."""
 
     def interp_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, ctx):
-        """slerp, nuslerp, model_stock: their Streamed gather pass, run here on the fast kernels (over chunks
-        in the compute dtype, checked for NaN/Inf as the plain pass checks them), then the fast apply."""
+        """slerp, nuslerp, model_stock: their Streamed gather pass, run here on the fast kernels, then the fast
+        apply. A chunk whose sums are not finite (or where the gather reduces nothing) gets the exact NaN/Inf
+        check, which names the model, tensor and rows as the plain pass does."""
         from merge_cli.kernels.dispatch import interp_chunked
 
         gather, apply = interp_chunked(job.method, params, self.dtype)
-        for _, b, xs in self.chunks(job, rows):
-            gather(state, b, xs)
+        for offset, b, xs in self.chunks(job, rows, raw=True, check=False):
+            if not gather(state, b, xs):
+                self.check_counts(job, [1] * (len(xs) + (b is not None)), offset, b, xs)
         self.log.ran_fast()
         weights, out_dtype = list(job.weights), ST_TO_TORCH[job.out_dtype]
         return lambda offset, b, xs: apply(state, b, xs, weights, out_dtype, ctx)

@@ -64,16 +64,35 @@ def spans(n: int, step: int | None = None) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def widens(dtype: torch.dtype, cd: torch.dtype) -> bool:
+    """Is every value of dtype exactly a value of cd (so torch may cast it as it reads, in a mixed op)?"""
+    wider = {
+        torch.float32: (torch.bfloat16, torch.float16),
+        torch.float64: (torch.bfloat16, torch.float16, torch.float32),
+    }
+    return dtype == cd or dtype in wider.get(cd, ())
+
+
+def subs_cd(xs, b: torch.Tensor, cd: torch.dtype, slots) -> list[torch.Tensor]:
+    """Each x - b in the compute dtype (the plain kernels' task vectors), block by block into scratch, each
+    block of b cast once."""
+    outs = [scratch(s, x.shape, cd) for s, x in zip(slots, xs, strict=True)]
+    bf = b.reshape(-1)
+    for i, j in spans(bf.numel()):
+        bb = in_cd(bf[i:j], cd)
+        for x, o in zip(xs, outs, strict=True):
+            xb = x.reshape(-1)[i:j]
+            torch.sub(xb if widens(xb.dtype, cd) else xb.to(cd), bb, out=o.view(-1)[i:j])
+    return outs
+
+
 def sub_cd(x: torch.Tensor, b: torch.Tensor, cd: torch.dtype, slot: str) -> torch.Tensor:
-    """x - b in the compute dtype (the plain kernels' task vector), written block by block into scratch."""
-    out = scratch(slot, x.shape, cd)
-    xf, bf, of = x.reshape(-1), b.reshape(-1), out.view(-1)
-    for i, j in spans(xf.numel()):
-        torch.sub(in_cd(xf[i:j], cd), in_cd(bf[i:j], cd), out=of[i:j])
-    return out
+    return subs_cd([x], b, cd, [slot])[0]
 
 
-def prod_sum(x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True) -> torch.Tensor:
+def prod_sum(
+    x: torch.Tensor, y: torch.Tensor, dims, dtype: torch.dtype, slot: str, keep=True
+) -> torch.Tensor:
     """(x.to(dtype) * y.to(dtype)).sum(dim=dims, keepdim=keep), the product made block by block in scratch
     (x, y contiguous, of the same shape): a block of x is cast into the buffer and multiplied in place by
     y, which torch casts as it reads (the same IEEE product, no cast copies)."""
@@ -230,12 +249,16 @@ def run_slerp(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -
 
 
 def slerp_chunked(p, cd):
-    """SLERP_STREAM's fast form: gather(st, base, xs) on chunks in cd (st: the stream's state); apply(st, base,
-    xs, weights, out_dtype, ctx) -> (output chunk, squared task-vector norms or None)."""
+    """SLERP_STREAM's fast form: gather(st, base, xs) -> whether the chunk's sums are finite (None: not
+    known), st the stream's state; apply(st, base, xs, weights, out_dtype, ctx) -> (output chunk, squared
+    task-vector norms or None). Chunks in any dtype, cast to cd as the plain path's prep casts them."""
 
-    def gather(st, b, xs):
-        s = sums(b, xs[0], "flat")
+    def gather(st, b, xs) -> bool | None:
+        s = sums(
+            *(x if widens(x.dtype, cd) else full_cd(x, cd, k) for x, k in ((b, "a"), (xs[0], "b"))), "flat"
+        )
         st["sums"] = s if st.get("sums") is None else tuple(x + y for x, y in zip(st["sums"], s, strict=True))
+        return finite(s[0], s[1])
 
     def apply(st, b, xs, weights, out_dtype, ctx):
         if p.numerics == "mergekit":
@@ -348,11 +371,13 @@ def nuslerp_chunked(p, cd):
     """NUSLERP_STREAM's fast form (see slerp_chunked)."""
     mode = _nu_mode(p)
 
-    def gather(st, b, xs):
-        if mode != "last":
-            x0, x1 = _vectors(b, xs, cd)
-            s = sums(x0, x1, mode)
-            st["sums"] = s if st["sums"] is None else tuple(u + v for u, v in zip(st["sums"], s, strict=True))
+    def gather(st, b, xs) -> bool | None:
+        if mode == "last":
+            return None  # nothing reduced here: the caller checks the chunk
+        x0, x1 = _vectors(b, xs, cd)
+        s = sums(x0, x1, mode)
+        st["sums"] = s if st["sums"] is None else tuple(u + v for u, v in zip(st["sums"], s, strict=True))
+        return finite(s[0], s[1])
 
     def apply(st, b, xs, weights, out_dtype, ctx):
         t = _nu_t(weights, p)

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from merge_cli.kernels.interp import blend, coef2, finite, in_cd, prod_sum, sq_norms, sub_cd, tau_sq
+from merge_cli.kernels.interp import blend, coef2, finite, in_cd, prod_sum, sq_norms, subs_cd, tau_sq
 from merge_cli.methods import model_stock as M
 from merge_cli.methods.base import mergekit_numerics
 
 
 def _taus(base, xs, cd) -> list[torch.Tensor]:
-    return [sub_cd(x, base, cd, f"tau{i}") for i, x in enumerate(xs)]
+    return subs_cd(xs, base, cd, [f"tau{i}" for i in range(len(xs))])
 
 
 def gram(taus: list[torch.Tensor], per_row: bool) -> torch.Tensor:
@@ -90,13 +90,14 @@ def run_model_stock(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx,
 
 
 def stock_chunked(p, cd):
-    """model_stock's STREAM in its fast form: gather(st, base, xs) on chunks in cd; apply(st, base, xs,
-    weights, out_dtype, ctx) -> (output chunk, squared task-vector norms)."""
+    """model_stock's STREAM in its fast form (see interp.slerp_chunked)."""
 
-    def gather(st, b, xs):
-        if not (p.filter_wise and b.dim() >= 2):
-            g = gram(_taus(b, xs, cd), False)
-            st["g"] = g if st["g"] is None else st["g"] + g
+    def gather(st, b, xs) -> bool | None:
+        if p.filter_wise and b.dim() >= 2:
+            return None  # nothing reduced here: the caller checks the chunk
+        g = gram(_taus(b, xs, cd), False)
+        st["g"] = g if st["g"] is None else st["g"] + g
+        return finite(g)
 
     def apply(st, b, xs, weights, out_dtype, ctx):
         taus = _taus(b, xs, cd)
