@@ -328,9 +328,13 @@ def _nu_mk_out(t: float, a, b, base, cos, mode: str, out: torch.Tensor, cd) -> N
     colinear, s0, s1, s = S.nuslerp_mk_coefficients(t, cos)
     cs = [_mk_coef(c, mode, a) for c in (colinear, s0, s1, s)]
 
-    def fn(x, y, bb, col, c0, c1, sn):
-        o = (c0 * x + c1 * y) / sn
-        o = torch.where(col, (1 - t) * x + t * y, o)
+    every = bool(colinear.all()) if colinear.numel() else False
+    some = bool(colinear.any())
+
+    def fn(x, y, bb, col, c0, c1, sn):  # torch.where's pick, with only the branch(es) it picks from
+        lerp = (1 - t) * x + t * y if some else None
+        o = lerp if every else (c0 * x + c1 * y) / sn
+        o = torch.where(col, lerp, o) if some and not every else o
         return o if bb is None else in_cd(bb, cd) + o
 
     blend(out, (a, b, base), cs, mode, fn)
