@@ -1,6 +1,6 @@
 """A first run on a fresh machine keeps its one-off costs off the merge's critical path: the native kernels
 build on a background thread (warm_up) while the merge plans and reads, and the lock's input hashes run
-beside the merge at a lower CPU priority."""
+beside the merge at a lower CPU priority, one thread per core."""
 
 from __future__ import annotations
 
@@ -47,17 +47,27 @@ def test_warm_up_builds_in_the_background_once(fresh_build):
 
 
 def test_lock_hashes_at_low_priority_beside_the_merge(tmp_path, monkeypatch):
-    """The hashing thread runs at nice +10 (Linux sets it per thread) while the merge runs; result() (the
-    merge is done) gives it its own priority back for the rest; the lock is the synchronous one."""
-    seen: list[int] = []
+    """The hashing threads (one per core, at most one per file) run at nice +10 (Linux sets it per thread)
+    while the merge runs; result() (the merge is done) gives each its own priority back for the rest; the
+    lock is the synchronous one."""
+    before: list[int] = []
+    after: list[int] = []
+    names: set[str] = set()
+    restored: list[int] = []
     first, go = threading.Event(), threading.Event()
     real_hash, real_nice = lockmod.sha256_file, lockmod._nice
 
+    def prio() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     def spy(path):
-        if threading.current_thread().name == "merge-cli-lock":  # (the recipe is hashed up front)
-            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        name = threading.current_thread().name
+        if name.startswith("merge-cli-lock"):  # (the recipe is hashed up front)
+            names.add(name)
+            before.append(prio())
             first.set()
-            go.wait(30)  # the first file waits until result() has been called
+            go.wait(30)  # every file waits until result() has restored every thread's priority
+            after.append(prio())
         return real_hash(path)
 
     own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -65,7 +75,9 @@ def test_lock_hashes_at_low_priority_beside_the_merge(tmp_path, monkeypatch):
     def nice(tid, value):
         real_nice(tid, value)
         if value == own:
-            go.set()
+            restored.append(tid)
+            if len(restored) == len(builder._tids):
+                go.set()
 
     g = torch.Generator().manual_seed(1)
     base = write_model(tmp_path / "base", {"model.norm.weight": torch.randn(16, generator=g)})
@@ -84,9 +96,11 @@ def test_lock_hashes_at_low_priority_beside_the_merge(tmp_path, monkeypatch):
     finally:
         plan.close()
     assert got == want
-    assert len(seen) >= 2 and seen[0] == min(19, own + 10)
+    workers = min(os.cpu_count() or 1, len(builder._paths()))  # one thread per core, at most one per file
+    assert len(builder._threads) == workers and 1 <= len(names) <= workers
+    assert len(after) == len(builder._paths()) and before[0] == min(19, own + 10)
     if os.geteuid() == 0:  # raising a priority back needs root (or RLIMIT_NICE)
-        assert all(p == own for p in seen[1:])
+        assert all(p == own for p in after)
 
 
 def test_a_merge_starts_the_build_and_reports_it(tmp_path, fresh_build):

@@ -233,3 +233,81 @@ def test_narrow_finds_the_kth_largest_with_its_counts(quantised):
                 assert native.narrow(pairs, float(srt[0]) * 2 + 1, float(srt[0]) * 2 + 2, k) is None
         idx = native.nth_equal(pieces, kth, 1)
         assert idx == int(torch.nonzero(a == kth)[0])
+
+
+@needs_native
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16])
+def test_narrow_many_answers_each_bracket_as_one_pass_of_its_own(cd):
+    """Several brackets of one x in one pass (Breadcrumbs' two per model): each answer is the one-bracket
+    answer checked against a sort of |x - base| in the compute dtype: exact value and counts, a
+    single-value bracket (lo == hi), a narrower bracket, a miss; in row pieces as whole."""
+    base, xs = _inputs(torch.bfloat16, n=40_000, quantised=True, seed=5)
+    a = fused.abs_tau(xs[1], base, cd)
+    srt = torch.sort(a, descending=True).values
+    brackets = []
+    for k in (3, 400, 12_000, 39_000):
+        brackets.append((float(srt[min(k + 300, 39_999)]), float(srt[max(k - 300, 0)]), k))
+    kth = float(srt[12_000 - 1])
+    brackets.append((kth, kth, 12_000))  # one value: a count
+    brackets.append((float(srt[0]) * 2 + 1, float(srt[0]) * 2 + 2, 50))  # misses
+    pieces = [(base[i : i + 9000], xs[1][i : i + 9000]) for i in range(0, 40_000, 9000)]
+    for pairs in ([(base, xs[1])], pieces):
+        many = native.narrow_many(pairs, brackets, cd)
+        for (lo, hi, k), got in zip(brackets, many):
+            assert got == native.narrow(pairs, lo, hi, k, cd)
+            if got is None:
+                assert (lo, hi, k) == brackets[-1]
+                continue
+            while len(got) == 2:
+                got = native.narrow(pairs, got[0], got[1], k, cd)
+            value, above, equal = got
+            assert value == float(srt[k - 1])
+            assert above == int((a > value).sum()) and equal == int((a == value).sum())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+@needs_native
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_native_linear_is_bitwise_the_eager_kernel(in_dtype, cd, out_dtype):
+    """mk_linear against blocked.linear: mixed input dtypes, weights that are not powers of two (the fused
+    multiply-adds show), with and without a divisor, a length that is no multiple of the tile, and values
+    whose sums round differently in fp32 and in the half dtypes."""
+    if torch.float16 in (in_dtype, cd, out_dtype) and not native.has_f16():
+        pytest.skip("no _Float16")
+    base, xs = _inputs(in_dtype, n=5 * native.TILE + 333, quantised=False)
+    xs = [base, xs[0], xs[1].to(torch.float32), xs[2]]
+    w = [0.3, 1.7, 0.45, 2.0 / 3.0]
+    for divisor in (1.0, sum(w), 3.0):
+        ref, ref_bad = fused.linear(xs, w, divisor, out_dtype, cd)
+        got, bad = native.linear(xs, w, divisor, out_dtype, cd)
+        assert got.dtype == out_dtype and torch.equal(_bits(ref), _bits(got)), divisor
+        assert bad == ref_bad == [0, 0, 0, 0]
+
+
+@needs_native
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_native_task_arithmetic_is_bitwise_the_eager_kernel(in_dtype, out_dtype):
+    base, xs = _inputs(in_dtype, n=3 * native.TILE + 77, quantised=False)
+    w = [0.7, 1.3, 0.4]
+    for scale in (1.0, 0.37):
+        ref = fused.task_arithmetic(base, xs, w, scale, out_dtype)
+        got = native.task_arithmetic(base, xs, w, scale, out_dtype)
+        assert torch.equal(_bits(ref[0]), _bits(got[0])), scale
+        assert got[1] == ref[1] == [0, 0, 0, 0]
+        assert got[2] == pytest.approx(ref[2], rel=1e-5)  # squared norms (summed in another order)
+
+
+@needs_native
+def test_native_linear_and_task_arithmetic_count_nonfinite_inputs():
+    base, xs = _inputs(torch.float32, n=4000)
+    xs[1][17] = float("inf")
+    xs[2][5] = float("nan")
+    _, bad = native.linear([base, *xs], [1.0] * 4, 4.0, torch.float32)
+    assert bad == [0, 0, 1, 1]
+    assert native.task_arithmetic(base, xs, [1.0] * 3, 1.0, torch.float32)[1] == [0, 0, 1, 1]

@@ -346,10 +346,12 @@ def file_digest(path: Path) -> tuple[str, int]:
     """(sha256 hex, size in bytes) of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):  # one reused buffer: no allocation per block
+            h.update(view[:n])
+            size += n
     return h.hexdigest(), size
 
 

@@ -53,7 +53,10 @@ def run_linear(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
     from merge_cli.methods.linear import divisor as linear_divisor
 
     divisor = linear_divisor(weights, p, torch.float32) if p.normalize else 1.0
-    return fused.linear(xs, [float(w) for w in weights], divisor, out_dtype, cd)
+    w = [float(x) for x in weights]
+    if native.usable(out_dtype, cd, *xs):  # bitwise the eager kernel; never waits for a first build
+        return native.linear(xs, w, float(divisor), out_dtype, cd)
+    return fused.linear(xs, w, divisor, out_dtype, cd)
 
 
 def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
@@ -67,6 +70,8 @@ def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
         )
         return out, bad, sq
     scale = p.lambda_ / (s if abs(s) >= 1e-8 else 1.0) if p.normalize else p.lambda_
+    if native.usable(out_dtype, cd, base, *xs):  # bitwise the eager kernel; never waits for a first build
+        return native.task_arithmetic(base, xs, w, float(scale), out_dtype)
     return fused.task_arithmetic(base, xs, w, float(scale), out_dtype)
 
 

@@ -78,12 +78,16 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
     None), or, on the native kernels, a narrower bracket (lo, hi) to resolve again."""
     out: dict = {}
     if native.lib() is not None:  # wide brackets: a histogram pass narrows them instead of gathering values
-        for j, (lo, hi) in list(todo.items()):
+        per_model: dict[int, list[int]] = {}  # one pass per model narrows all of its brackets
+        for j, (_, hi) in todo.items():
             if hi < math.inf:
-                pairs = ((b, xs[which[j]]) for _, b, xs in chunks())
-                got = native.narrow(pairs, max(lo, 0.0), hi, ks[j], cd)
-                if got is native.UNSUPPORTED:
-                    continue
+                per_model.setdefault(which[j], []).append(j)
+        for i, js in per_model.items():
+            pairs = ((b, xs[i]) for _, b, xs in chunks())
+            found = native.narrow_many(pairs, [(max(todo[j][0], 0.0), todo[j][1], ks[j]) for j in js], cd)
+            if found is native.UNSUPPORTED:
+                continue
+            for j, got in zip(js, found):
                 if got is None or len(got) == 2:  # missed, or narrower
                     out[j] = got if got is not None else (None, [], None)
                     continue
@@ -91,7 +95,7 @@ def _count_pass(n: int, todo: dict[int, tuple[float, float]], ks, which, chunks:
                 t = Threshold(value, above, ks[j] - above, equal)
                 cut = None
                 if not t.keep_all_equal:
-                    pairs = ((b, xs[which[j]]) for _, b, xs in chunks())
+                    pairs = ((b, xs[i]) for _, b, xs in chunks())
                     cut = native.nth_equal(pairs, value, t.take_equal, cd) + 1
                 out[j] = (t, [], cut)
         todo = {j: v for j, v in todo.items() if j not in out}

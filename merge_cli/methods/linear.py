@@ -78,6 +78,7 @@ SPEC = MethodSpec(
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     "linear": (
         "merge_cli.kernels.dispatch.run_linear",
+        "merge_cli.kernels.native.linear",
         "merge_cli.kernels.blocked.linear",
     ),
 }

@@ -12,6 +12,7 @@ from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx
 FAST_KERNELS: dict[str, tuple[str, ...]] = {
     "task_arithmetic": (
         "merge_cli.kernels.dispatch.run_task_arithmetic",
+        "merge_cli.kernels.native.task_arithmetic",
         "merge_cli.kernels.blocked.task_arithmetic",
     ),
 }

@@ -189,10 +189,14 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_l1_sums.restype = ctypes.c_int
     so.mk_band_counts.argtypes = [i64, vp, i32, vp, i32, f32, f32, i64, p64, p64, i32]
     so.mk_band_counts.restype = ctypes.c_int
-    so.mk_band_hist.argtypes = [i64, vp, i32, vp, i32, f32, f32, i32, p64, p64, i32]
-    so.mk_band_hist.restype = ctypes.c_int
+    so.mk_band_hists.argtypes = [i64, vp, i32, vp, i32, i32, vp, vp, vp, p64, vp, i32]
+    so.mk_band_hists.restype = ctypes.c_int
     so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64, i32]
     so.mk_nth_equal.restype = ctypes.c_int64
+    so.mk_linear.argtypes = [i64, i32, vp, vp, vp, f32, vp, i32, i32]
+    so.mk_linear.restype = ctypes.c_int
+    so.mk_task_arith.argtypes = [i64, vp, i32, i32, vp, vp, vp, f32, vp, i32, pd]
+    so.mk_task_arith.restype = None
     so.mk_has_f16.argtypes = []
     so.mk_has_f16.restype = ctypes.c_int
     return so
@@ -316,6 +320,45 @@ def merge(
     return out, list(kept), touched.value, conflict.value, bad, sq
 
 
+def loaded() -> ctypes.CDLL | None:
+    """The kernels if they are built and loaded already, else None, without waiting for a build: for the
+    kernels whose eager twin is as exact (linear, fp32 task arithmetic), so a first run never waits."""
+    return lib() if ready() else None
+
+
+def usable(out_dtype: torch.dtype, cd: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Are the kernels loaded (no waiting) and able to read these tensors, write out_dtype, compute in cd?"""
+    return loaded() is not None and supports(*tensors) and dtype_ok(out_dtype) and dtype_ok(cd)
+
+
+def linear(xs, w: list[float], divisor: float, out_dtype: torch.dtype, cd: torch.dtype = torch.float32):
+    """kernels.c mk_linear: bitwise blocked.linear (sum_i w_i x_i / divisor). Returns (output, NaN/Inf
+    count of each input)."""
+    out = torch.empty(xs[0].shape, dtype=out_dtype)
+    ptrs, codes = _ptrs(xs)
+    m = len(xs)
+    w32 = (ctypes.c_float * m)(*w)
+    hit = lib().mk_linear(
+        xs[0].numel(), m, ptrs, codes, w32, divisor, out.data_ptr(), DTYPES[out_dtype], DTYPES[cd]
+    )
+    return out, (fused.count_nonfinite(xs) if hit else [0] * m)
+
+
+def task_arithmetic(base, xs, w: list[float], scale: float, out_dtype: torch.dtype):
+    """kernels.c mk_task_arith: bitwise blocked.task_arithmetic in fp32 (base + scale * sum_i w_i (x_i -
+    base)). Returns (output, NaN/Inf counts of [base, *xs], squared norm of each task vector)."""
+    out = torch.empty(base.shape, dtype=out_dtype)
+    ptrs, codes = _ptrs(xs)
+    m = len(xs)
+    sq = (ctypes.c_double * m)()
+    lib().mk_task_arith(
+        base.numel(), base.data_ptr(), DTYPES[base.dtype], m, ptrs, codes, (ctypes.c_float * m)(*w), scale,
+        out.data_ptr(), DTYPES[out_dtype], sq,
+    )  # fmt: skip
+    sq = list(sq)
+    return out, fused._bad(sq, [base, *xs]), sq
+
+
 def l1_sums(base, xs, specs: list[Spec], offset: int = 0, cd=torch.float32) -> list[tuple[float, float]]:
     m = len(xs)
     ptrs, codes = _ptrs(xs)
@@ -376,53 +419,60 @@ UNSUPPORTED = object()
 
 
 def narrow(pairs, lo: float, hi: float, k: int, cd=torch.float32):
-    """One pass over (base, x) pieces that narrows the bracket [lo, hi] (0 <= lo <= hi < inf) of the k-th
-    largest |x - base|, from a histogram of the in-band entries by their float bits (non-negative floats
-    order like their bits): at most 65536 buckets, so a bracket spanning fewer floats resolves to the exact
-    value. Returns (value, entries above it, entries equal to it) when exact, a narrower bracket (lo, hi)
-    otherwise, None when the k-th largest is not inside [lo, hi] (the bracket missed), UNSUPPORTED when a
+    """narrow_many for one bracket."""
+    got = narrow_many(pairs, [(lo, hi, k)], cd)
+    return got if got is UNSUPPORTED else got[0]
+
+
+def narrow_many(pairs, brackets: list[tuple[float, float, int]], cd=torch.float32):
+    """One pass over (base, x) pieces that narrows each bracket [lo, hi] (0 <= lo <= hi < inf) of the k-th
+    largest |x - base| (for the same x: |x - base| is computed once for all of them), from a histogram of
+    the in-band entries by their float bits (non-negative floats order like their bits): at most 65536
+    buckets, so a bracket spanning fewer floats resolves to the exact value (lo == hi: one bucket, a count).
+    Per bracket: (value, entries above it, entries equal to it) when exact, a narrower bracket (lo, hi)
+    otherwise, None when the k-th largest is not inside [lo, hi] (the bracket missed). UNSUPPORTED when a
     piece is not something the native kernels take (the caller gathers instead)."""
-    if lo == hi:  # one value: a plain count (vectorised) says whether it is the k-th largest
-        above = equal = 0
-        for base, x in pairs:
-            if not supports(base, x):
-                return UNSUPPORTED
-            a, per = band_counts(base, x, lo, hi, max(TILE, -(-base.numel() // TILE) * TILE), cd)
-            above, equal = above + a, equal + sum(per)
-        return (lo, above, equal) if above < k <= above + equal else None
-    lo_b, hi_b = _bits(lo), _bits(hi)
-    shift = max(0, (hi_b - lo_b).bit_length() - 16)
-    above = ctypes.c_int64()
-    hist = torch.zeros(((hi_b - lo_b) >> shift) + 1, dtype=torch.int64)
-    h = ctypes.cast(hist.data_ptr(), ctypes.POINTER(ctypes.c_int64))
+    nb = len(brackets)
+    lo_b = [_bits(lo) for lo, _, _ in brackets]
+    shifts = [max(0, (_bits(hi) - lb).bit_length() - 16) for (_, hi, _), lb in zip(brackets, lo_b)]
+    hists = [
+        torch.zeros(((_bits(hi) - lb) >> sh) + 1, dtype=torch.int64)
+        for (_, hi, _), lb, sh in zip(brackets, lo_b, shifts)
+    ]
+    above = (ctypes.c_int64 * nb)()
+    args = (
+        nb,
+        (ctypes.c_float * nb)(*[lo for lo, _, _ in brackets]),
+        (ctypes.c_float * nb)(*[hi for _, hi, _ in brackets]),
+        (ctypes.c_int32 * nb)(*shifts),
+        above,
+        (ctypes.c_void_p * nb)(*[h.data_ptr() for h in hists]),
+        DTYPES[cd],
+    )
     for base, x in pairs:
         if not supports(base, x):
             return UNSUPPORTED
-        _check(
-            lib().mk_band_hist(
-                base.numel(),
-                base.data_ptr(),
-                DTYPES[base.dtype],
-                x.data_ptr(),
-                DTYPES[x.dtype],
-                lo,
-                hi,
-                shift,
-                ctypes.byref(above),
-                h,
-                DTYPES[cd],
-            )  # fmt: skip
-        )
-    need = k - above.value
+        _check(lib().mk_band_hists(base.numel(), base.data_ptr(), DTYPES[base.dtype], x.data_ptr(),
+                                   DTYPES[x.dtype], *args))  # fmt: skip
+    return [
+        _resolve(lo, hi, k, above[b], hists[b], shifts[b], lo_b[b]) for b, (lo, hi, k) in enumerate(brackets)
+    ]
+
+
+def _resolve(lo: float, hi: float, k: int, above: int, hist: torch.Tensor, shift: int, lo_b: int):
+    """One bracket's answer from its histogram (see narrow_many)."""
+    need = k - above
     from_top = hist.flip(0).cumsum(0)
     if need <= 0 or need > int(from_top[-1]):
         return None
+    if lo == hi:
+        return lo, above, int(hist[0])
     r = int(torch.searchsorted(from_top, need))  # buckets from the top before the one holding the k-th
     b = hist.numel() - 1 - r
     b_lo = lo_b + (b << shift)
     if shift == 0:
-        return _float(b_lo), above.value + (int(from_top[r - 1]) if r else 0), int(hist[b])
-    return _float(b_lo), _float(min(hi_b, b_lo + (1 << shift) - 1))
+        return _float(b_lo), above + (int(from_top[r - 1]) if r else 0), int(hist[b])
+    return _float(b_lo), _float(min(_bits(hi), b_lo + (1 << shift) - 1))
 
 
 def nth_equal(pairs, v: float, nth: int, cd=torch.float32) -> int | None:

@@ -476,51 +476,62 @@ int mk_band_counts(int64_t n, const void *base, int base_dtype, const void *x, i
  * hist[(bits(a) - bits(lo)) >> shift] (the caller sizes shift so the range fits its histogram; for
  * non-negative floats the bits order like the values), plus how many entries lie above hi. It narrows a
  * top-k bracket without gathering the values. */
-int mk_band_hist(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, float lo, float hi,
-                 int32_t shift, int64_t *above, int64_t *hist, int32_t cd) {
-    float *buf = (float *)malloc(sizeof(float) * STRIDE * 2);
+/* Count the in-band entries of the tile t[0..k) into one bracket's histogram; returns how many lie above hi.
+ * u: scratch of k floats (the in-band values are compacted there, branch-free, then counted). */
+static int64_t hist_tile(const float *restrict t, float *restrict u, int64_t k, float lo, float hi,
+                         uint32_t lo_bits, int32_t shift, int64_t *hist) {
+    int32_t c_up = 0;
+    for (int64_t j = 0; j < k; j++) c_up += t[j] > hi;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 v = _mm512_loadu_ps(t + j);
+        __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
+        _mm512_storeu_ps(u + c, _mm512_maskz_compress_ps(in, v));
+        c += __builtin_popcount((unsigned)in);
+    }
+    for (; j < k; j++) {
+        float a = t[j];
+        u[c] = a;
+        c += (a >= lo) & (a <= hi);
+    }
+#else
+    for (int64_t j = 0; j < k; j++) {
+        float a = t[j];
+        u[c] = a;
+        c += (a >= lo) & (a <= hi);
+    }
+#endif
+    for (int64_t j = 0; j < c; j++) {
+        uint32_t v;
+        memcpy(&v, &u[j], 4);
+        hist[(v - lo_bits) >> shift]++;
+    }
+    return c_up;
+}
+
+/* Histograms of the entries of |x - base| inside each of nb brackets [lo[b], hi[b]] (0 <= lo <= hi) by their
+ * float bits: hists[b][(bits(a) - bits(lo[b])) >> shift[b]] (the caller sizes each shift so the range fits;
+ * for non-negative floats the bits order like the values), plus how many entries lie above each hi. One
+ * pass computes |x - base| once for every bracket of this x (Breadcrumbs' two per model). It narrows top-k
+ * brackets without gathering the values. */
+int mk_band_hists(int64_t n, const void *base, int base_dtype, const void *x, int x_dtype, int32_t nb,
+                  const float *lo, const float *hi, const int32_t *shift, int64_t *above, int64_t *const *hists,
+                  int32_t cd) {
+    float *buf = (float *)malloc(sizeof(float) * STRIDE * 3);
     if (!buf) return -1;
-    float *restrict bb = buf, *restrict t = buf + STRIDE;
-    uint32_t lo_bits;
-    memcpy(&lo_bits, &lo, 4);
-    int64_t up = 0;
+    float *restrict bb = buf, *restrict t = buf + STRIDE, *restrict u = buf + 2 * STRIDE;
     for (int64_t s = 0; s < n; s += TILE) {
         int64_t k = n - s < TILE ? n - s : TILE;
         abs_tau(t, bb, base, base_dtype, x, x_dtype, s, k, cd);
-        int32_t c_up = 0;
-        for (int64_t j = 0; j < k; j++) c_up += t[j] > hi;
-        up += c_up;
-        /* compact the in-band values (branch-free: a store per entry, the index advances only in band),
-         * then count only those into the histogram */
-        int64_t c = 0;
-#if defined(__AVX512F__)
-        const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-        int64_t j = 0;
-        for (; j + 16 <= k; j += 16) {
-            __m512 v = _mm512_loadu_ps(t + j);
-            __mmask16 in = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
-            _mm512_storeu_ps(t + c, _mm512_maskz_compress_ps(in, v)); /* c <= j: never past what is read */
-            c += __builtin_popcount((unsigned)in);
-        }
-        for (; j < k; j++) {
-            float a = t[j];
-            t[c] = a;
-            c += (a >= lo) & (a <= hi);
-        }
-#else
-        for (int64_t j = 0; j < k; j++) {
-            float a = t[j];
-            t[c] = a;
-            c += (a >= lo) & (a <= hi);
-        }
-#endif
-        for (int64_t j = 0; j < c; j++) {
-            uint32_t u;
-            memcpy(&u, &t[j], 4);
-            hist[(u - lo_bits) >> shift]++;
+        for (int32_t b = 0; b < nb; b++) {
+            uint32_t lo_bits;
+            memcpy(&lo_bits, &lo[b], 4);
+            above[b] += hist_tile(t, u, k, lo[b], hi[b], lo_bits, shift[b], hists[b]);
         }
     }
-    *above += up;
     free(buf);
     return 0;
 }
@@ -544,4 +555,69 @@ int64_t mk_nth_equal(int64_t n, const void *base, int base_dtype, const void *x,
     }
     *seen = met;
     return -1;
+}
+
+/* -- linear and task arithmetic: no sparsify, no election, one pass over each tile ----------------------- */
+
+/* z stays 0 unless some v is NaN/Inf (0 * inf = NaN): a vectorisable "is anything non-finite" */
+static inline float nonfinite_probe(const float *restrict v, int64_t n) {
+    float lane[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += v[j + l] * 0.0f;
+    float z = 0.0f;
+    for (int l = 0; l < LANES; l++) z += lane[l];
+    for (; j < n; j++) z += v[j] * 0.0f;
+    return z;
+}
+
+/* linear (kernels/blocked.py linear): acc = x_0 w_0, acc = fma(x_i, w_i, acc) for i >= 1 (torch's add_ with
+ * alpha is a fused multiply-add on the CPU), acc / divisor when divisor != 1, then rounded to the compute dtype
+ * (half cd; inputs in another dtype are rounded to it as they are loaded) and stored in the output dtype.
+ * Returns 1 when some acc was NaN/Inf (the caller then counts the inputs' NaN/Inf, as the eager kernel does). */
+int mk_linear(int64_t n, int32_t m, const void *const *xs, const int32_t *x_dtypes, const float *w, float divisor,
+              void *out, int out_dtype, int32_t cd) {
+    float acc[TILE], t[TILE];
+    float z = 0.0f;
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load_c(acc, xs[0], x_dtypes[0], s, k, cd);
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * w[0];
+        for (int32_t i = 1; i < m; i++) {
+            load_c(t, xs[i], x_dtypes[i], s, k, cd);
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) acc[j] = fmaf(t[j], wi, acc[j]);
+        }
+        z += nonfinite_probe(acc, k);
+        if (divisor != 1.0f)
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+        rnd(acc, k, cd);
+        store(out, out_dtype, s, acc, k);
+    }
+    return z == 0.0f ? 0 : 1;
+}
+
+/* task arithmetic in fp32 (kernels/blocked.py task_arithmetic): tau_i = x_i - base, acc = sum_i tau_i w_i (in
+ * model order, no fma), acc * scale when scale != 1, plus base. sq[i] += the squared norm of tau_i (non-finite
+ * when an input holds a NaN/Inf). */
+void mk_task_arith(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                   const int32_t *x_dtypes, const float *w, float scale, void *out, int out_dtype, double *sq) {
+    float bb[TILE], acc[TILE], t[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load(bb, base, base_dtype, s, k);
+        for (int32_t i = 0; i < m; i++) {
+            float *ti = i == 0 ? acc : t;
+            load_tau(ti, xs[i], x_dtypes[i], s, k, bb);
+            sq[i] += sumsq(ti, k);
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) ti[j] = ti[j] * wi;
+            if (i)
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + t[j];
+        }
+        if (scale != 1.0f)
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * scale;
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        store(out, out_dtype, s, acc, k);
+    }
 }
