@@ -2,7 +2,8 @@
 
 fp32 runs on the native kernels, or the eager ones of blocked.py without a compiler; bf16/fp16 run on the
 native kernels only (they round every op as torch does in that dtype), else NoKernel sends the tensor to
-the plain kernels; except the methods of ANY_DTYPE, whose fast kernels are torch ops in the compute dtype. `cd` is the compute dtype everywhere in kernels/.
+the plain kernels; except the methods of ANY_DTYPE, whose fast kernels are torch ops in the compute dtype.
+`cd` is the compute dtype everywhere in kernels/.
 """
 
 from __future__ import annotations
