@@ -176,10 +176,11 @@ def test_fast_is_bitwise_the_plain_kernel(method, cfg, cd):
 @pytest.mark.parametrize(
     "method,cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[8], CONFIGS[14], CONFIGS[18]]
 )
-def test_fp32_inputs_and_a_tensor_big_enough_for_threaded_reductions(method, cfg):
+def test_fp32_inputs_and_a_tensor_big_enough_for_threaded_reductions(method, cfg, monkeypatch):
     """fp32 checkpoints in bf16 compute (cast as read), whole and in row chunks, and 320 x 256 entries: torch
     splits reductions of more than 32768 entries over threads, and the fast kernels reduce the same tensors
     the same way."""
+    monkeypatch.setattr(interp, "BLOCK", 5000)  # 16 tiles of whole rows
     cfg = dict(cfg)
     with_base = cfg.pop("base", True)
     n = {"slerp": 1, "nuslerp": 2, "model_stock": 3}[method]
