@@ -43,7 +43,9 @@ PRESETS: dict[str, dict] = {
     # Llama-3.2-3B: ~3.2B params.
     "llama3b": dict(layers=28, hidden=3072, intermediate=8192, vocab=128256, heads=24, kv_heads=8, tied=True),
     # Llama-3-8B: ~8.0B params, ~16 GB in bf16 (base + 3 experts do not fit a 24 GB page cache).
-    "llama8b": dict(layers=32, hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, tied=False),
+    "llama8b": dict(
+        layers=32, hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, tied=False
+    ),
     # Tiny, for tests and smoke runs.
     "tiny": dict(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=2, tied=False),
 }

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tools", default="mergekit,merge-cli", help="comma list of mergekit, merge-cli")
     ap.add_argument("--no-floor", action="store_true", help="skip the I/O floor")
+    ap.add_argument(
+        "--floor-fsync",
+        action="store_true",
+        help="the floor flushes its shards to the disk (as merge-cli does)",
+    )
     ap.add_argument("--mergekit-extra-args", default="", help="e.g. '--cuda' (one shell-quoted string)")
     ap.add_argument("--merge-cli-extra-args", default="")
     ap.add_argument("--merge-cli-format", choices=["native", "mergekit"], default="native")
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if tool == "merge-cli":
             return merge_cli_cmd(exes[tool], recipe, out, shlex.split(args.merge_cli_extra_args))
         floor = [sys.executable, str(Path(__file__).parent / "io_floor.py"), str(out)]
-        return floor + [str(p) for p in (base, *experts)]
+        return floor + [str(p) for p in (base, *experts)] + (["--fsync"] if args.floor_fsync else [])
 
     runs: list[dict] = []
     failed: set[tuple[str, str]] = set()

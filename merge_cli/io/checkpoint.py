@@ -189,6 +189,16 @@ class Checkpoint:
         info = self.tensors[name]
         return self.files[info.file].read_rows(info, start, stop)
 
+    def prefetch(self, name: str) -> int:
+        """Start reading a tensor's bytes into the page cache in the background (a cold-cache merge reads
+        the next tensors while it merges this one); the bytes asked for (0 where it cannot)."""
+        info = self.tensors.get(name)
+        f = self.files.get(info.file) if info is not None else None
+        if f is None:
+            return 0
+        f.prefetch(info.start, info.nbytes)
+        return info.nbytes
+
     def num_layers(self) -> int | None:
         cfg = self.config or {}
         for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):

@@ -169,6 +169,14 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
 
+    def prefetch(self, start: int, nbytes: int) -> None:
+        """Ask the kernel to start reading bytes [start, start + nbytes) into the page cache now
+        (POSIX_FADV_WILLNEED: asynchronous, best effort), so a later read finds them there."""
+        try:
+            os.posix_fadvise(self._open(), start, nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):  # no fadvise here: the read just waits for the disk
+            pass
+
     def read_rows(self, info: TensorInfo, row_start: int, row_stop: int) -> torch.Tensor:
         """Rows [row_start, row_stop) of a tensor (the whole tensor for 0-d), as a CPU tensor in its own dtype."""
         dtype = ST_TO_TORCH[info.dtype]
