@@ -18,7 +18,7 @@ from merge_cli.errors import MergeCliError
 from merge_cli.finite import ensure_finite
 from merge_cli.kernels.blocked import NonFinite
 from merge_cli.kernels.choice import dtype_name
-from merge_cli.kernels.interp import INTERP_METHODS
+from merge_cli.kernels.interp import INTERP_METHODS, KEEP, release
 from merge_cli.methods import METHODS, ParamSet
 from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import TensorJob, report_params
@@ -195,6 +195,8 @@ class ChunkedPath:
                     for i, x in enumerate(xs):
                         sq[i] += float(torch.linalg.vector_norm(x - b, dtype=torch.float64)) ** 2
             emit(self.to_host(out, out_dtype))
+        if fused_apply is not None and job.method in INTERP_METHODS:
+            release(KEEP)  # chunk-sized scratch buffers of the interpolation kernels
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
         if st and st.finish:

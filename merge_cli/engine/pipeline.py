@@ -126,6 +126,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
         return _run_merge(plan, writer, options or EngineOptions())
     finally:
         torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
+        from merge_cli.kernels.interp import release
+
+        release()  # the fast interpolation kernels' scratch buffers of this (compute) thread
 
 
 def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> EngineResult:
