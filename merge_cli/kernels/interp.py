@@ -277,17 +277,6 @@ def slerp_chunked(p, cd):
 # ---- nuslerp -------------------------------------------------------------------------------------------
 
 
-def _nu_mode(p) -> str:
-    return "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
-
-
-def _nu_t(weights, p) -> float:
-    w1, w2 = weights
-    if S.mergekit_numerics(p):
-        return w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
-    return w2 / (w1 + w2) if abs(w1 + w2) > S.EPS else 0.5
-
-
 def _vectors(base, xs, cd):
     """The two vectors nuslerp interpolates, in cd: the task vectors (scratch) or the inputs themselves."""
     if base is None:
@@ -354,7 +343,7 @@ def _nu_exact_out(t: float, a, b, base, sums_, mode: str, out: torch.Tensor, cd)
 
 
 def run_nuslerp(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -> torch.Tensor:
-    t, mode = _nu_t(weights, p), _nu_mode(p)
+    t, mode = S.nuslerp_t(weights, p), S.nuslerp_mode(p)
     a, b = _vectors(base, xs, cd)
     out = torch.empty(xs[0].shape, dtype=out_dtype)
     if S.mergekit_numerics(p):
@@ -373,7 +362,7 @@ def run_nuslerp(base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd)
 
 def nuslerp_chunked(p, cd):
     """NUSLERP_STREAM's fast form (see slerp_chunked)."""
-    mode = _nu_mode(p)
+    mode = S.nuslerp_mode(p)
 
     def gather(st, b, xs) -> bool | None:
         if mode == "last":
@@ -384,7 +373,7 @@ def nuslerp_chunked(p, cd):
         return finite(s[0], s[1])
 
     def apply(st, b, xs, weights, out_dtype, ctx):
-        t = _nu_t(weights, p)
+        t = S.nuslerp_t(weights, p)
         x0, x1 = _vectors(b, xs, cd)
         out = torch.empty(xs[0].shape, dtype=out_dtype)
         if mode == "last" and S.mergekit_numerics(p):

@@ -224,18 +224,24 @@ def nuslerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str) ->
     return out.reshape(shape)
 
 
+def nuslerp_t(weights, p: ParamSet) -> float:
+    """t = w2 / (w1 + w2), 0.5 when the sum is ~0 (mergekit: below 1e-6)."""
+    w1, w2 = weights
+    if mergekit_numerics(p):
+        return w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
+    return w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
+
+
+def nuslerp_mode(p: ParamSet) -> str:
+    return "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
+
+
 def _setup(base, tensors, weights, p: ParamSet):
     """(t, mode, a, b): t from the weights, the vectors (task vectors when there is a base)."""
-    w1, w2 = weights
-    if mergekit_numerics(p):  # mergekit: 0.5 below 1e-6
-        t = w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
-    else:
-        t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
-    mode = "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
     a, b = tensors
     if base is not None:
         a, b = a - base, b - base
-    return t, mode, a, b
+    return nuslerp_t(weights, p), nuslerp_mode(p), a, b
 
 
 def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
