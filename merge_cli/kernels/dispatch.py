@@ -1,6 +1,7 @@
 """The one dispatch table of the fast kernels: FUSED_METHODS, `applies` (does a fast kernel serve these
 parameters) and `whole` (one tensor through its method's blocked runner), plus the runners of linear and
-task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, della* in della.py, the native-or-eager choice per
+task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, della* in della.py, slerp/nuslerp
+in interp.py and model_stock in stock.py, the native-or-eager choice per
 primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the plain kernels.
 
 Each runner takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
@@ -17,15 +18,25 @@ from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 from merge_cli.kernels.della import DELLA_METHODS, run_della
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
+from merge_cli.kernels.interp import (
+    INTERP_METHODS,
+    KEEP,
+    nuslerp_chunked,
+    release,
+    run_nuslerp,
+    run_slerp,
+    slerp_chunked,
+)
 from merge_cli.kernels.route import F32, NoKernel, fast_path
+from merge_cli.kernels.stock import run_model_stock, stock_chunked
 from merge_cli.kernels.ties import (
     run_ties,
     ties_thresholds,
     trims,
     whole_views,
 )
-from merge_cli.methods import ParamSet
-from merge_cli.methods.base import mergekit_numerics
+from merge_cli.methods import METHODS, ParamSet
+from merge_cli.methods.base import TensorCtx, mergekit_numerics
 
 FUSED_METHODS = (
     "linear",
@@ -37,6 +48,7 @@ FUSED_METHODS = (
     "breadcrumbs_ties",
     "della",
     "della_linear",
+    *INTERP_METHODS,
 )
 
 
@@ -106,6 +118,8 @@ def whole(
         return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
+    if method in INTERP_METHODS:  # eager blocked torch in any dtype (kernels/interp.py)
+        return run_interp(method, base, xs, weights, p, out_dtype, stats, ctx, cd)
     if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
         raise NoKernel
     if method == "task_arithmetic":
@@ -126,3 +140,24 @@ def whole(
     views = whole_views(base, xs, cd)
     steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, views, pre, cd)
     return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps, 0, cd), base.numel())
+
+
+INTERP_RUN = {"slerp": run_slerp, "nuslerp": run_nuslerp, "model_stock": run_model_stock}
+
+
+def run_interp(method: str, base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -> torch.Tensor:
+    """One whole tensor of slerp, nuslerp or model_stock (kernels/interp.py, kernels/stock.py)."""
+    ctx = ctx if ctx is not None else TensorCtx(name="")
+    if any(x.numel() == 0 for x in xs):  # nothing to block: the plain kernel
+        b = base.to(cd) if base is not None else None
+        out = METHODS[method].kernel(b, [x.to(cd) for x in xs], list(weights), p, ctx).to(out_dtype)
+    else:
+        out = INTERP_RUN[method](base, xs, weights, p, out_dtype, stats, ctx, cd)
+        release(KEEP)
+    stats.update(ctx.stats)
+    return out
+
+
+def interp_chunked(method: str, p: ParamSet, cd):
+    """(gather, apply) of slerp's, nuslerp's or model_stock's row-chunked fast form (interp.slerp_chunked)."""
+    return {"slerp": slerp_chunked, "nuslerp": nuslerp_chunked, "model_stock": stock_chunked}[method](p, cd)
