@@ -97,9 +97,9 @@ def test_fp32_inputs_with_bf16_compute_and_fp32_output(tmp_path):
 def test_plain_kernels_say_why(tmp_path, monkeypatch):
     """One line in the report (and the summary line): which kernels ran and why the plain ones did."""
     m = _models(tmp_path)
-    recipe = _recipe(tmp_path, m, "della", "density: 0.5, epsilon: 0.1", "{}", "bfloat16")
-    _, res = merge_in_process(tmp_path, recipe, "della")
-    assert res.engine.kernels == "plain kernels: della has no fast path"
+    recipe = _recipe(tmp_path, m, "multislerp", "", "{}", "bfloat16")
+    _, res = merge_in_process(tmp_path, recipe, "multislerp")
+    assert res.engine.kernels == "plain kernels: multislerp has no fast path"
     assert res.report["engine"]["kernels"] == res.engine.kernels
     recipe = _recipe(tmp_path, m, "ties", "density: 0.3", "{}", "bfloat16")
     _, res = merge_in_process(tmp_path, recipe, "off", fused="off")
@@ -113,8 +113,6 @@ def test_plain_kernels_say_why(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, m, "linear", "", "{}", "bfloat16")
     _, res = merge_in_process(tmp_path, recipe, "linear_nocc")
     assert res.engine.kernels.startswith("eager blocked")
-    r = run_cli(
-        "run", _recipe(tmp_path, m, "della", "density: 0.5", "{}", "bfloat16"), tmp_path / "cli", "-q"
-    )
+    r = run_cli("run", _recipe(tmp_path, m, "multislerp", "", "{}", "bfloat16"), tmp_path / "cli", "-q")
     assert r.exit_code == 0, r.stderr
-    assert "plain kernels: della has no fast path" in r.stdout
+    assert "plain kernels: multislerp has no fast path" in r.stdout

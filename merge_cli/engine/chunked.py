@@ -18,6 +18,7 @@ from merge_cli.errors import MergeCliError
 from merge_cli.finite import ensure_finite
 from merge_cli.kernels.blocked import NonFinite
 from merge_cli.kernels.choice import dtype_name
+from merge_cli.kernels.interp import INTERP_METHODS, KEEP, release
 from merge_cli.methods import METHODS, ParamSet
 from merge_cli.methods.selection import SAMPLE
 from merge_cli.plan import TensorJob, report_params
@@ -27,12 +28,29 @@ class ChunkedPath:
     """The row-chunked half of the engine's _Compute (compute.py): it uses _Compute's plan, device, prep,
     to_host and check_counts."""
 
-    def fused_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype):
+    def interp_chunk_apply(self, job: TensorJob, rows: int, state, params: ParamSet, ctx):
+        """slerp, nuslerp, model_stock: their Streamed gather pass, run here on the fast kernels, then the fast
+        apply. A chunk whose sums are not finite (or where the gather reduces nothing) gets the exact NaN/Inf
+        check, which names the model, tensor and rows as the plain pass does."""
+        from merge_cli.kernels.dispatch import interp_chunked
+
+        gather, apply = interp_chunked(job.method, params, self.dtype)
+        for offset, b, xs in self.chunks(job, rows, raw=True, check=False):
+            if not gather(state, b, xs):
+                self.check_counts(job, [1] * (len(xs) + (b is not None)), offset, b, xs)
+        self.log.ran_fast()
+        weights, out_dtype = list(job.weights), ST_TO_TORCH[job.out_dtype]
+        return lambda offset, b, xs: apply(state, b, xs, weights, out_dtype, ctx)
+
+    def fused_chunk_apply(
+        self, job: TensorJob, rows: int, state, params: ParamSet, weights, out_dtype, ctx=None
+    ):  # fmt: skip
         """A per-chunk blocked apply (offset, base, xs) -> (out, squared task-vector norms or None), or None
         when the blocked kernels do not apply. For ties, dare_* and breadcrumbs*, what needs the whole
         tensor (exact thresholds and tie cutoffs, L1 factors) is found first, in passes over the chunks."""
         from merge_cli.kernels import native
         from merge_cli.kernels.blocked import abs_tau
+        from merge_cli.kernels.della import DELLA_METHODS, chunk_factors, run_della
         from merge_cli.kernels.dispatch import whole
         from merge_cli.kernels.gta import gta_sparsify, run_gta
         from merge_cli.kernels.ties import counts_for, run_ties, select_thresholds, trims
@@ -45,8 +63,10 @@ class ChunkedPath:
             return None
         cd = self.dtype
         models = self.plan.models
-        native_only = job.method == "sce"  # the native kernels must read every input
-        if (cd != torch.float32 and job.method != "linear") or native_only:
+        if job.method in INTERP_METHODS:
+            return self.interp_chunk_apply(job, rows, state, params, ctx)
+        native_only = cd != torch.float32 or job.method in (*DELLA_METHODS, "sce")
+        if native_only and job.method != "linear":  # the native kernels must read every input
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):
                 self.ran_plain(f"{dtype_name(cd)} compute of inputs the native kernels do not read")
@@ -86,6 +106,8 @@ class ChunkedPath:
             if job.method == "ties":
                 ks = counts_for(job.numel, params.density)
                 steps = trims(*select_thresholds(job.numel, ks, *views, cd=cd))
+            elif job.method in DELLA_METHODS:  # ranks per chunk (rows are whole); L1 factors in a pass
+                steps = chunk_factors(params, views[1], ctx, cd)
             else:
                 steps = gta_sparsify(job.method, params, job.numel, len(job.inputs), ctx, views, cd=cd)
         except NonFinite:  # a NaN/Inf input reached a count
@@ -100,6 +122,8 @@ class ChunkedPath:
             try:
                 if job.method == "ties":
                     res = run_ties(b, xs, weights, params, out_dtype, steps, offset, cd)
+                elif job.method in DELLA_METHODS:
+                    res = run_della(job.method, b, xs, weights, params, out_dtype, ctx, offset, cd, steps)
                 else:
                     res = run_gta(job.method, b, xs, weights, params, out_dtype, steps, offset, cd)
             except NonFinite:  # Infs that cancel in the election: name the rows, or stop clearly
@@ -188,7 +212,7 @@ class ChunkedPath:
         }
         st = whole_model_streamed(job) if whole_model_job(job) else spec.streamed
         state = st.init(params, ctx, len(job.inputs)) if st else None
-        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype)
+        fused_apply = self.fused_chunk_apply(job, rows, state, params, weights, out_dtype, ctx)
         passes = st.passes if st and fused_apply is None else 0
         for p in range(passes):
             for offset, b, xs in self.chunks(job, rows, check=p == 0):
@@ -216,6 +240,8 @@ class ChunkedPath:
                     for i, x in enumerate(xs):
                         sq[i] += float(torch.linalg.vector_norm(x - b, dtype=torch.float64)) ** 2
             emit(self.to_host(out, out_dtype))
+        if fused_apply is not None and job.method in INTERP_METHODS:
+            release(KEEP)  # chunk-sized scratch buffers of the interpolation kernels
         if job.base is not None:
             stats["task_vector_norms"] = [math.sqrt(s) for s in sq]
         if st and st.finish:

@@ -41,11 +41,20 @@ def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
 
 
 def all_blocked(plan: MergePlan) -> bool:
-    """Does every job run on the blocked CPU kernels (kernels/blocked.py) or as a plain copy?"""
+    """Does every job run on the blocked CPU kernels (kernels/blocked.py) or as a plain copy? slerp,
+    nuslerp, model_stock and sce do not count: their fast kernels reduce with torch as the plain kernels do
+    (sce: its weights), and torch's reduction order depends on the thread count, so they keep the plain
+    kernels' threads."""
     from merge_cli.kernels.dispatch import applies
+    from merge_cli.kernels.interp import INTERP_METHODS
 
     return all(
-        (applies(j.method, _params(j)) and not whole_model_job(j)) or _bitwise_copy(METHODS[j.method], j)
+        (
+            applies(j.method, _params(j))
+            and not whole_model_job(j)
+            and j.method not in (*INTERP_METHODS, "sce")
+        )
+        or _bitwise_copy(METHODS[j.method], j)
         for j in plan.jobs
     )
 
@@ -122,6 +131,9 @@ def run_merge(plan: MergePlan, writer: ShardedWriter, options: EngineOptions | N
         return _run_merge(plan, writer, options or EngineOptions())
     finally:
         torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
+        from merge_cli.kernels.interp import release
+
+        release()  # the fast interpolation kernels' scratch buffers of this (compute) thread
 
 
 def _run_merge(plan: MergePlan, writer: ShardedWriter, opts: EngineOptions) -> EngineResult:

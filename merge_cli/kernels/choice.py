@@ -4,7 +4,7 @@ A tensor runs on the fast kernels when the blocked path is on (CPU, not `--fused
 fast kernel for its parameters (dispatch.applies), and the compute dtype is served: fp32 everywhere
 (native, or eager without a compiler), bf16/fp16 on the native kernels (linear on the eager kernel in any
 dtype). Otherwise the plain kernels run, and the reason is recorded, so a recipe that merges slowly says
-why: `plain kernels: della has no fast path`, `plain kernels: bf16 compute needs the native kernels (no C
+why: `plain kernels: multislerp has no fast path`, `plain kernels: bf16 compute needs the native kernels (no C
 compiler found (set CC))`.
 """
 
@@ -15,6 +15,7 @@ import threading
 import torch
 
 from merge_cli.kernels import native
+from merge_cli.kernels.della import DELLA_METHODS
 from merge_cli.kernels.dispatch import FUSED_METHODS, applies
 from merge_cli.kernels.route import dtype_name, fast_path
 
@@ -27,6 +28,8 @@ def why_plain(method: str, params, cd: torch.dtype) -> str | None:
         return f"{method} has no fast path"
     if not applies(method, params):
         return f"{method} with these parameters has no fast path"
+    if method in DELLA_METHODS and native.lib() is None:  # its ranks are native only, in every dtype
+        return f"{method} needs the native kernels ({native.unavailable_reason()})"
     return fast_path([method], cd)
 
 

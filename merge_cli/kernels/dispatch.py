@@ -1,8 +1,8 @@
 """The one dispatch table of the fast kernels: FUSED_METHODS, `applies` (does a fast kernel serve these
 parameters) and `whole` (one tensor through its method's blocked runner), plus the runners of linear and
-task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, sce in sce.py, the native-or-eager
-choice per primitive and the dtypes served in route.py; kernels/choice.py says why a merge stays on the
-plain kernels.
+task_arithmetic. TIES is in ties.py, dare_* and breadcrumbs* in gta.py, della* in della.py, slerp/nuslerp
+in interp.py, model_stock in stock.py and sce in sce.py, the native-or-eager choice per primitive and the
+dtypes served in route.py; kernels/choice.py says why a merge stays on the plain kernels.
 
 Each runner takes the raw inputs on the CPU (their own dtype) and the job's parameters, and returns the
 output in the output dtype; `cd` is the compute dtype.
@@ -16,17 +16,28 @@ import torch
 
 from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
+from merge_cli.kernels.della import DELLA_METHODS, run_della
 from merge_cli.kernels.gta import GTA_METHODS, gta_applies, gta_sparsify, run_gta
+from merge_cli.kernels.interp import (
+    INTERP_METHODS,
+    KEEP,
+    nuslerp_chunked,
+    release,
+    run_nuslerp,
+    run_slerp,
+    slerp_chunked,
+)
 from merge_cli.kernels.route import F32, NoKernel, fast_path
 from merge_cli.kernels.sce import run_sce
+from merge_cli.kernels.stock import run_model_stock, stock_chunked
 from merge_cli.kernels.ties import (
     run_ties,
     ties_thresholds,
     trims,
     whole_views,
 )
-from merge_cli.methods import ParamSet
-from merge_cli.methods.base import mergekit_numerics
+from merge_cli.methods import METHODS, ParamSet
+from merge_cli.methods.base import TensorCtx, mergekit_numerics
 
 FUSED_METHODS = (
     "linear",
@@ -36,6 +47,9 @@ FUSED_METHODS = (
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    *INTERP_METHODS,
     "sce",
 )
 
@@ -106,6 +120,8 @@ def whole(
         return None
     if method == "linear":
         return _out(run_linear(base, xs, weights, p, out_dtype, cd), stats)
+    if method in INTERP_METHODS:  # eager blocked torch in any dtype (kernels/interp.py)
+        return run_interp(method, base, xs, weights, p, out_dtype, stats, ctx, cd)
     if method == "sce":
         return run_sce(base, xs, p, out_dtype, stats, cd)
     if cd != F32 and not (native.supports(base, *xs) and native.dtype_ok(out_dtype)):
@@ -122,6 +138,30 @@ def whole(
             return None
         res = run_ties(base, xs, weights, p, out_dtype, trims(ts, cuts), 0, cd)
         return _merge_stats(stats, res, base.numel())
+    if method in DELLA_METHODS:
+        res = run_della(method, base, xs, weights, p, out_dtype, ctx, 0, cd)
+        return _merge_stats(stats, res, base.numel())
     views = whole_views(base, xs, cd)
     steps = gta_sparsify(method, p, base.numel(), len(xs), ctx, views, pre, cd)
     return _merge_stats(stats, run_gta(method, base, xs, weights, p, out_dtype, steps, 0, cd), base.numel())
+
+
+INTERP_RUN = {"slerp": run_slerp, "nuslerp": run_nuslerp, "model_stock": run_model_stock}
+
+
+def run_interp(method: str, base, xs, weights, p, out_dtype, stats: dict[str, Any], ctx, cd) -> torch.Tensor:
+    """One whole tensor of slerp, nuslerp or model_stock (kernels/interp.py, kernels/stock.py)."""
+    ctx = ctx if ctx is not None else TensorCtx(name="")
+    if any(x.numel() == 0 for x in xs):  # nothing to block: the plain kernel
+        b = base.to(cd) if base is not None else None
+        out = METHODS[method].kernel(b, [x.to(cd) for x in xs], list(weights), p, ctx).to(out_dtype)
+    else:
+        out = INTERP_RUN[method](base, xs, weights, p, out_dtype, stats, ctx, cd)
+        release(KEEP)
+    stats.update(ctx.stats)
+    return out
+
+
+def interp_chunked(method: str, p: ParamSet, cd):
+    """(gather, apply) of slerp's, nuslerp's or model_stock's row-chunked fast form (interp.slerp_chunked)."""
+    return {"slerp": slerp_chunked, "nuslerp": nuslerp_chunked, "model_stock": stock_chunked}[method](p, cd)

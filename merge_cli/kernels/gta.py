@@ -118,9 +118,10 @@ def gta_sparsify(
 
 
 def run_gta(method: str, base, xs, weights, p: ParamSet, out_dtype, steps, offset: int = 0, cd=F32):
-    """(output, kept per model, touched, conflict, NaN/Inf counts, squared norms) of a GTA-family chunk."""
+    """(output, kept per model, touched, conflict, NaN/Inf counts, squared norms) of a GTA-family chunk
+    (della's too: kernels/della.py): sign election and disjoint merge for *_ties and della, else the sum."""
     w = [float(x) for x in weights]
-    if method.endswith("_ties"):
+    if method.endswith("_ties") or method == "della":
         flipped = [s + [fused.negate] if wi < 0 else s for s, wi in zip(steps, w)]
         return consensus(
             base,

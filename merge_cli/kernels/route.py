@@ -2,7 +2,8 @@
 
 fp32 runs on the native kernels, or the eager ones of blocked.py without a compiler; bf16/fp16 run on the
 native kernels only (they round every op as torch does in that dtype), else NoKernel sends the tensor to
-the plain kernels. `cd` is the compute dtype everywhere in kernels/.
+the plain kernels; except the methods of ANY_DTYPE, whose fast kernels are torch ops in the compute dtype.
+`cd` is the compute dtype everywhere in kernels/.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from merge_cli.kernels import blocked as fused
 from merge_cli.kernels import native
 
 F32 = torch.float32
+# methods whose fast kernels are eager torch in the compute dtype itself (any dtype, no compiler needed)
+ANY_DTYPE = ("linear", "slerp", "nuslerp", "model_stock")
 NATIVE_ONLY = ("sce",)  # methods with no eager blocked form: fp32 needs the native kernels as well
 
 
@@ -26,7 +29,7 @@ def dtype_name(dt: torch.dtype) -> str:
 def fast_path(methods, cd: torch.dtype) -> str | None:
     """None when the fast kernels can merge these methods in compute dtype cd; otherwise why not (a
     phrase). Resolving the native kernels may wait for their build (native.warm_up started it)."""
-    if all(m == "linear" for m in methods):
+    if all(m in ANY_DTYPE for m in methods):
         return None
     native_only = [m for m in methods if m in NATIVE_ONLY]
     if cd == torch.float32 and not native_only:

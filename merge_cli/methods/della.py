@@ -18,9 +18,17 @@ from merge_cli.methods import gta
 from merge_cli.methods.base import MethodParams, MethodSpec, ParamSet, TensorCtx, per_model
 from merge_cli.methods.gta import Rescale, rescale_bool
 
-# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
-# kernel below runs on every device and dtype.
-FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+# Fast kernels (merge_cli/kernels) serving this file's methods on the CPU (native only, every compute dtype),
+# by method name: the runner, the ranks and keep probabilities (native/della.c), the merge it hands them to.
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    name: (
+        "merge_cli.kernels.della.run_della",
+        "merge_cli.kernels.della.keep_qs",
+        "merge_cli.kernels.gta.run_gta",
+        "merge_cli.kernels.native.merge",
+    )
+    for name in ("della", "della_linear")
+}
 
 PAPER = (
     "Deep, Bhardwaj, Poria 2024, DELLA-Merging: Reducing Interference in Model Merging through "

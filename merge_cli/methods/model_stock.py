@@ -104,11 +104,26 @@ def mergekit_interpolate(base, tensors, p: ParamSet, st: dict) -> tuple[torch.Te
     b = _mk_rows(base, p.filter_wise)
     xs = [_mk_rows(x, p.filter_wise) for x in tensors]
     taus = [x - b for x in xs]
+    t, c = mergekit_ratio(
+        p, len(taus), lambda i: torch.norm(taus[i], dim=-1), lambda i, j: (taus[i] * taus[j]).sum(dim=-1)
+    )
+    k = len(tensors)
+    mean = xs[0]
+    for x in xs[1:]:
+        mean = mean + x
+    mean = mean / k
+    st["t"].append(t.double())
+    return (t * mean + (1 - t) * b).reshape(base.shape), c.double()
+
+
+def mergekit_ratio(p: ParamSet, k: int, norm_of, dot_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """numerics: mergekit: (t, c) in the compute dtype, each with a trailing dim of 1, from the task
+    vectors' norms (norm_of(i)) and dot products (dot_of(i, j)), per vector."""
     per_pair = []
-    for i in range(len(taus)):
-        for j in range(i + 1, len(taus)):
-            norms = torch.norm(taus[i], dim=-1) * torch.norm(taus[j], dim=-1)
-            cos = ((taus[i] * taus[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1)
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = norm_of(i) * norm_of(j)
+            cos = (dot_of(i, j) / norms.clamp(min=1e-6)).clamp(-1, 1)
             per_pair.append(torch.arccos(cos) if p.angle_mean else cos)
     c = torch.stack(per_pair).mean(dim=0)
     if p.angle_mean:
@@ -116,16 +131,10 @@ def mergekit_interpolate(base, tensors, p: ParamSet, st: dict) -> tuple[torch.Te
     if p.clamp_cos:
         c = c.clamp(0.0, 1.0)
     c = c.unsqueeze(-1)
-    k = len(tensors)
     den = 1 + (k - 1) * c
     small = den.abs() < 1e-6
     t = torch.where(small, torch.zeros_like(c), (k * c) / torch.where(small, torch.ones_like(den), den))
-    mean = xs[0]
-    for x in xs[1:]:
-        mean = mean + x
-    mean = mean / k
-    st["t"].append(t.double())
-    return (t * mean + (1 - t) * b).reshape(base.shape), c.double()
+    return t, c
 
 
 def _interpolate(base, tensors, t: torch.Tensor, st: dict) -> torch.Tensor:
@@ -195,6 +204,8 @@ SPEC = MethodSpec(
     mergekit_defaults={"clamp_cos": False, "numerics": "mergekit"},
 )
 
-# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
-# kernel below runs on every device and dtype.
-FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name (CPU, every compute dtype,
+# bitwise the plain kernels above).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "model_stock": ("merge_cli.kernels.stock.run_model_stock", "merge_cli.kernels.stock.stock_chunked"),
+}

@@ -60,17 +60,28 @@ def slerp_sums(a: torch.Tensor, b: torch.Tensor, mode: str = "flat") -> tuple[to
     return tuple((x * y).sum(dim=dims, keepdim=True) for x, y in ((a64, a64), (b64, b64), (a64, b64)))
 
 
-def slerp_apply(t: float, a: torch.Tensor, b: torch.Tensor, aa, bb, ab) -> torch.Tensor:
-    """Slerp from the sums: coefficients in float64, combined in the inputs' dtype."""
+def slerp_work(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the two terms are combined in: fp32 at least (as mergekit)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def slerp_coefficients(t: float, aa, bb, ab, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c0, c1) from the float64 sums, computed in float64 and cast to the work dtype."""
     na, nb = aa.sqrt(), bb.sqrt()
     dot = (ab / (torch.where(na > EPS, na, 1.0) * torch.where(nb > EPS, nb, 1.0))).clamp(-1.0, 1.0)
     lerp = dot.abs() > DOT_THRESHOLD
     omega = torch.arccos(dot)
     so = torch.where(lerp, 1.0, torch.sin(omega))
-    # combined in fp32 at least (as mergekit): bf16/fp16 inputs are rounded once, at the end
-    work = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
     c0 = torch.where(lerp, 1.0 - t, torch.sin((1.0 - t) * omega) / so).to(work)
     c1 = torch.where(lerp, t, torch.sin(t * omega) / so).to(work)
+    return c0, c1
+
+
+def slerp_apply(t: float, a: torch.Tensor, b: torch.Tensor, aa, bb, ab) -> torch.Tensor:
+    """Slerp from the sums: coefficients in float64, combined in fp32 at least (bf16/fp16 inputs are
+    rounded once, at the end)."""
+    work = slerp_work(a.dtype)
+    c0, c1 = slerp_coefficients(t, aa, bb, ab, work)
     return (c0 * a.to(work) + c1 * b.to(work)).to(a.dtype)
 
 
@@ -121,11 +132,16 @@ def slerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor
     return (c0 * a.to(work) + c1 * b.to(work)).reshape(v0.shape).to(v0.dtype)
 
 
+def mk_coefficients_from_sums(t: float, aa, bb, ab, work: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """numerics: mergekit in row chunks: (c0, c1) in the work dtype from the float64 sums."""
+    na, nb = aa.sqrt().to(work), bb.sqrt().to(work)
+    return _mk_coefficients(t, na, nb, lambda x, y: ab.to(work) / x / y)
+
+
 def slerp_mergekit_from_sums(t: float, a: torch.Tensor, b: torch.Tensor, aa, bb, ab) -> torch.Tensor:
     """numerics: mergekit in row chunks: the float64 sums of the gathering pass, the coefficients in fp32."""
     work = _mk_work(a.dtype)
-    na, nb = aa.sqrt().to(work), bb.sqrt().to(work)
-    c0, c1 = _mk_coefficients(t, na, nb, lambda x, y: ab.to(work) / x / y)
+    c0, c1 = mk_coefficients_from_sums(t, aa, bb, ab, work)
     return (c0 * a.to(work) + c1 * b.to(work)).to(a.dtype)
 
 
@@ -180,6 +196,13 @@ class NuSlerpParams(MethodParams):
     )
 
 
+def nuslerp_mk_coefficients(t: float, cos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """numerics: mergekit: (colinear, sin((1-t) theta), sin(t theta), sin theta) in cos's dtype."""
+    colinear = (1 - cos.square()) <= EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    return colinear, torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+
+
 def nuslerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str) -> torch.Tensor:
     """numerics: mergekit: mergekit's nuslerp of the whole flattened tensors ('flat') or of each vector
     along the last dim / dim 0, every step a torch op in the inputs' dtype."""
@@ -193,27 +216,32 @@ def nuslerp_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, mode: str) ->
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
     cos = (unit(v0) * unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= EPS**2
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    colinear, s0, s1, s = nuslerp_mk_coefficients(t, cos)
+    out = (s0 * v0 + s1 * v1) / s
     out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
     if mode == "first":
         out = out.transpose(0, -1)
     return out.reshape(shape)
 
 
+def nuslerp_t(weights, p: ParamSet) -> float:
+    """t = w2 / (w1 + w2), 0.5 when the sum is ~0 (mergekit: below 1e-6)."""
+    w1, w2 = weights
+    if mergekit_numerics(p):
+        return w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
+    return w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
+
+
+def nuslerp_mode(p: ParamSet) -> str:
+    return "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
+
+
 def _setup(base, tensors, weights, p: ParamSet):
     """(t, mode, a, b): t from the weights, the vectors (task vectors when there is a base)."""
-    w1, w2 = weights
-    if mergekit_numerics(p):  # mergekit: 0.5 below 1e-6
-        t = w2 / (w1 + w2) if abs(w1 + w2) >= 1e-6 else 0.5
-    else:
-        t = w2 / (w1 + w2) if abs(w1 + w2) > EPS else 0.5
-    mode = "flat" if p.nuslerp_flatten else ("first" if p.nuslerp_row_wise else "last")
     a, b = tensors
     if base is not None:
         a, b = a - base, b - base
-    return t, mode, a, b
+    return nuslerp_t(weights, p), nuslerp_mode(p), a, b
 
 
 def nuslerp(base, tensors, weights, p: ParamSet, ctx: TensorCtx) -> torch.Tensor:
@@ -278,6 +306,9 @@ NUSLERP = MethodSpec(
     mergekit_defaults={"numerics": "mergekit"},
 )
 
-# Fast kernels (merge_cli/kernels) serving this file's methods, by method name: none, the plain
-# kernel below runs on every device and dtype.
-FAST_KERNELS: dict[str, tuple[str, ...]] = {}
+# Fast kernels (merge_cli/kernels) serving this file's methods, by method name (CPU, every compute dtype,
+# bitwise the plain kernels above).
+FAST_KERNELS: dict[str, tuple[str, ...]] = {
+    "slerp": ("merge_cli.kernels.interp.run_slerp", "merge_cli.kernels.interp.slerp_chunked"),
+    "nuslerp": ("merge_cli.kernels.interp.run_nuslerp", "merge_cli.kernels.interp.nuslerp_chunked"),
+}

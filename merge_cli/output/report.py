@@ -53,7 +53,7 @@ def summarize(tensors: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _kernels(line: str) -> str:
-    """engine.kernels as a phrase: 'native kernels', 'plain kernels: della has no fast path'."""
+    """engine.kernels as a phrase: 'native kernels', 'plain kernels: multislerp has no fast path'."""
     return line if line.startswith("plain kernels") else f"{line} kernels"
 
 

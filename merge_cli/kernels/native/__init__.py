@@ -36,6 +36,7 @@ import torch
 from merge_cli.kernels import blocked as fused
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = [Path(__file__).with_name("della.c")]  # #included by kernels.c: part of the cache key
 # -O2 plus -O3's dynamic vectorizer cost model and loop unswitching: the kernels run as fast as with -O3
 # (measured) and build in 1.2 s of CPU instead of 2.9 s (a first run pays it once).
 FLAGS = ["-O2", "-fvect-cost-model=dynamic", "-funswitch-loops", "-std=c11", "-fPIC", "-shared",
@@ -43,7 +44,7 @@ FLAGS = ["-O2", "-fvect-cost-model=dynamic", "-funswitch-loops", "-std=c11", "-f
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # fp16 only where has_f16()
 
 # spec_t flags (kernels.c)
-HI, TOP, DARE, NEG, MUL, DIV = 1, 2, 4, 8, 16, 32
+HI, TOP, DARE, NEG, MUL, DIV, DELLA = 1, 2, 4, 8, 16, 32, 64
 
 
 class Spec(ctypes.Structure):
@@ -60,6 +61,10 @@ class Spec(ctypes.Structure):
         ("k1", ctypes.c_uint32),
         ("bound", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        ("q", ctypes.c_void_p),
+        ("q_off", ctypes.c_int64),
+        ("qc", ctypes.c_float),
+        ("tiny", ctypes.c_float),
     ]
 
 
@@ -157,7 +162,15 @@ def _load() -> ctypes.CDLL | None:
     for extra in (["-march=native"], []):
         flags = FLAGS + extra
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), *flags, version, platform.machine(), _cpu_id()]).encode()
+            "\0".join(
+                [
+                    *(f.read_text() for f in (SOURCE, *INCLUDED)),
+                    *flags,
+                    version,
+                    platform.machine(),
+                    _cpu_id(),
+                ]
+            ).encode()
         ).hexdigest()[:20]
         path = _cache_dir() / f"kernels-{key}.so"
         if not path.exists():
@@ -193,6 +206,8 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_band_hists.restype = ctypes.c_int
     so.mk_nth_equal.argtypes = [i64, vp, i32, vp, i32, f32, i64, p64, i32]
     so.mk_nth_equal.restype = ctypes.c_int64
+    so.mk_della_q.argtypes = [i64, i64, i64, vp, i32, vp, i32, f32, f32, f32, i32, vp, u32, u32, pd, i32]
+    so.mk_della_q.restype = ctypes.c_int
     so.mk_linear.argtypes = [i64, i32, vp, vp, vp, f32, vp, i32, i32]
     so.mk_linear.restype = ctypes.c_int
     so.mk_task_arith.argtypes = [i64, vp, i32, i32, vp, vp, vp, f32, vp, i32, pd]
@@ -229,6 +244,8 @@ def spec(steps) -> Spec | None:
             s.flags |= DARE | (MUL if st.mul is not None else 0) | (DIV if st.div is not None else 0)
             s.k0, s.k1, s.bound = d.k0, d.k1, d.bound
             s.scale = st.mul if st.mul is not None else (st.div if st.div is not None else 1.0)
+        elif hasattr(st, "to_spec"):  # a step that fills its own fields (kernels/della.py's DellaKeep)
+            st.to_spec(s)
         else:
             return None
     return s

@@ -170,7 +170,7 @@ void mk_uniform(float *out, int64_t n, int64_t start, uint32_t k0, uint32_t k1) 
 }
 
 /* -- sparsify steps of one model ------------------------------------------------------------------------ */
-enum { HI = 1, TOP = 2, DARE = 4, NEG = 8, MUL = 16, DIV = 32 };
+enum { HI = 1, TOP = 2, DARE = 4, NEG = 8, MUL = 16, DIV = 32, DELLA = 64 };
 
 typedef struct {
     int32_t flags;
@@ -178,7 +178,12 @@ typedef struct {
     int64_t cut_hi, cut_top;      /* entries equal to a threshold are kept at flat index < cut */
     uint32_t k0, k1, bound;       /* DARE: keep where (draw_bits >> 8) < bound */
     uint32_t pad;
+    const float *q;     /* DELLA: keep probabilities of the entries from flat index q_off (NULL: all qc) */
+    int64_t q_off;
+    float qc, tiny;     /* DELLA: the constant q; the divisor's floor (torch.finfo(cd).tiny) */
 } spec_t;
+
+static void della_keep(float *restrict t, int64_t n, int64_t g0, const spec_t *s, int cd); /* della.c */
 
 static inline float trim1(float t, float thr, int64_t cut, int64_t g) {
     float a = fabsf(t);
@@ -208,6 +213,7 @@ static void sparsify(float *restrict t, int64_t n, int64_t g0, const spec_t *s, 
             rnd(t, n, cd);
         }
     }
+    if (f & DELLA) della_keep(t, n, g0, s, cd);
     if (f & NEG)
         for (int64_t j = 0; j < n; j++) t[j] = -t[j];
 }
@@ -910,3 +916,5 @@ void mk_task_arith(int64_t n, const void *base, int base_dtype, int32_t m, const
         store(out, out_dtype, s, acc, k);
     }
 }
+
+#include "della.c" /* DELLA's keep probabilities (uses the helpers above) */
