@@ -107,3 +107,30 @@ def tiny_family(
         sd = fine_tune_like(base, torch.Generator().manual_seed(100 + k), scale=0.05)
         save_hf(paths[name], sd, cfg, dtype=dtype, shards=2 if k == n_experts - 1 else 1)
     return paths
+
+
+CHUNKED_EMB = "model.embed_tokens.weight"
+
+
+def chunked_family(
+    tmp_path: Path, dtype=torch.bfloat16, seed: int = 21, spread: bool = False
+) -> dict[str, Path]:
+    """A base and three experts with a big 'embedding' (3000 x 64) that a small memory budget merges in row
+    chunks, a quarter of its rows unchanged (exact ties at zero, zero variance), deltas quantised to 2^-7
+    steps (ties at thresholds and in variances); expert 2 adds small noise. spread: expert i's steps are
+    scaled by i + 1 (experts that differ in energy)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        CHUNKED_EMB: torch.randn(3000, 64, generator=g).to(dtype),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=g).to(dtype),
+        "model.norm.weight": torch.ones(64).to(dtype),
+    }
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i in range(3):
+        sd = {}
+        for k, v in base.items():
+            q = 2.0**-7 * torch.randint(-4, 5, v.shape, generator=g).float() * ((1 + i) if spread else 1)
+            sd[k] = (v.float() + q + 0.003 * torch.randn(v.shape, generator=g) * (i == 1)).to(dtype)
+        sd[CHUNKED_EMB][::4] = base[CHUNKED_EMB][::4]
+        paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
+    return paths

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import merge_in_process, run_cli, write_model, write_recipe
+from helpers import chunked_family, merge_in_process, run_cli, write_recipe
 
 from merge_cli.kernels import native
 
@@ -17,23 +17,7 @@ EMB = "model.embed_tokens.weight"
 
 
 def _models(tmp_path, dtype=torch.bfloat16):
-    """A base and three experts with a big 'embedding' (3000 x 64) that a small budget forces into chunks;
-    a quarter of its rows unchanged (exact ties at zero), deltas quantised (ties at the thresholds)."""
-    g = torch.Generator().manual_seed(21)
-    base = {
-        EMB: torch.randn(3000, 64, generator=g).to(dtype),
-        "model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=g).to(dtype),
-        "model.norm.weight": torch.ones(64).to(dtype),
-    }
-    paths = {"base": write_model(tmp_path / "base", base)}
-    for i in range(3):
-        sd = {}
-        for k, v in base.items():
-            q = 2.0**-7 * torch.randint(-4, 5, v.shape, generator=g).float()
-            sd[k] = (v.float() + q + 0.003 * torch.randn(v.shape, generator=g) * (i == 1)).to(dtype)
-        sd[EMB][::4] = base[EMB][::4]
-        paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
-    return paths
+    return chunked_family(tmp_path, dtype, seed=21)
 
 
 def _recipe(tmp_path, m, method: str, params: str, top: str, dtype: str, out_dtype: str = "bfloat16"):

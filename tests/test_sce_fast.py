@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import merge_in_process, run_cli, write_model, write_recipe
+from helpers import chunked_family, merge_in_process, run_cli, write_recipe
 from method_helpers import params_for
 
 from merge_cli.kernels import native
@@ -203,23 +203,7 @@ def test_nonfinite_input_is_reported():
 
 
 def _models(tmp_path, dtype=torch.bfloat16):
-    """base + 3 experts with an 'embedding' (3000 x 64) that a small budget merges in row chunks, a quarter
-    of its rows unchanged (zero variance), quantised deltas (tied variances)."""
-    g = torch.Generator().manual_seed(5)
-    base = {
-        EMB: torch.randn(3000, 64, generator=g).to(dtype),
-        "model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=g).to(dtype),
-        "model.norm.weight": torch.ones(64).to(dtype),
-    }
-    paths = {"base": write_model(tmp_path / "base", base)}
-    for i in range(3):
-        sd = {}
-        for k, v in base.items():
-            q = 2.0**-7 * torch.randint(-4, 5, v.shape, generator=g).float()
-            sd[k] = (v.float() + q * (1 + i) + 0.003 * torch.randn(v.shape, generator=g) * (i == 1)).to(dtype)
-        sd[EMB][::4] = base[EMB][::4]
-        paths[f"e{i}"] = write_model(tmp_path / f"e{i}", sd)
-    return paths
+    return chunked_family(tmp_path, dtype, seed=5, spread=True)
 
 
 def _recipe(tmp_path, m, dtype: str, params: str, name: str = "r.yaml"):
