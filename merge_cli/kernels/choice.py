@@ -2,8 +2,8 @@
 
 A tensor runs on the fast kernels when the blocked path is on (CPU, not `--fused off`), its method has a
 fast kernel for its parameters (dispatch.applies), and the compute dtype is served: fp32 everywhere
-(native, or eager without a compiler), bf16/fp16 on the native kernels (linear on the eager kernel in any
-dtype). Otherwise the plain kernels run, and the reason is recorded, so a recipe that merges slowly says
+(native, or eager without a compiler), bf16/fp16 on the native kernels; linear, slerp, nuslerp and
+model_stock in any dtype without a compiler too (route.ANY_DTYPE); della and sce on the native kernels only. Otherwise the plain kernels run, and the reason is recorded, so a recipe that merges slowly says
 why: `plain kernels: multislerp has no fast path`, `plain kernels: bf16 compute needs the native kernels (no C
 compiler found (set CC))`.
 """
