@@ -53,6 +53,7 @@ class ChunkedPath:
         from merge_cli.kernels.della import DELLA_METHODS, chunk_factors, run_della
         from merge_cli.kernels.dispatch import whole
         from merge_cli.kernels.gta import gta_sparsify, run_gta
+        from merge_cli.kernels.route import NATIVE_ONLY
         from merge_cli.kernels.ties import counts_for, run_ties, select_thresholds, trims
 
         if not self.fused:
@@ -65,7 +66,7 @@ class ChunkedPath:
         models = self.plan.models
         if job.method in INTERP_METHODS:
             return self.interp_chunk_apply(job, rows, state, params, ctx)
-        native_only = cd != torch.float32 or job.method in (*DELLA_METHODS, "sce")
+        native_only = cd != torch.float32 or job.method in NATIVE_ONLY
         if native_only and job.method != "linear":  # the native kernels must read every input
             refs = ([job.base] if job.base else []) + list(job.inputs)
             if not native.supports(*(models[r.model].checkpoint.read_rows(r.name, 0, 1) for r in refs)):

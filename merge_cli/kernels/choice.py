@@ -15,7 +15,6 @@ import threading
 import torch
 
 from merge_cli.kernels import native
-from merge_cli.kernels.della import DELLA_METHODS
 from merge_cli.kernels.dispatch import FUSED_METHODS, applies
 from merge_cli.kernels.route import dtype_name, fast_path
 
@@ -28,8 +27,6 @@ def why_plain(method: str, params, cd: torch.dtype) -> str | None:
         return f"{method} has no fast path"
     if not applies(method, params):
         return f"{method} with these parameters has no fast path"
-    if method in DELLA_METHODS and native.lib() is None:  # its ranks are native only, in every dtype
-        return f"{method} needs the native kernels ({native.unavailable_reason()})"
     return fast_path([method], cd)
 
 

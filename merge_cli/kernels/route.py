@@ -16,7 +16,7 @@ from merge_cli.kernels import native
 F32 = torch.float32
 # methods whose fast kernels are eager torch in the compute dtype itself (any dtype, no compiler needed)
 ANY_DTYPE = ("linear", "slerp", "nuslerp", "model_stock")
-NATIVE_ONLY = ("sce",)  # methods with no eager blocked form: fp32 needs the native kernels as well
+NATIVE_ONLY = ("sce", "della", "della_linear")  # no eager blocked form: fp32 needs the native kernels too
 
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -35,7 +35,7 @@ def fast_path(methods, cd: torch.dtype) -> str | None:
     if cd == torch.float32 and not native_only:
         return None
     if native.lib() is None:
-        if cd == torch.float32:
+        if native_only:  # in every dtype: say the method, not the dtype
             return f"{native_only[0]} needs the native kernels ({native.unavailable_reason()})"
         return f"{dtype_name(cd)} compute needs the native kernels ({native.unavailable_reason()})"
     if not native.dtype_ok(cd):
