@@ -311,3 +311,25 @@ def test_native_linear_and_task_arithmetic_count_nonfinite_inputs():
     _, bad = native.linear([base, *xs], [1.0] * 4, 4.0, torch.float32)
     assert bad == [0, 0, 1, 1]
     assert native.task_arithmetic(base, xs, [1.0] * 3, 1.0, torch.float32)[1] == [0, 0, 1, 1]
+
+
+@needs_native
+@pytest.mark.parametrize("cd", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_native_task_arithmetic_half_is_bitwise_the_half_merge(cd, in_dtype, out_dtype):
+    """mk_task_arith_half against mk_merge's plain sum with no sparsify steps (itself tested bitwise against
+    the plain kernels in test_native_half.py): weights that round in the half dtype, divisors and lambdas,
+    task vectors that cancel to zero (the +0 start of the sum), a length that is no multiple of the tile."""
+    if cd == torch.float16 and not native.has_f16():
+        pytest.skip("no _Float16")
+    base, xs = _inputs(in_dtype, n=4 * native.TILE + 91, quantised=True, seed=7)
+    xs[1][:500] = base[:500]  # tau = 0 for one model
+    xs[2][:300] = (2 * base[:300].float() - xs[0][:300].float()).to(in_dtype)  # opposite task vectors
+    empty = [native.spec([]) for _ in xs]
+    w = [0.7, 1.3, 0.45]
+    for divisor, lam in ((1.0, 1.0), (sum(w), 1.0), (3.0, 0.8), (1.0, 1.7)):
+        ref = native.merge(base, xs, empty, w, lam, False, False, False, divisor, out_dtype, 0, cd)
+        got = native.task_arithmetic_half(base, xs, w, divisor, lam, out_dtype, cd)
+        assert torch.equal(_bits(ref[0]), _bits(got[0])), (divisor, lam)
+        assert got[1] == ref[4] and got[2] == ref[5]

@@ -69,11 +69,7 @@ def run_task_arithmetic(base, xs, weights, p: ParamSet, out_dtype, cd=F32):
     w = [float(x) for x in weights]
     if cd != F32:  # the plain order in a half dtype: delta rounded, divided, times lambda, plus base
         divisor = (s if abs(s) >= 1e-8 else 1.0) if p.normalize else 1.0
-        empty = [native.spec([]) for _ in xs]
-        out, _, _, _, bad, sq = native.merge(
-            base, xs, empty, w, float(p.lambda_), False, False, False, float(divisor), out_dtype, 0, cd
-        )
-        return out, bad, sq
+        return native.task_arithmetic_half(base, xs, w, float(divisor), float(p.lambda_), out_dtype, cd)
     scale = p.lambda_ / (s if abs(s) >= 1e-8 else 1.0) if p.normalize else p.lambda_
     if native.usable(out_dtype, cd, base, *xs):  # bitwise the eager kernel; never waits for a first build
         return native.task_arithmetic(base, xs, w, float(scale), out_dtype)

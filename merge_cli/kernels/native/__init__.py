@@ -212,6 +212,8 @@ def _bind(so: ctypes.CDLL) -> ctypes.CDLL:
     so.mk_linear.restype = ctypes.c_int
     so.mk_task_arith.argtypes = [i64, vp, i32, i32, vp, vp, vp, f32, vp, i32, pd]
     so.mk_task_arith.restype = None
+    so.mk_task_arith_half.argtypes = [i64, vp, i32, i32, vp, vp, vp, f32, f32, vp, i32, pd, i32]
+    so.mk_task_arith_half.restype = None
     so.mk_has_f16.argtypes = []
     so.mk_has_f16.restype = ctypes.c_int
     return so
@@ -374,6 +376,25 @@ def task_arithmetic(base, xs, w: list[float], scale: float, out_dtype: torch.dty
     )  # fmt: skip
     sq = list(sq)
     return out, fused._bad(sq, [base, *xs]), sq
+
+
+def task_arithmetic_half(base, xs, w: list[float], divisor: float, lam: float, out_dtype, cd):
+    """kernels.c mk_task_arith_half: bitwise merge(..., consensus=False) with no sparsify steps in a half
+    compute dtype (the plain kernel's task arithmetic there). Returns (output, NaN/Inf counts of [base,
+    *xs], squared norm of each task vector); raises fused.NonFinite on a NaN/Inf input, as merge()."""
+    out = torch.empty(base.shape, dtype=out_dtype)
+    ptrs, codes = _ptrs(xs)
+    m = len(xs)
+    sq = (ctypes.c_double * m)()
+    lib().mk_task_arith_half(
+        base.numel(), base.data_ptr(), DTYPES[base.dtype], m, ptrs, codes, (ctypes.c_float * m)(*weights_in(w, cd)),
+        divisor, lam, out.data_ptr(), DTYPES[out_dtype], sq, DTYPES[cd],
+    )  # fmt: skip
+    sq = list(sq)
+    bad = fused._bad(sq, [base, *xs])
+    if any(bad):
+        raise fused.NonFinite
+    return out, bad, sq
 
 
 def l1_sums(base, xs, specs: list[Spec], offset: int = 0, cd=torch.float32) -> list[tuple[float, float]]:

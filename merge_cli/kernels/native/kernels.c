@@ -917,4 +917,40 @@ void mk_task_arith(int64_t n, const void *base, int base_dtype, int32_t m, const
     }
 }
 
+/* task arithmetic in a half compute dtype: mk_merge's plain sum (merge_half with no sparsify steps) in one
+ * lean pass per tile: tau_i = cd(cd(x_i) - cd(base)), products cd(tau_i * w_i) (w rounded to cd by the
+ * caller) summed in fp32 from +0 and rounded once, then / divisor, * lam and + base, each rounded. */
+void mk_task_arith_half(int64_t n, const void *base, int base_dtype, int32_t m, const void *const *xs,
+                        const int32_t *x_dtypes, const float *w, float divisor, float lam, void *out,
+                        int out_dtype, double *sq, int32_t cd) {
+    float bb[TILE], acc[TILE], t[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t k = n - s < TILE ? n - s : TILE;
+        load_c(bb, base, base_dtype, s, k, cd);
+        for (int32_t i = 0; i < m; i++) {
+            load_tau_c(t, xs[i], x_dtypes[i], s, k, bb, cd);
+            sq[i] += sumsq(t, k);
+            const float wi = w[i];
+            for (int64_t j = 0; j < k; j++) t[j] = t[j] * wi;
+            rnd(t, k, cd);
+            if (i == 0)
+                for (int64_t j = 0; j < k; j++) acc[j] = 0.0f + t[j];
+            else
+                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + t[j];
+        }
+        rnd(acc, k, cd);
+        if (divisor != 1.0f) {
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+            rnd(acc, k, cd);
+        }
+        if (lam != 1.0f) {
+            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
+            rnd(acc, k, cd);
+        }
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+        rnd(acc, k, cd);
+        store(out, out_dtype, s, acc, k);
+    }
+}
+
 #include "della.c" /* DELLA's keep probabilities (uses the helpers above) */
