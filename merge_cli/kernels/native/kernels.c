@@ -281,6 +281,25 @@ static inline void disjoint_tile(int64_t k, int32_t m, const float *ts, const fl
     *conflict += cfl;
 }
 
+/* The plain weighted sum's end in a half compute dtype: the fp32 sum rounded once, then / divisor rounded. */
+static inline void sum_divide_half(float *restrict acc, int64_t k, float divisor, int cd) {
+    rnd(acc, k, cd);
+    if (divisor != 1.0f) {
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
+        rnd(acc, k, cd);
+    }
+}
+
+/* Every half merge's end: * lambda and + base, each rounded to the compute dtype. */
+static inline void lambda_base_half(float *restrict acc, const float *restrict bb, int64_t k, float lam, int cd) {
+    if (lam != 1.0f) {
+        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
+        rnd(acc, k, cd);
+    }
+    for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
+    rnd(acc, k, cd);
+}
+
 /* TIES election and disjoint merge (consensus = 1) or the plain weighted sum (consensus = 0) of the
  * sparsified task vectors tau_i = x_i - base, for n elements at flat index offset..offset+n.
  * consensus: sign = sign(sum_i w_i tau_i) (or sum_i tau_i unless weighted; 0 -> +), agreeing entries merged
@@ -400,18 +419,9 @@ static int merge_half(int64_t n, int64_t offset, const void *base, int base_dtyp
                 rnd(acc, k, cd);
             }
         } else {
-            rnd(acc, k, cd);
-            if (divisor != 1.0f) {
-                for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
-                rnd(acc, k, cd);
-            }
+            sum_divide_half(acc, k, divisor, cd);
         }
-        if (lam != 1.0f) {
-            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
-            rnd(acc, k, cd);
-        }
-        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
-        rnd(acc, k, cd);
+        lambda_base_half(acc, bb, k, lam, cd);
         store(out, out_dtype, s, acc, k);
     }
     free(buf);
@@ -675,8 +685,7 @@ int mk_sce_erase(int64_t n, const void *base, int base_dtype, int32_t m, const v
         rnd(den, k, cd);
         for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / (den[j] < floor_ ? floor_ : den[j]);
         rnd(acc, k, cd);
-        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
-        rnd(acc, k, cd);
+        lambda_base_half(acc, bb, k, 1.0f, cd); /* + base, rounded */
         store(out, out_dtype, s, acc, k);
     }
     free(buf);
@@ -938,17 +947,8 @@ void mk_task_arith_half(int64_t n, const void *base, int base_dtype, int32_t m, 
             else
                 for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + t[j];
         }
-        rnd(acc, k, cd);
-        if (divisor != 1.0f) {
-            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] / divisor;
-            rnd(acc, k, cd);
-        }
-        if (lam != 1.0f) {
-            for (int64_t j = 0; j < k; j++) acc[j] = acc[j] * lam;
-            rnd(acc, k, cd);
-        }
-        for (int64_t j = 0; j < k; j++) acc[j] = acc[j] + bb[j];
-        rnd(acc, k, cd);
+        sum_divide_half(acc, k, divisor, cd);
+        lambda_base_half(acc, bb, k, lam, cd);
         store(out, out_dtype, s, acc, k);
     }
 }
