@@ -1,8 +1,11 @@
 """Read-ahead for cold page caches: the reader asks the kernel (fadvise WILLNEED) for the bytes of the next
-jobs' inputs, a bounded amount ahead, while it maps the current job's; the merge's bits do not depend on it."""
+jobs' inputs, a bounded amount ahead, while it maps the current job's; the merge's bits do not depend on it.
+And the merge's other streaming aid: the objects alive when it starts are frozen out of the cyclic collector
+while it runs, and given back to it when it ends."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -53,3 +56,18 @@ def test_merges_are_the_same_with_and_without_read_ahead(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline._Prefetch, "AHEAD", 0)
     b, _ = merge_in_process(tmp_path, recipe, "without")
     assert len(a) == 6 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_objects_are_frozen_during_the_merge_only(tmp_path, monkeypatch):
+    recipe, _ = _models(tmp_path)
+    seen: list[int] = []
+    real = pipeline._run_merge
+
+    def spy(*a, **kw):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "_run_merge", spy)
+    merge_in_process(tmp_path, recipe, "frozen")
+    assert seen and seen[0] > 0  # frozen while the tensors stream
+    assert gc.get_freeze_count() == 0  # and given back to the collector afterwards

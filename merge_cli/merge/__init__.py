@@ -71,7 +71,8 @@ def execute(
     writer = run.writer(shard_entries(plan))
     # What exists now (modules, the plan) lives for the whole merge: frozen out of the cyclic collector,
     # whose full collections would otherwise walk it again and again while the tensors stream (~4% of a
-    # merge's CPU). Objects made later are collected as usual.
+    # merge's CPU). Objects made later are collected as usual; unfrozen when the merge ends, so a process
+    # that runs many merges (stages, tests, a library user) can still collect what they leave behind.
     gc.freeze()
     try:
         result = run_merge(plan, writer, run.engine_options(options or EngineOptions()))
@@ -106,6 +107,8 @@ def execute(
         if run.abort(writer, e):
             e.partial_kept = writer.tmp  # the CLI tells how to resume
         raise
+    finally:
+        gc.unfreeze()
     note = "\n".join(n for n in (run.state.note, html_note) if n)
     return MergeOutcome(final, result, report, run.reused, note)
 
