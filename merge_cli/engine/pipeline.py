@@ -41,19 +41,14 @@ def use_fused(mode: str, plan: MergePlan, device: torch.device) -> bool:
 
 
 def all_blocked(plan: MergePlan) -> bool:
-    """Does every job run on the blocked CPU kernels (kernels/blocked.py) or as a plain copy? slerp,
-    nuslerp, model_stock and sce do not count: their fast kernels reduce with torch as the plain kernels do
-    (sce: its weights), and torch's reduction order depends on the thread count, so they keep the plain
-    kernels' threads."""
+    """Does every job run on the blocked CPU kernels (kernels/blocked.py) or as a plain copy? The methods of
+    route.TORCH_REDUCTIONS do not count: their fast kernels reduce with torch, whose order depends on the
+    thread count, so they keep the plain kernels' threads."""
     from merge_cli.kernels.dispatch import applies
-    from merge_cli.kernels.interp import INTERP_METHODS
+    from merge_cli.kernels.route import TORCH_REDUCTIONS
 
     return all(
-        (
-            applies(j.method, _params(j))
-            and not whole_model_job(j)
-            and j.method not in (*INTERP_METHODS, "sce")
-        )
+        (applies(j.method, _params(j)) and not whole_model_job(j) and j.method not in TORCH_REDUCTIONS)
         or _bitwise_copy(METHODS[j.method], j)
         for j in plan.jobs
     )

@@ -17,6 +17,9 @@ F32 = torch.float32
 # methods whose fast kernels are eager torch in the compute dtype itself (any dtype, no compiler needed)
 ANY_DTYPE = ("linear", "slerp", "nuslerp", "model_stock")
 NATIVE_ONLY = ("sce", "della", "della_linear")  # no eager blocked form: fp32 needs the native kernels too
+# methods whose fast kernels reduce with torch as the plain ones do (sce: its weights): torch's reduction
+# order depends on the thread count, so merges with them keep the plain kernels' threads
+TORCH_REDUCTIONS = ("slerp", "nuslerp", "model_stock", "sce")
 
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
